@@ -1,0 +1,300 @@
+"""The ``moec`` command. Thin: parses, calls the API, prints rich tables.
+
+A `MoecError` (bad input) prints one line and exits 2; ``moec verify`` exits 1 when the artifact
+is out of tolerance.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from moec.errors import MoecError
+
+console = Console()
+err_console = Console(stderr=True)
+
+TARGET_CHOICE = click.Choice(["ort", "onnx", "trt", "torch"])
+
+
+def _friendly_errors(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except MoecError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="moec")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
+def main(verbose: bool) -> None:
+    """moec: compile Mixture-of-Experts models to ONNX Runtime, ONNX and TensorRT artifacts."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+
+
+@main.command("compile")
+@click.argument("src", required=False)
+@click.option("-t", "--target", type=TARGET_CHOICE, default="ort", show_default=True)
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Artifact directory.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an existing artifact.")
+@click.option("--trust-pickle", is_flag=True, help="Allow SRC to be a torch.save pickle.")
+@click.option(
+    "--example-inputs", type=click.Path(), help="A .npz of inputs, for a pickled bare module."
+)
+@click.option("--list-passes", is_flag=True, help="Print the pass pipeline for --target and exit.")
+@_friendly_errors
+def compile_command(src, target, out, force, trust_pickle, example_inputs, list_passes):
+    """Compile SRC (zoo:NAME, FILE.pt2, pkg.module:factory, or a pickle) into OUT."""
+    from moec.passes import default_passes
+
+    if list_passes:
+        table = Table("#", "pass", "lossy", "what it does", title=f"passes for --target {target}")
+        for i, p in enumerate(default_passes(target), 1):
+            table.add_row(str(i), p.name, "yes" if p.lossy else "no", p.description)
+        console.print(table)
+        return
+    if src is None or out is None:
+        raise click.UsageError("moec compile needs SRC and -o OUT")
+
+    from moec.compiler.pipeline import STAGES, compile_model
+
+    options = {"example_inputs_file": example_inputs} if example_inputs else {}
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=len(STAGES))
+
+        def on_stage(name: str) -> None:
+            done = STAGES.index(name)
+            progress.update(task, completed=done, description=f"[{done + 1}/{len(STAGES)}] {name}")
+
+        result = compile_model(
+            src,
+            target=target,
+            output=out,
+            force=force,
+            trust_pickle=trust_pickle,
+            on_stage=on_stage,
+            **options,
+        )
+        progress.update(task, completed=len(STAGES), description="done")
+    _print_compile_summary(result)
+
+
+def _print_compile_summary(result) -> None:
+    blocks = Table("block", "class", "routing and experts", "lowering", "why", title="MoE blocks")
+    for b in result.blocks:
+        blocks.add_row(b.name or "(model)", b.class_name, b.summary, b.lowering or "-", b.reason)
+    console.print(blocks)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    stages = Table("stage", "seconds", title="compile")
+    for name, seconds in result.stage_seconds.items():
+        stages.add_row(name, f"{seconds:.2f}")
+    stages.add_row("[bold]total", f"[bold]{sum(result.stage_seconds.values()):.2f}")
+    console.print(stages)
+    console.print(
+        f"{len(result.blocks)} MoE block(s); artifact {result.path} "
+        f"({_human_bytes(result.size_bytes)}, target {result.manifest.target})"
+    )
+
+
+@main.command("verify")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--source", help="Use this SRC as the eager model instead of the recorded one.")
+@click.option("--trust-pickle", is_flag=True, help="Allow the source to be a pickle.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Also write a JSON report."
+)
+@_friendly_errors
+def verify_command(out, source, trust_pickle, seed, json_path):
+    """Run OUT and its eager source on the same random inputs; compare outputs and routing."""
+    from moec.verification import verify
+
+    report = verify(out, source=source, seed=seed, trust_pickle=trust_pickle)
+    shapes = ", ".join(" ".join(f"{k}{v}" for k, v in s.items()) for s in report.shapes)
+    outputs = Table(
+        "output",
+        "max abs",
+        "mean abs",
+        "max rel",
+        "rel L2",
+        "tol",
+        "",
+        title=escape(f"numerics vs eager ({len(report.shapes)} shapes: {shapes})"),
+    )
+    for o in report.outputs:
+        outputs.add_row(
+            o.name,
+            f"{o.max_abs:.2e}",
+            f"{o.mean_abs:.2e}",
+            f"{o.max_rel:.2e}",
+            f"{o.rel_l2:.2e}",
+            f"{o.tolerance:.0e}",
+            _status(o.passed),
+        )
+    console.print(outputs)
+    if report.routing:
+        routing = Table(
+            "block",
+            "tokens",
+            "agreement",
+            "near-ties (flipped)",
+            "min",
+            "",
+            title="routing vs eager",
+        )
+        for r in report.routing:
+            routing.add_row(
+                r.block or "(model)",
+                str(r.tokens),
+                f"{r.agreement:.2%}",
+                f"{r.near_ties} ({r.near_tie_flips})",
+                f"{r.tolerance:.1%}",
+                _status(r.passed),
+            )
+        console.print(routing)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if json_path:
+        json_path.write_text(json.dumps(report.to_dict(), indent=2))
+    console.print("[bold green]PASS" if report else "[bold red]FAIL")
+    sys.exit(0 if report else 1)
+
+
+@main.command("run")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A .npz with one array per input name.",
+)
+@click.option(
+    "--output",
+    "output_path",
+    type=click.Path(path_type=Path),
+    help="Write every output to this .npz.",
+)
+@_friendly_errors
+def run_command(out, input_path, output_path):
+    """Run OUT on the arrays in --input."""
+    import numpy as np
+
+    from moec.errors import InputError
+    from moec.runtime.load import load
+
+    try:
+        with np.load(input_path) as data:
+            feeds = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"--input {input_path} is not a readable .npz ({e})") from e
+    with load(out) as runner:
+        outputs = runner.infer(feeds)
+        seconds = runner.inference_time
+    table = Table("output", "shape", "dtype", title=f"outputs ({seconds * 1e3:.2f} ms)")
+    for name, value in outputs.items():
+        table.add_row(name, escape(str(list(value.shape))), str(value.dtype))
+    console.print(table)
+    if output_path:
+        np.savez(output_path, **outputs)
+        console.print(f"wrote {output_path}")
+
+
+@main.command("inspect")
+@click.argument("target")
+@click.option("--trust-pickle", is_flag=True, help="Allow SRC to be a pickle.")
+@_friendly_errors
+def inspect_command(target, trust_pickle):
+    """Show the MoE blocks of a SRC, or what an artifact directory OUT holds."""
+    if Path(target).is_dir():
+        _inspect_artifact(Path(target))
+        return
+    from moec.compiler.sources import load_source
+    from moec.models import find_moe_blocks
+
+    model = load_source(target, trust_pickle=trust_pickle).model_source.model
+    blocks = find_moe_blocks(model)
+    table = Table(
+        "block",
+        "class",
+        "experts",
+        "top-k",
+        "routing and experts",
+        "params",
+        title=f"MoE blocks of {target}",
+    )
+    expert_params = 0
+    for b in blocks:
+        n = sum(t.numel() for _, t in b.weights.items())
+        expert_params += n
+        table.add_row(
+            b.name or "(model)",
+            type(b.module).__name__,
+            str(b.spec.num_experts),
+            str(b.spec.top_k),
+            b.spec.summary(),
+            f"{n:,}",
+        )
+    console.print(table)
+    total = sum(p.numel() for p in model.parameters())
+    console.print(f"{len(blocks)} MoE block(s); {expert_params:,} of {total:,} parameters in them")
+
+
+def _inspect_artifact(path: Path) -> None:
+    from moec.runtime.manifest import Manifest
+
+    m = Manifest.read(path)
+    console.print(f"artifact {path}: target {m.target}, source {m.source.get('spec')}")
+    io = Table("", "name", "dtype", "shape", title="signature")
+    for t in m.inputs:
+        io.add_row("in", t.name, t.dtype, escape(t.shape_str()))
+    for t in m.outputs:
+        io.add_row("out" if t.role == "main" else "routing", t.name, t.dtype, escape(t.shape_str()))
+    console.print(io)
+    blocks = Table("block", "class", "routing and experts", "lowering", "why", title="MoE blocks")
+    for b in m.blocks:
+        blocks.add_row(
+            b.get("name") or "(model)",
+            str(b.get("class")),
+            str(b.get("summary")),
+            str(b.get("lowering")),
+            str(b.get("reason")),
+        )
+    console.print(blocks)
+    files = Table("file", "size", "sha256")
+    for role, f in m.files.items():
+        files.add_row(f"{role}: {f.path}", _human_bytes(f.bytes), f.sha256[:16])
+    console.print(files)
+
+
+def _status(passed: bool) -> str:
+    return "[green]ok" if passed else "[red]FAIL"
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Capture: swap every recognised MoE block for an op-backed `MoEBlock`, then torch.export.
+
+The exported program's outputs are the model's own outputs followed by one routing mask per
+block (``routing.<i>``, bool [..., E]), so that every artifact can report routing agreement.
+The user's model is restored afterwards; only the stacked expert weights are copied.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+
+from moec.compiler.moe_block import MoEBlock
+from moec.errors import MoecError, SourceError
+from moec.ir import MoESpec
+from moec.models import BlockMatch, ModelSource, find_moe_blocks
+from moec.runtime.manifest import DynamicDim, TensorSpec
+
+__all__ = ["CaptureError", "CapturedBlock", "CapturedProgram", "capture", "moe_nodes"]
+
+log = logging.getLogger(__name__)
+
+
+class CaptureError(MoecError):
+    """torch.export could not trace the model (outside the MoE blocks moec replaces)."""
+
+
+@dataclass
+class CapturedBlock:
+    """One ``moec::moe`` node and the module it came from."""
+
+    name: str  # module path in the user's model ("" for the model itself)
+    node: str  # the node's name in the exported graph
+    class_name: str
+    adapter: str
+    summary: str
+    lowering: str | None = None
+    reason: str = ""
+
+
+@dataclass
+class CapturedProgram:
+    """An exported program whose MoE blocks are ``moec::moe`` nodes, with its signature."""
+
+    program: ExportedProgram
+    blocks: list[CapturedBlock]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    notes: list[str] = field(default_factory=list)
+
+    def block_for(self, node: torch.fx.Node) -> CapturedBlock:
+        return next(b for b in self.blocks if b.node == node.name)
+
+
+def moe_nodes(program: ExportedProgram) -> list[torch.fx.Node]:
+    """The ``moec::moe`` nodes of a program, in graph order."""
+    target = torch.ops.moec.moe.default
+    return [n for n in program.graph.nodes if n.op == "call_function" and n.target is target]
+
+
+class _RoutingTap(nn.Module):
+    """Returns the model's outputs followed by each MoE block's routing mask."""
+
+    def __init__(self, model: nn.Module, blocks: list[MoEBlock]):
+        super().__init__()
+        self.model = model
+        self.blocks = blocks
+
+    def forward(self, *inputs):
+        for block in self.blocks:
+            block.routing_sink = []
+        out = self.model(*inputs)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        for block in self.blocks:
+            if len(block.routing_sink) != 1:
+                raise CaptureError(
+                    f"an MoE block ran {len(block.routing_sink)} times in one forward; moec "
+                    "captures blocks that run exactly once per call"
+                )
+        routing = [block.routing_sink.pop() for block in self.blocks]
+        for block in self.blocks:
+            block.routing_sink = None
+        return (*outs, *routing)
+
+
+@contextmanager
+def _swapped(model: nn.Module, matches: list[BlockMatch]) -> Iterator[nn.Module]:
+    """Model with its blocks replaced by MoEBlocks; the originals are put back on exit."""
+    replaced = []
+    root = model
+    try:
+        for match in matches:
+            block = MoEBlock(match.spec, match.weights)
+            if match.name == "":
+                root = block
+                continue
+            parent_name, _, attr = match.name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            replaced.append((parent, attr, getattr(parent, attr)))
+            setattr(parent, attr, block)
+        yield root
+    finally:
+        for parent, attr, original in reversed(replaced):
+            setattr(parent, attr, original)
+
+
+def capture(source: ModelSource) -> CapturedProgram:
+    """Export ``source.model`` with its MoE blocks as ``moec::moe`` nodes."""
+    model = source.model
+    matches = find_moe_blocks(model)
+    inputs = tuple(source.example_inputs)
+    input_names = source.input_names or _forward_parameter_names(model, len(inputs))
+    with _swapped(model, matches) as swapped:
+        op_blocks = (
+            [swapped]
+            if matches and matches[0].name == ""
+            else [swapped.get_submodule(m.name) for m in matches]
+        )
+        tap = _RoutingTap(swapped, op_blocks)
+        dynamic = _dynamic_shapes(source, inputs)
+        try:
+            with torch.no_grad():
+                program = torch.export.export(tap, inputs, dynamic_shapes=(dynamic,))
+        except Exception as e:  # torch.export raises many types; all mean "cannot trace"
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CaptureError(
+                f"torch.export could not trace {type(model).__name__}: {first_line}. moec "
+                f"replaces the MoE blocks it recognises ({len(matches)} found); the rest of the "
+                "model must be exportable (see torch.export's troubleshooting guide)."
+            ) from e
+    num_outputs = len(program.graph_signature.user_outputs) - len(matches)
+    output_names = source.output_names or _default_output_names(num_outputs)
+    if len(output_names) != num_outputs:
+        raise SourceError(
+            f"{len(output_names)} output names given ({output_names}) for a model with "
+            f"{num_outputs} outputs"
+        )
+    specs = _signature(program, input_names, output_names, matches, source, dynamic)
+    blocks = _blocks(program, matches)
+    notes = [] if blocks else ["no MoE block found; compiled as a plain export"]
+    return CapturedProgram(program, blocks, specs[0], specs[1], notes)
+
+
+def _blocks(program: ExportedProgram, matches: list[BlockMatch]) -> list[CapturedBlock]:
+    """Pair each moe node with its block, by the module path export records on the node."""
+    by_path = {("model." + m.name).rstrip("."): m for m in matches}
+    blocks = []
+    for node in moe_nodes(program):
+        spec = MoESpec.from_json(node.args[-1])
+        paths = [path for path, cls in node.meta.get("nn_module_stack", {}).values()]
+        match = next((by_path[p] for p in reversed(paths) if p in by_path), None)
+        if match is None:  # a moec::moe the model itself calls (e.g. a re-loaded .pt2)
+            blocks.append(CapturedBlock(node.name, node.name, "moec::moe", "graph", spec.summary()))
+        else:
+            blocks.append(
+                CapturedBlock(
+                    match.name,
+                    node.name,
+                    type(match.module).__name__,
+                    match.adapter,
+                    spec.summary(),
+                )
+            )
+    return blocks
+
+
+def _forward_parameter_names(model: nn.Module, count: int) -> list[str]:
+    params = list(inspect.signature(model.forward).parameters.values())
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(names) < count:
+        names += [f"input_{i}" for i in range(len(names), count)]
+    return names[:count]
+
+
+def _default_output_names(count: int) -> list[str]:
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def _dynamic_shapes(source: ModelSource, inputs: tuple) -> tuple:
+    if source.dynamic_shapes is not None:
+        return tuple(source.dynamic_shapes)
+    shapes = []
+    for x in inputs:
+        rank = x.dim() if isinstance(x, torch.Tensor) else 0
+        shapes.append({d: Dim.AUTO for d in range(min(rank, 2))} or None)
+    return tuple(shapes)
+
+
+def _signature(program, input_names, output_names, matches, source, dynamic):
+    """TensorSpecs of the program's user inputs and outputs; dims named as the user named them."""
+    names: dict[str, str] = {}
+    for i, dims in enumerate(dynamic):
+        for axis, dim in (dims or {}).items():
+            if isinstance(dim, Dim) and hasattr(dim, "__name__"):
+                names[(i, axis)] = dim.__name__
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    symbols: dict[str, str] = {}
+
+    def shape_of(value, input_index=None):
+        shape = []
+        for axis, size in enumerate(value.shape):
+            expr = size.node.expr if isinstance(size, torch.SymInt) else None
+            if expr is None or expr.is_number:  # a SymInt may still be a constant
+                shape.append(int(size))
+                continue
+            key = str(expr)
+            if key not in symbols:
+                symbols[key] = names.get(
+                    (input_index, axis),
+                    f"{input_names[input_index]}_dim{axis}" if input_index is not None else key,
+                )
+            bounds = program.range_constraints.get(expr)
+            # torch.export reports 2 as the lower bound of dims it assumed were not 0/1; the
+            # graph itself is valid for 1, which verification checks.
+            low = 1 if bounds is None or int(bounds.lower) <= 2 else int(bounds.lower)
+            high = int(bounds.upper) if bounds is not None and bounds.upper.is_Integer else None
+            shape.append(DynamicDim(symbols[key], low, high))
+        return tuple(shape)
+
+    inputs = []
+    for i, user_input in enumerate(program.graph_signature.user_inputs):
+        value = placeholders[user_input].meta["val"]
+        name = input_names[i]
+        inputs.append(
+            TensorSpec(
+                name,
+                _dtype_name(value.dtype),
+                shape_of(value, i),
+                value_range=source.input_ranges.get(name),
+            )
+        )
+    output_node = next(n for n in program.graph.nodes if n.op == "output")
+    values = [a.meta["val"] for a in output_node.args[0]]
+    outputs = [
+        TensorSpec(name, _dtype_name(v.dtype), shape_of(v))
+        for name, v in zip(output_names, values, strict=False)
+    ]
+    for i, (match, v) in enumerate(zip(matches, values[len(output_names) :], strict=True)):
+        outputs.append(
+            TensorSpec(f"routing.{i}", "bool", shape_of(v), role="routing", block=match.name)
+        )
+    return inputs, outputs
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,162 @@
+"""The ``fused`` lowering for the ``ort`` target: ONNX Runtime's ``com.microsoft.MoE``.
+
+The expert compute always runs in the fused op; the routing takes one of three routes:
+
+- native: softmax routing without groups, bias or capacity feeds the router logits straight in
+  (ORT does softmax -> top-k -> optional renormalisation; top-k-then-softmax is the renormalised
+  case);
+- ``MoEGroupRouter``: sigmoid routing with optional groups and correction bias (DeepSeek-V3)
+  uses ORT's fused router, which writes ``log(score)`` at the chosen experts;
+- anything else (capacity, group max over softmax, ...) is routed in standard ops
+  (`lower_routing`) and handed over as ``log(weight)`` at the chosen experts and -1e30
+  elsewhere: MoE's softmax then gives ``weight / sum(weights)``, and multiplying the output by
+  ``sum(weights)`` restores the exact weights (a token whose pairs all overflowed gets 0).
+
+Facts about onnxruntime 1.32 CPU this relies on: gated experts need ``swiglu_fusion=1``
+(interleaved gate/up rows), its ``gelu`` is the tanh approximation, and ``use_sparse_mixer`` is
+ignored. Shared experts stay outside the op.
+"""
+
+from __future__ import annotations
+
+from moec.compiler.lower_routing import lower_router_logits, lower_routing, scatter_chosen
+from moec.compiler.onnx_ops import (
+    FLOAT,
+    const_f,
+    const_i,
+    msft,
+    ones_like,
+    op,
+    reshape_chosen,
+    shared_expert,
+    to_3d,
+)
+from moec.ir import MoESpec
+
+__all__ = ["fused_unsupported_reasons", "lower_moe_fused"]
+
+SENTINEL = -1e30  # router_probs of experts that must not be picked
+ORT_PLAIN_ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu_tanh": "gelu"}
+
+
+def fused_unsupported_reasons(spec: MoESpec) -> list[str]:
+    """Why ``com.microsoft.MoE`` cannot compute this block exactly (empty: it can)."""
+    reasons = []
+    if spec.routing == "expert_choice":
+        reasons.append(
+            "expert-choice routing gives each token a variable number of experts; "
+            "com.microsoft.MoE picks a fixed top-k per token"
+        )
+    if spec.expert_kind == "gated" and spec.activation not in ("silu", "swiglu_oai"):
+        reasons.append(f"com.microsoft.MoE on CPU has no gated {spec.activation} (only SwiGLU)")
+    if spec.expert_kind == "plain" and spec.activation not in ORT_PLAIN_ACTIVATIONS:
+        reasons.append(
+            f"com.microsoft.MoE has no plain {spec.activation} (its gelu is the tanh approximation)"
+        )
+    return reasons
+
+
+def _native_routing(spec: MoESpec) -> bool:
+    return (
+        spec.score == "softmax"
+        and spec.n_group == 1
+        and not spec.has_capacity
+        and spec.routing == "topk"
+    )
+
+
+def _group_router(spec: MoESpec) -> bool:
+    return spec.score == "sigmoid" and not spec.has_capacity and spec.routing == "topk"
+
+
+def lower_moe_fused(spec: MoESpec, x, w: dict):
+    """x [B, S, H] or [T, H] -> (out like x, chosen [..., E] bool)."""
+    h, e = spec.hidden_size, spec.num_experts
+    x2 = op.Reshape(x, const_i([-1, h]))
+    post_scale = None
+    if _native_routing(spec) and w.get("selection_bias") is None:
+        probs = lower_router_logits(x2, w)
+        _, idx = op.TopK(probs, const_i([spec.top_k]), axis=-1)
+        chosen = scatter_chosen(probs, idx, ones_like(idx))
+        normalize = spec.norm_topk_prob or spec.topk_before_softmax
+        if spec.routed_scaling_factor != 1.0:
+            post_scale = const_f(spec.routed_scaling_factor)
+    elif _group_router(spec):
+        bias = w.get("selection_bias")
+        bias = op.ConstantOfShape(const_i([e])) if bias is None else op.Cast(bias, to=FLOAT)
+        probs, *_unused = msft.MoEGroupRouter(
+            lower_router_logits(x2, w),
+            bias,
+            n_group=spec.n_group,
+            topk_group=spec.topk_group,
+            group_topk=1 if spec.group_score == "max" else 2,
+            top_k=spec.top_k,
+            router_sentinel=SENTINEL,
+        )  # the other two outputs are dropped after export (see lower_onnx)
+        chosen = op.Cast(op.Greater(probs, const_f(SENTINEL / 2)), to=FLOAT)
+        normalize = True
+        post_scale = const_f(spec.routed_scaling_factor)
+        if not spec.norm_topk_prob:  # MoE renormalises; put the sum of chosen scores back
+            post_scale = op.Mul(op.ReduceSum(op.Exp(probs), const_i([-1]), keepdims=1), post_scale)
+        elif spec.routed_scaling_factor == 1.0:
+            post_scale = None
+    else:
+        weights, chosen = lower_routing(spec, to_3d(x), w)
+        weights = op.Reshape(weights, const_i([-1, e]))
+        chosen = op.Reshape(chosen, const_i([-1, e]))
+        logs = op.Log(op.Max(weights, const_f(1e-30)))
+        probs = op.Where(op.Greater(chosen, const_f(0.5)), logs, const_f(SENTINEL))
+        normalize = True
+        post_scale = op.ReduceSum(weights, const_i([-1]), keepdims=1)
+
+    fc1, fc1_bias, attrs = _first_projection(spec, w)
+    y = msft.MoE(
+        x2,
+        op.CastLike(probs, x2),
+        fc1,
+        fc1_bias,
+        w["w_down"],
+        w.get("b_down"),
+        k=spec.top_k,
+        normalize_routing_weights=int(normalize),
+        **attrs,
+    )
+    if post_scale is not None:
+        y = op.Mul(y, op.CastLike(post_scale, y))
+    shared = shared_expert(spec, x2, w)
+    if shared is not None:
+        y = op.Add(y, shared)
+    return op.Reshape(y, op.Shape(x)), reshape_chosen(chosen, x, e)
+
+
+def _first_projection(spec: MoESpec, w: dict):
+    """FC1 weights [E, (2)I, H], its bias, and the activation attributes."""
+    if spec.expert_kind == "plain":
+        return w["w_up"], w.get("b_up"), {"activation_type": ORT_PLAIN_ACTIVATIONS[spec.activation]}
+    fc1 = _interleave(w["w_gate"], w["w_up"], spec, axis_len=3)
+    b_gate, b_up = w.get("b_gate"), w.get("b_up")
+    fc1_bias = None
+    if b_gate is not None or b_up is not None:
+        zeros = op.ConstantOfShape(const_i([spec.num_experts, spec.expert_size]))
+        b_gate = zeros if b_gate is None else b_gate
+        b_up = zeros if b_up is None else b_up
+        fc1_bias = _interleave(op.CastLike(b_gate, fc1), op.CastLike(b_up, fc1), spec, axis_len=2)
+    attrs = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0}
+    if spec.activation == "swiglu_oai":
+        attrs.update(
+            activation_alpha=spec.swiglu_alpha,
+            activation_beta=1.0,
+            swiglu_limit=spec.swiglu_limit,
+        )
+    else:
+        attrs["activation_beta"] = 0.0
+    return fc1, fc1_bias, attrs
+
+
+def _interleave(gate, up, spec: MoESpec, axis_len: int):
+    """Rows gate0, up0, gate1, up1, ...: [E, I, (H)] x2 -> [E, 2I, (H)]."""
+    pair = op.Concat(op.Unsqueeze(gate, const_i([2])), op.Unsqueeze(up, const_i([2])), axis=2)
+    shape = [spec.num_experts, 2 * spec.expert_size]
+    if axis_len == 3:
+        shape.append(spec.hidden_size)
+    return op.Reshape(pair, const_i(shape))

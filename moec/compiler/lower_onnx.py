@@ -1,0 +1,146 @@
+"""Lower a captured program to ONNX for the ``ort`` and ``onnx`` targets.
+
+torch.onnx (dynamo) translates the graph; each ``moec::moe`` node is translated by the lowering
+its spec names (``fused`` or ``dense``; the lowering pass decides). The result is optimized
+with onnxscript's optimizer with size limits lifted, so that weight layout changes (transposes,
+gate/up interleaving) are folded into the initializers instead of running at every inference.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
+import torch
+
+from moec.compiler.capture import CapturedProgram
+from moec.compiler.lower_moe_dense import lower_moe_dense
+from moec.compiler.lower_moe_fused import lower_moe_fused
+from moec.compiler.onnx_ops import register_ort_schemas
+from moec.errors import LoweringError
+from moec.ir import WEIGHT_NAMES, MoESpec
+
+__all__ = ["check_onnx", "lower_to_onnx"]
+
+log = logging.getLogger(__name__)
+ONNX_STANDARD_DOMAINS = {"", "ai.onnx"}
+NO_SIZE_LIMIT = 1 << 62
+
+
+def translate_moe(x, *args):
+    """torch.onnx translation of ``moec::moe`` (same arguments as the op)."""
+    *tensors, spec_json = args
+    spec = MoESpec.from_json(spec_json)
+    weights = {name: t for name, t in zip(WEIGHT_NAMES, tensors, strict=True) if t is not None}
+    if spec.lowering == "fused":
+        return lower_moe_fused(spec, x, weights)
+    return lower_moe_dense(spec, x, weights)
+
+
+def lower_to_onnx(captured: CapturedProgram, target: str) -> ir.Model:
+    """The captured program as an ONNX model (onnx-ir) for ``target`` (``ort`` or ``onnx``)."""
+    register_ort_schemas()
+    _quiet_exporter_logs()
+    table = {torch.ops.moec.moe.default: translate_moe}
+    try:
+        exported = torch.onnx.export(
+            captured.program,
+            (),
+            dynamo=True,
+            custom_translation_table=table,
+            optimize=False,
+            verbose=False,
+        )
+    except Exception as e:  # the exporter wraps everything in its own error types
+        raise LoweringError(_describe_failure(e, captured)) from e
+    model = exported.model
+    for value, spec in zip(model.graph.inputs, captured.inputs, strict=True):
+        value.name = spec.name
+    for value, spec in zip(model.graph.outputs, captured.outputs, strict=True):
+        value.name = spec.name
+    onnxscript.optimizer.optimize(
+        model, input_size_limit=NO_SIZE_LIMIT, output_size_limit=NO_SIZE_LIMIT
+    )
+    _drop_unused_router_outputs(model)
+    if target == "onnx":
+        _check_standard_domains(model)
+    return model
+
+
+def _drop_unused_router_outputs(model: ir.Model) -> None:
+    """Give ``MoEGroupRouter`` nodes only the output they use.
+
+    The exporter creates every output a schema declares, but ORT reads a requested
+    ``selection_scores``/``router_weights`` pair as a different mode of the op and refuses it
+    beside ``router_probs``.
+    """
+    for node in list(model.graph):
+        if node.op_type != "MoEGroupRouter" or len(node.outputs) == 1:
+            continue
+        live = set(model.graph)  # the exporter's own dead nodes may still be listed as uses
+        if any(
+            out.is_graph_output() or any(use.node in live for use in out.uses())
+            for out in node.outputs[1:]
+        ):
+            continue
+        slim = ir.Node(
+            node.domain, node.op_type, node.inputs, node.attributes.values(), num_outputs=1
+        )
+        model.graph.insert_before(node, slim)
+        ir.convenience.replace_all_uses_with(node.outputs[0], slim.outputs[0])
+        model.graph.remove(node, safe=True)
+
+
+def check_onnx(model: ir.Model) -> None:
+    """Run onnx's full checker (schemas, types, shapes) on ``model``."""
+    register_ort_schemas()
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
+def _check_standard_domains(model: ir.Model) -> None:
+    foreign = sorted({n.domain for n in model.graph if n.domain not in ONNX_STANDARD_DOMAINS})
+    if foreign:
+        raise LoweringError(
+            f"the portable ONNX for target 'onnx' uses non-standard op domains {foreign}; "
+            "this is a bug in moec's lowering"
+        )
+
+
+def _describe_failure(error: Exception, captured: CapturedProgram) -> str:
+    """Name the op and node that could not be lowered, when the exporter says which."""
+    chain, e = [], error
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    unsupported = _unsupported_nodes(captured)
+    if unsupported:
+        listed = "; ".join(f"node {node} ({target})" for node, target in unsupported)
+        return (
+            f"cannot lower to ONNX: no ONNX translation for {listed}. Replace the op in the "
+            "model, or register a translation for it with torch.onnx"
+        )
+    messages = [str(c).strip().splitlines()[0] for c in chain if str(c).strip()]
+    return "cannot lower to ONNX: " + " <- ".join(messages[-3:])
+
+
+def _unsupported_nodes(captured: CapturedProgram) -> list[tuple[str, str]]:
+    from torch.onnx._internal.exporter import _registration
+
+    registry = _registration.ONNXRegistry.from_torchlib()
+    program = captured.program.run_decompositions()
+    missing = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target is torch.ops.moec.moe.default:
+            continue
+        if not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if not registry.get_decomps(node.target):
+            missing.append((node.name, str(node.target)))
+    return missing
+
+
+def _quiet_exporter_logs() -> None:
+    # torch.onnx warns about torchvision ops at every export; moec never uses them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)

@@ -1,0 +1,130 @@
+"""Routing of a ``moec::moe`` node in standard ONNX ops (the same math as `moec.ir.routing`).
+
+``lower_routing(spec, x3, w) -> (weights, chosen)``: x3 [B, S, H]; weights [B, S, E] float32
+dense combine weights (zero where an expert is not chosen), chosen [B, S, E] float32 0/1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from moec.compiler.onnx_ops import DOUBLE, FLOAT, INT64, const_f, const_i, linear, ones_like, op
+from moec.ir import MoESpec
+
+__all__ = ["lower_router_logits", "lower_routing", "scatter_chosen"]
+
+
+def lower_router_logits(x, w: dict):
+    """Router logits in float32: [..., H] -> [..., E]."""
+    bias = w.get("router_bias")
+    return linear(
+        op.Cast(x, to=FLOAT),
+        op.Cast(w["router_weight"], to=FLOAT),
+        None if bias is None else op.Cast(bias, to=FLOAT),
+    )
+
+
+def lower_routing(spec: MoESpec, x3, w: dict):
+    logits = lower_router_logits(x3, w)
+    if spec.routing == "expert_choice":
+        return _expert_choice(spec, logits)
+    return _topk(spec, logits, w.get("selection_bias"))
+
+
+def scatter_chosen(logits, idx, values):
+    """Dense [..., E] float: ``values`` [..., k] at expert indices ``idx``, zero elsewhere."""
+    return op.ScatterElements(op.ConstantOfShape(op.Shape(logits)), idx, values, axis=-1)
+
+
+def _scores(spec: MoESpec, logits):
+    if spec.score == "softmax":
+        return op.Softmax(logits, axis=-1)
+    if spec.score == "sigmoid":
+        return op.Sigmoid(logits)
+    return logits
+
+
+def _topk(spec: MoESpec, logits, selection_bias):
+    scores = _scores(spec, logits)
+    choice = logits if spec.topk_before_softmax else scores
+    if selection_bias is not None:
+        choice = op.Add(choice, op.Cast(selection_bias, to=FLOAT))
+    if spec.n_group > 1:
+        choice = _limit_to_groups(spec, choice)
+    _, idx = op.TopK(choice, const_i([spec.top_k]), axis=-1)
+    if spec.topk_before_softmax:
+        weight = op.Softmax(op.GatherElements(logits, idx, axis=-1), axis=-1)
+    else:
+        weight = op.GatherElements(scores, idx, axis=-1)
+        if spec.norm_topk_prob:
+            weight = op.Div(weight, op.ReduceSum(weight, const_i([-1]), keepdims=1))
+    if spec.routed_scaling_factor != 1.0:
+        weight = op.Mul(weight, const_f(spec.routed_scaling_factor))
+    if spec.has_capacity:
+        keep = _within_capacity(spec, idx)
+        weight = op.Mul(weight, keep)
+    else:
+        keep = ones_like(idx)
+    return scatter_chosen(logits, idx, weight), scatter_chosen(logits, idx, keep)
+
+
+def _limit_to_groups(spec: MoESpec, choice):
+    grouped = op.Reshape(choice, const_i([0, 0, spec.n_group, spec.experts_per_group]))
+    if spec.group_score == "max":
+        group_scores = op.ReduceMax(grouped, const_i([-1]), keepdims=0)
+    else:
+        top2, _ = op.TopK(grouped, const_i([2]), axis=-1)
+        group_scores = op.ReduceSum(top2, const_i([-1]), keepdims=0)
+    _, best = op.TopK(group_scores, const_i([spec.topk_group]), axis=-1)
+    allowed = scatter_chosen(group_scores, best, ones_like(best))
+    allowed = op.Unsqueeze(op.Greater(allowed, const_f(0.5)), const_i([-1]))
+    masked = op.Where(allowed, grouped, const_f(float("-inf")))
+    return op.Reshape(masked, const_i([0, 0, spec.num_experts]))
+
+
+def _within_capacity(spec: MoESpec, idx):
+    """[B, S, k] float 0/1: whether each (token, slot) pair fits its expert's capacity."""
+    experts = op.Range(_scalar_i(0), _scalar_i(spec.num_experts), _scalar_i(1))
+    onehot = op.Cast(op.Equal(op.Unsqueeze(idx, const_i([-1])), experts), to=FLOAT)  # [B,S,k,E]
+    if spec.capacity_scope == "sequence":
+        queue = op.CumSum(op.Reshape(onehot, const_i([0, -1, spec.num_experts])), _scalar_i(1))
+        tokens = op.Shape(idx, start=1, end=2)
+    else:
+        queue = op.CumSum(op.Reshape(onehot, const_i([1, -1, spec.num_experts])), _scalar_i(1))
+        tokens = op.ReduceProd(op.Shape(idx, start=0, end=2), keepdims=1)
+    queue = op.Reshape(queue, op.Shape(onehot))
+    position = op.Sub(op.ReduceSum(op.Mul(queue, onehot), const_i([-1]), keepdims=0), const_f(1.0))
+    capacity = op.Cast(_capacity(spec, tokens), to=FLOAT)
+    return op.Cast(op.Less(position, capacity), to=FLOAT)
+
+
+def _capacity(spec: MoESpec, tokens):
+    """Int64 [1]: `MoESpec.capacity` of ``tokens`` (int64 [1]), in double as Python computes it."""
+    if spec.expert_capacity is not None:
+        return const_i([spec.expert_capacity])
+    factor = 1.0 if spec.capacity_factor is None else spec.capacity_factor
+    n = op.Cast(tokens, to=DOUBLE)
+    value = op.Div(
+        op.Mul(op.Mul(_double(factor), n), _double(spec.top_k)), _double(spec.num_experts)
+    )
+    return op.Cast(op.Ceil(value), to=INT64)
+
+
+def _double(value: float):
+    return op.Constant(value=onnx.numpy_helper.from_array(np.array(value, dtype=np.float64)))
+
+
+def _scalar_i(value: int):
+    return op.Constant(value_int=value)
+
+
+def _expert_choice(spec: MoESpec, logits):
+    scores = op.Softmax(logits, axis=-1)  # [B, S, E]
+    by_expert = op.Transpose(scores, perm=[0, 2, 1])  # [B, E, S]
+    tokens = op.Shape(scores, start=1, end=2)
+    capacity = op.Min(tokens, _capacity(spec, tokens))
+    _, idx = op.TopK(by_expert, capacity, axis=-1)  # [B, E, C]
+    ones = ones_like(idx)
+    chosen = op.Transpose(scatter_chosen(by_expert, idx, ones), perm=[0, 2, 1])
+    return op.Mul(scores, chosen), chosen

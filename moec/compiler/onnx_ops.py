@@ -1,0 +1,162 @@
+"""Building blocks for the ONNX lowerings: opsets, ORT contrib schemas, constants, activations.
+
+The lowerings run inside torch.onnx's translation of a ``moec::moe`` node: they call onnxscript
+ops on symbolic tensors and the exporter records the nodes. Weight rearrangements (transposes,
+interleaving) are written as ops on initializers and folded away by the optimizer afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxscript
+from onnxscript import opset18 as op
+
+from moec.ir import MoESpec
+
+__all__ = [
+    "ORT_DOMAIN",
+    "activation",
+    "const_f",
+    "const_i",
+    "gated_activation",
+    "linear",
+    "msft",
+    "ones_like",
+    "op",
+    "register_ort_schemas",
+    "reshape_chosen",
+    "shared_expert",
+    "to_3d",
+]
+
+ORT_DOMAIN = "com.microsoft"
+msft = onnxscript.values.Opset(ORT_DOMAIN, 1)
+FLOAT = onnx.TensorProto.FLOAT
+DOUBLE = onnx.TensorProto.DOUBLE
+INT64 = onnx.TensorProto.INT64
+BOOL = onnx.TensorProto.BOOL
+
+
+def register_ort_schemas() -> None:
+    """Make onnx (and so onnxscript and the checker) know ORT's MoE contrib ops.
+
+    The schemas are read from the installed onnxruntime itself, so they match the kernels.
+    """
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    wanted = {"MoE", "MoEGroupRouter"}
+    for schema in ort_c.get_all_operator_schema():
+        if schema.domain != ORT_DOMAIN or schema.name not in wanted:
+            continue
+        if onnx.defs.has(schema.name, schema.since_version, ORT_DOMAIN):
+            continue
+        onnx.defs.register_schema(_to_onnx_schema(schema))
+
+
+def _to_onnx_schema(schema) -> onnx.defs.OpSchema:
+    defs = onnx.defs.OpSchema
+
+    def param(p) -> defs.FormalParameter:
+        option = getattr(defs.FormalParameterOption, p.option.name)
+        return defs.FormalParameter(p.name, p.typeStr, p.description, param_option=option)
+
+    attributes = [
+        defs.Attribute(
+            name, getattr(defs.AttrType, a.type.name), a.description, required=a.required
+        )
+        for name, a in schema.attributes.items()
+    ]
+    constraints = [
+        (t.type_param_str, list(t.allowed_type_strs), t.description)
+        for t in schema.type_constraints
+    ]
+    return defs(
+        schema.name,
+        schema.domain,
+        schema.since_version,
+        doc=schema.doc,
+        inputs=[param(p) for p in schema.inputs],
+        outputs=[param(p) for p in schema.outputs],
+        type_constraints=constraints,
+        attributes=attributes,
+    )
+
+
+def const_f(value: float, like=None):
+    """A float scalar constant, cast like ``like`` when given (else float32)."""
+    c = op.Constant(value_float=float(value))
+    return c if like is None else op.CastLike(c, like)
+
+
+def const_i(values: list[int]):
+    """A 1-D int64 constant."""
+    return op.Constant(value_ints=list(values))
+
+
+def ones_like(x):
+    """Float32 ones of x's shape."""
+    return op.ConstantOfShape(
+        op.Shape(x), value=onnx.numpy_helper.from_array(np.ones(1, np.float32))
+    )
+
+
+def to_3d(x):
+    """[B, S, H] stays; [T, H] (one sequence) becomes [1, T, H]."""
+    return x if len(x.shape) == 3 else op.Unsqueeze(x, const_i([0]))
+
+
+def linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` for a [out, in] weight."""
+    y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    return y if bias is None else op.Add(y, bias)
+
+
+def activation(name: str, x):
+    if name == "silu":
+        return op.Mul(x, op.Sigmoid(x))
+    if name == "relu":
+        return op.Relu(x)
+    if name == "gelu":
+        erf = op.Erf(op.Mul(x, const_f(1 / math.sqrt(2), x)))
+        return op.Mul(op.Mul(x, const_f(0.5, x)), op.Add(erf, const_f(1.0, x)))
+    if name == "gelu_tanh":
+        cube = op.Mul(op.Mul(x, x), x)
+        inner = op.Mul(
+            op.Add(x, op.Mul(cube, const_f(0.044715, x))), const_f(math.sqrt(2 / math.pi), x)
+        )
+        return op.Mul(op.Mul(x, const_f(0.5, x)), op.Add(op.Tanh(inner), const_f(1.0, x)))
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def gated_activation(spec: MoESpec, gate, up):
+    """The gated hidden state ``act(gate) * up`` (or GPT-OSS's clamped SwiGLU)."""
+    if spec.activation != "swiglu_oai":
+        return op.Mul(activation(spec.activation, gate), up)
+    limit = spec.swiglu_limit
+    gate = op.Min(gate, const_f(limit, gate))
+    up = op.Max(op.Min(up, const_f(limit, up)), const_f(-limit, up))
+    glu = op.Mul(gate, op.Sigmoid(op.Mul(gate, const_f(spec.swiglu_alpha, gate))))
+    return op.Mul(glu, op.Add(up, const_f(1.0, up)))
+
+
+def shared_expert(spec: MoESpec, x2, w: dict):
+    """The shared expert on tokens x2 [T, H], or None when the block has none."""
+    if not spec.shared_expert_size:
+        return None
+    hidden = op.Mul(
+        activation(spec.shared_activation, linear(x2, w["shared_gate"])),
+        linear(x2, w["shared_up"]),
+    )
+    y = linear(hidden, w["shared_down"])
+    if spec.shared_expert_gated:
+        y = op.Mul(y, op.Sigmoid(linear(x2, w["shared_expert_gate"])))
+    return y
+
+
+def reshape_chosen(chosen, x, num_experts: int):
+    """Routing mask, float 0/1 of any shape with E last -> bool [*x.shape[:-1], E]."""
+    shape = op.Concat(op.Shape(x, end=-1), const_i([num_experts]), axis=0)
+    return op.Cast(op.Reshape(chosen, shape), to=BOOL)

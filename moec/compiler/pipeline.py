@@ -1,0 +1,180 @@
+"""``compile``: load -> capture -> passes -> lower -> write, with timings per stage."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import torch
+from torch import nn
+
+import moec
+from moec.compiler.artifact_writer import check_destination, write_artifact
+from moec.compiler.capture import CapturedBlock, capture
+from moec.compiler.lower_onnx import lower_to_onnx
+from moec.compiler.sources import LoadedSource, load_source, source_from_module
+from moec.errors import MoecError, TargetNotBuiltError
+from moec.models import ModelSource
+from moec.passes import Pass, PassManager, default_passes
+from moec.runtime.manifest import Manifest
+
+__all__ = ["DEFAULT_TOLERANCES", "STAGES", "TARGETS", "CompileResult", "compile_model"]
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("ort", "onnx", "trt", "torch")
+STAGES = ("load", "capture", "passes", "lower", "write")
+DEFAULT_TOLERANCES = {"rel_l2": 1e-5, "routing_agreement": 0.999}
+MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "model.onnx.data"
+
+
+@dataclass
+class CompileResult:
+    """A written artifact and how it was made."""
+
+    path: Path
+    manifest: Manifest
+    blocks: list[CapturedBlock]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.bytes for f in self.manifest.files.values())
+
+    def load(self):
+        from moec.runtime.load import load
+
+        return load(self.path)
+
+
+StageCallback = Callable[[str], None]
+
+
+def compile_model(
+    model: nn.Module | str,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    target: str = "ort",
+    output: str | Path | None = None,
+    passes: list[Pass] | None = None,
+    force: bool = False,
+    trust_pickle: bool = False,
+    on_stage: StageCallback | None = None,
+    **source_options: Any,
+) -> CompileResult:
+    """Compile ``model`` (an nn.Module with ``example_inputs``, or a SRC string) for ``target``.
+
+    ``output``: the artifact directory (default: a new temporary directory). ``passes``: the
+    pass pipeline (default: `default_passes(target)`). ``source_options``: further
+    `ModelSource` fields for an nn.Module (input_names, output_names, dynamic_shapes,
+    input_ranges) or ``example_inputs_file`` (a .npz) for a pickled bare module.
+    """
+    _check_target(target)
+    out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="moec-")) / "out"
+    check_destination(out, force)
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        if on_stage is not None:
+            on_stage(name)
+        start = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - start
+
+    with stage("load"):
+        loaded = _load(model, example_inputs, trust_pickle, source_options)
+    with stage("capture"):
+        captured = capture(loaded.model_source)
+    with stage("passes"):
+        pipeline = PassManager(default_passes(target) if passes is None else passes)
+        captured, pass_records = pipeline.run(captured)
+    with stage("lower"):
+        onnx_model = lower_to_onnx(captured, target)
+    with stage("write"):
+        manifest = Manifest(
+            target=target,
+            source=loaded.record,
+            inputs=captured.inputs,
+            outputs=captured.outputs,
+            files={},
+            blocks=[_block_record(b) for b in captured.blocks],
+            passes=pass_records,
+            tolerances=dict(DEFAULT_TOLERANCES),
+            versions=_versions(),
+            notes=captured.notes,
+        )
+        path = write_artifact(out, manifest, lambda d: _write_onnx(onnx_model, d), force)
+    log.info("compiled %s for %s into %s", loaded.record["spec"], target, path)
+    return CompileResult(path, manifest, captured.blocks, timings, captured.notes)
+
+
+def _check_target(target: str) -> None:
+    if target == "trt":
+        raise TargetNotBuiltError(
+            "--target trt is not built in this version of moec; compile --target onnx and build "
+            "the engine on the deployment machine with TensorRT (trtexec --onnx=OUT/model.onnx)"
+        )
+    if target == "torch":
+        raise TargetNotBuiltError(
+            "--target torch is not built in this version of moec; use --target ort or onnx"
+        )
+    if target not in TARGETS:
+        raise MoecError(f"unknown target {target!r}; choose one of {TARGETS}")
+
+
+def _load(model, example_inputs, trust_pickle: bool, options: dict[str, Any]) -> LoadedSource:
+    if isinstance(model, str):
+        return load_source(model, trust_pickle=trust_pickle, **options)
+    if not isinstance(model, nn.Module):
+        raise MoecError(f"moec.compile takes an nn.Module or a SRC string, not {type(model)}")
+    if example_inputs is None:
+        raise MoecError("moec.compile(model, example_inputs): example_inputs are required")
+    inputs = (
+        tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    )
+    return source_from_module(ModelSource(model.eval(), inputs, **options))
+
+
+def _block_record(block: CapturedBlock) -> dict[str, Any]:
+    return {
+        "name": block.name,
+        "class": block.class_name,
+        "adapter": block.adapter,
+        "summary": block.summary,
+        "lowering": block.lowering,
+        "reason": block.reason,
+    }
+
+
+def _write_onnx(model: ir.Model, directory: Path) -> dict[str, str]:
+    ir.save(model, directory / MODEL_FILE, external_data=WEIGHTS_FILE)
+    files = {"model": MODEL_FILE}
+    if (directory / WEIGHTS_FILE).exists():
+        files["weights"] = WEIGHTS_FILE
+    return files
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    return {
+        "moec": moec.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,201 @@
+"""Loading SRC: ``zoo:NAME``, a ``.pt2`` archive, ``pkg.module:factory``, or (only when trusted) a
+pickled module from ``torch.save``.
+
+Every source becomes a `ModelSource` plus a record (`LoadedSource.record`) that the manifest
+keeps, so that ``moec verify`` can rebuild the same eager model later and check, by the sha256 of
+its weights, that it is the same one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moec.errors import SourceError
+from moec.models import ModelSource, build_zoo
+
+__all__ = ["LoadedSource", "load_source", "reload_source", "source_from_module", "weights_sha256"]
+
+FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+SRC_FORMS = (
+    "zoo:NAME, a .pt2 file from torch.export.save, pkg.module:factory, or a torch.save pickle "
+    "with --trust-pickle"
+)
+
+
+@dataclass
+class LoadedSource:
+    model_source: ModelSource
+    record: dict[str, Any]  # what the manifest keeps: spec, kind, sha256, path, ...
+
+    @property
+    def sha256(self) -> str:
+        return self.record["sha256"]
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Content hash of a model's parameters and buffers (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def source_from_module(source: ModelSource) -> LoadedSource:
+    """An in-memory model (``moec.compile(model, ...)``); verify needs it passed again."""
+    record = {"spec": f"<{type(source.model).__name__}>", "kind": "module"}
+    record["sha256"] = weights_sha256(source.model)
+    return LoadedSource(source, record)
+
+
+def load_source(
+    src: str, *, trust_pickle: bool = False, example_inputs_file: str | None = None
+) -> LoadedSource:
+    """Load SRC (see module docstring); ``example_inputs_file``: .npz for a pickled bare module."""
+    if src.startswith("zoo:"):
+        loaded = build_zoo(src.removeprefix("zoo:"))
+        record = {"spec": src, "kind": "zoo"}
+    elif src.startswith("hf:"):
+        raise SourceError(
+            f"{src}: Hugging Face sources are not built yet in this version of moec; export the "
+            "model with a pkg.module:factory that returns (model, example_inputs) instead"
+        )
+    elif os.path.exists(src):
+        path = Path(src).resolve()
+        if not os.access(path, os.R_OK) or path.is_dir():
+            raise SourceError(f"SRC {src} is not a readable file; expected {SRC_FORMS}")
+        if path.suffix == ".pt2":
+            loaded = _load_pt2(path)
+            record = {"spec": src, "kind": "pt2", "path": str(path)}
+        else:
+            loaded = _load_pickle(path, trust_pickle, example_inputs_file)
+            record = {"spec": src, "kind": "pickle", "path": str(path)}
+            if example_inputs_file:
+                record["example_inputs_file"] = str(Path(example_inputs_file).resolve())
+    elif FACTORY_RE.match(src):
+        loaded = _load_factory(src)
+        record = {"spec": src, "kind": "factory"}
+    else:
+        raise SourceError(f"SRC {src} not found; expected {SRC_FORMS}")
+    record["sha256"] = weights_sha256(loaded.model)
+    return LoadedSource(loaded, record)
+
+
+def _load_pt2(path: Path) -> ModelSource:
+    try:
+        program = torch.export.load(path)
+    except Exception as e:  # zipfile, pickle and torch errors all mean "not a valid archive"
+        raise SourceError(
+            f"SRC {path} is not a readable .pt2 archive ({type(e).__name__}: {e}); it may be "
+            "truncated or corrupt: save it again with torch.export.save"
+        ) from e
+    args, kwargs = program.example_inputs or ((), {})
+    if kwargs or not args:
+        raise SourceError(
+            f"SRC {path}: the program has no positional example inputs recorded; export it "
+            "again with torch.export.export(model, args) and save it with torch.export.save"
+        )
+    dynamic = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
+            shape = node.meta["val"].shape
+            dynamic.append(
+                {d: torch.export.Dim.AUTO for d, s in enumerate(shape) if not isinstance(s, int)}
+                or None
+            )
+    names = list(program.graph_signature.user_inputs)
+    return ModelSource(program.module(), tuple(args), names, tuple(dynamic))
+
+
+def _load_pickle(path: Path, trust: bool, example_inputs: str | None) -> ModelSource:
+    if not trust:
+        raise SourceError(
+            f"SRC {path} is a pickle (torch.save); unpickling runs arbitrary code, so moec "
+            "refuses it without --trust-pickle. Pass --trust-pickle if you trust its origin, or "
+            "give a .pt2 (torch.export.save) or a pkg.module:factory instead"
+        )
+    if not zipfile.is_zipfile(path):
+        raise SourceError(f"SRC {path} is not a torch.save file (not a zip archive)")
+    try:
+        obj = torch.load(path, weights_only=False)
+    except Exception as e:
+        raise SourceError(f"SRC {path} could not be unpickled ({type(e).__name__}: {e})") from e
+    if isinstance(obj, nn.Module):
+        if example_inputs is None:
+            raise SourceError(
+                f"SRC {path} holds a bare module; moec needs example inputs to trace it: pass "
+                "--example-inputs FILE.npz (arrays named like the forward's parameters), or "
+                "torch.save a (model, example_inputs) tuple"
+            )
+        return ModelSource(obj.eval(), _read_npz(example_inputs))
+    return _as_model_source(obj, f"SRC {path}")
+
+
+def _read_npz(path: str) -> tuple[torch.Tensor, ...]:
+    try:
+        with np.load(path) as data:
+            return tuple(torch.from_numpy(data[k]) for k in data.files)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"--example-inputs {path} is not a readable .npz ({e})") from e
+
+
+def _load_factory(src: str) -> ModelSource:
+    module_name, _, attr = src.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SourceError(f"SRC {src}: cannot import {module_name} ({e})") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise SourceError(f"SRC {src}: {module_name} has no callable {attr}")
+    return _as_model_source(factory(), f"SRC {src}")
+
+
+def _as_model_source(obj: Any, where: str) -> ModelSource:
+    if isinstance(obj, ModelSource):
+        obj.model.eval()
+        return obj
+    if (
+        isinstance(obj, tuple)
+        and len(obj) == 2
+        and isinstance(obj[0], nn.Module)
+        and isinstance(obj[1], (tuple, list))
+    ):
+        return ModelSource(obj[0].eval(), tuple(obj[1]))
+    raise SourceError(
+        f"{where} gave a {type(obj).__name__}; expected a moec.models.ModelSource or a "
+        "(model, example_inputs) tuple"
+    )
+
+
+def reload_source(
+    record: dict[str, Any], *, trust_pickle: bool = False, override: str | None = None
+) -> LoadedSource:
+    """Load the source a manifest recorded again (or ``override`` in its place)."""
+    kind = record.get("kind")
+    if override is not None:
+        src = override
+    elif kind == "module":
+        raise SourceError(
+            "the artifact was compiled from an in-memory module, which moec cannot rebuild; "
+            "pass the model: moec.verify(OUT, source=model)"
+        )
+    elif kind in ("pt2", "pickle"):
+        src = record.get("path", "")
+    else:
+        src = record.get("spec", "")
+    return load_source(
+        src, trust_pickle=trust_pickle, example_inputs_file=record.get("example_inputs_file")
+    )

@@ -1,0 +1,55 @@
+"""Typed errors. Every message names the input that was wrong and what to do about it.
+
+The CLI turns a `MoecError` into one line on stderr and exit code 2; anything else is a bug in
+moec and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactError",
+    "InputError",
+    "LoweringError",
+    "MoecError",
+    "SourceError",
+    "SpecError",
+    "TargetNotBuiltError",
+    "UnsupportedBlockError",
+    "VerificationError",
+]
+
+
+class MoecError(Exception):
+    """Base class of every error moec raises on bad input."""
+
+
+class SourceError(MoecError):
+    """The model source (SRC) is missing, unreadable, or of a form moec refuses to load."""
+
+
+class SpecError(MoecError):
+    """An MoE block's configuration (MoESpec) or its weights are inconsistent."""
+
+
+class UnsupportedBlockError(MoecError):
+    """A module looks like an MoE block but moec cannot convert it; the message says why."""
+
+
+class LoweringError(MoecError):
+    """An operation in the captured program has no lowering for the chosen target."""
+
+
+class TargetNotBuiltError(MoecError):
+    """The requested target is not available in this build or on this machine."""
+
+
+class ArtifactError(MoecError):
+    """An artifact directory is missing, incomplete, edited, or would be overwritten."""
+
+
+class InputError(MoecError):
+    """Run-time inputs do not match the artifact's declared inputs."""
+
+
+class VerificationError(MoecError):
+    """Verification could not run (not: it ran and found errors out of tolerance)."""

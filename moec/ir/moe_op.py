@@ -1,0 +1,217 @@
+"""The `moec::moe` operator: one MoE block as one node of an exported graph.
+
+``torch.ops.moec.moe(x, *MoEWeights.args(), spec_json) -> (out, chosen)``
+
+- ``x``: [B, S, H] or [T, H] (a 2-D input is one sequence), float32/float16/bfloat16.
+- weights, in the order of `WEIGHT_NAMES` (optional ones may be None):
+  ``router_weight`` [E, H], ``router_bias`` [E], ``selection_bias`` [E],
+  ``w_gate`` [E, I, H] (gated experts only), ``w_up`` [E, I, H], ``w_down`` [E, H, I],
+  ``b_gate`` [E, I], ``b_up`` [E, I], ``b_down`` [E, H],
+  ``shared_gate`` [Is, H], ``shared_up`` [Is, H], ``shared_down`` [H, Is],
+  ``shared_expert_gate`` [1, H].
+- ``spec_json``: `MoESpec.to_json()`.
+- ``out``: like ``x``; ``chosen``: bool [..., E], which experts serve each token (the routing,
+  exposed so that verification can compare it).
+
+The eager kernel routes in float32 and runs each expert on its own tokens only. It is the
+reference every lowering is checked against.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from moec.errors import SpecError
+from moec.ir.moe_spec import MoESpec
+from moec.ir.routing import route, router_logits
+
+__all__ = ["WEIGHT_NAMES", "MoEWeights", "expert_ffn", "moe_eager", "shared_ffn"]
+
+
+@dataclass
+class MoEWeights:
+    """The tensors of one MoE block, stacked with the expert index first (see module doc)."""
+
+    router_weight: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+    router_bias: torch.Tensor | None = None
+    selection_bias: torch.Tensor | None = None
+    w_gate: torch.Tensor | None = None
+    b_gate: torch.Tensor | None = None
+    b_up: torch.Tensor | None = None
+    b_down: torch.Tensor | None = None
+    shared_gate: torch.Tensor | None = None
+    shared_up: torch.Tensor | None = None
+    shared_down: torch.Tensor | None = None
+    shared_expert_gate: torch.Tensor | None = None
+
+    def args(self) -> tuple[torch.Tensor | None, ...]:
+        return tuple(getattr(self, name) for name in WEIGHT_NAMES)
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, t) for n in WEIGHT_NAMES if (t := getattr(self, n)) is not None]
+
+    def check(self, spec: MoESpec) -> None:
+        """Raise SpecError unless every tensor has the shape ``spec`` implies."""
+        e, h, i, s = spec.num_experts, spec.hidden_size, spec.expert_size, spec.shared_expert_size
+        expected: dict[str, tuple[int, ...] | None] = {
+            "router_weight": (e, h),
+            "router_bias": (e,),
+            "selection_bias": (e,),
+            "w_gate": (e, i, h) if spec.expert_kind == "gated" else None,
+            "w_up": (e, i, h),
+            "w_down": (e, h, i),
+            "b_gate": (e, i) if spec.expert_kind == "gated" else None,
+            "b_up": (e, i),
+            "b_down": (e, h),
+            "shared_gate": (s, h) if s else None,
+            "shared_up": (s, h) if s else None,
+            "shared_down": (h, s) if s else None,
+            "shared_expert_gate": (1, h) if spec.shared_expert_gated else None,
+        }
+        required = {"router_weight", "w_up", "w_down"}
+        if spec.expert_kind == "gated":
+            required.add("w_gate")
+        if s:
+            required |= {"shared_gate", "shared_up", "shared_down"}
+        if spec.shared_expert_gated:
+            required.add("shared_expert_gate")
+        for name in WEIGHT_NAMES:
+            tensor, shape = getattr(self, name), expected[name]
+            if tensor is None:
+                if name in required:
+                    raise SpecError(f"MoE weights: {name} is required by {spec.summary()}")
+                continue
+            if shape is None:
+                raise SpecError(
+                    f"MoE weights: {name} given, but {spec.summary()} has no use for it"
+                )
+            if tuple(tensor.shape) != shape:
+                raise SpecError(
+                    f"MoE weights: {name} has shape {tuple(tensor.shape)}, expected {shape} "
+                    f"for {spec.summary()} (hidden {h})"
+                )
+
+
+WEIGHT_NAMES: tuple[str, ...] = (
+    "router_weight",
+    "router_bias",
+    "selection_bias",
+    "w_gate",
+    "w_up",
+    "w_down",
+    "b_gate",
+    "b_up",
+    "b_down",
+    "shared_gate",
+    "shared_up",
+    "shared_down",
+    "shared_expert_gate",
+)
+assert set(WEIGHT_NAMES) == {f.name for f in fields(MoEWeights)}
+
+
+def _act(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return F.relu(x)
+
+
+def expert_ffn(spec: MoESpec, w: MoEWeights, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``e`` on tokens ``x`` [n, H] -> [n, H]."""
+
+    def bias(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[e]
+
+    up = F.linear(x, w.w_up[e], bias(w.b_up))
+    if spec.expert_kind == "plain":
+        hidden = _act(spec.activation, up)
+    else:
+        gate = F.linear(x, w.w_gate[e], bias(w.b_gate))
+        if spec.activation == "swiglu_oai":
+            gate = gate.clamp(max=spec.swiglu_limit)
+            up = up.clamp(-spec.swiglu_limit, spec.swiglu_limit)
+            hidden = gate * torch.sigmoid(spec.swiglu_alpha * gate) * (up + 1)
+        else:
+            hidden = _act(spec.activation, gate) * up
+    return F.linear(hidden, w.w_down[e], bias(w.b_down))
+
+
+def shared_ffn(spec: MoESpec, w: MoEWeights, x: torch.Tensor) -> torch.Tensor:
+    """The shared expert on every token: [n, H] -> [n, H] (zero when the block has none)."""
+    if not spec.shared_expert_size:
+        return torch.zeros_like(x)
+    out = F.linear(
+        _act(spec.shared_activation, F.linear(x, w.shared_gate)) * F.linear(x, w.shared_up),
+        w.shared_down,
+    )
+    if spec.shared_expert_gated:
+        out = out * torch.sigmoid(F.linear(x, w.shared_expert_gate))
+    return out
+
+
+def moe_eager(spec: MoESpec, w: MoEWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference MoE block: route in float32, run each expert on its own tokens."""
+    logits = router_logits(x, w.router_weight, w.router_bias)
+    weights, chosen = route(spec, logits, w.selection_bias)
+    flat_x = x.reshape(-1, x.shape[-1])
+    flat_w = weights.reshape(-1, spec.num_experts)
+    flat_chosen = chosen.reshape(-1, spec.num_experts)
+    out = shared_ffn(spec, w, flat_x)
+    for e in range(spec.num_experts):
+        tokens = flat_chosen[:, e].nonzero().squeeze(-1)
+        if tokens.numel() == 0:
+            continue
+        y = expert_ffn(spec, w, e, flat_x[tokens]) * flat_w[tokens, e, None].to(x.dtype)
+        out = out.index_add(0, tokens, y)
+    return out.reshape(x.shape), chosen
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_spec(spec_json: str) -> MoESpec:
+    return MoESpec.from_json(spec_json)
+
+
+@torch.library.custom_op("moec::moe", mutates_args=())
+def moe(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    router_bias: torch.Tensor | None,
+    selection_bias: torch.Tensor | None,
+    w_gate: torch.Tensor | None,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    shared_gate: torch.Tensor | None,
+    shared_up: torch.Tensor | None,
+    shared_down: torch.Tensor | None,
+    shared_expert_gate: torch.Tensor | None,
+    spec_json: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = _parse_spec(spec_json)
+    args = locals()
+    weights = MoEWeights(**{name: args[name] for name in WEIGHT_NAMES})
+    if x.dim() not in (2, 3) or x.shape[-1] != spec.hidden_size:
+        raise SpecError(
+            f"moec::moe: input of shape {tuple(x.shape)}; expected [B, S, {spec.hidden_size}] "
+            f"or [T, {spec.hidden_size}]"
+        )
+    return moe_eager(spec, weights, x)
+
+
+@moe.register_fake
+def _moe_fake(x, router_weight, *rest):
+    num_experts = router_weight.shape[0]
+    chosen = x.new_empty((*x.shape[:-1], num_experts), dtype=torch.bool)
+    return torch.empty_like(x), chosen

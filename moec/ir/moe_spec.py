@@ -1,0 +1,208 @@
+"""`MoESpec`: the plain-data configuration of one MoE block, as carried by a `moec::moe` node.
+
+Routing (per token, logits = x @ router_weight.T + router_bias, computed in float32):
+
+- ``score``: ``softmax`` over experts, ``sigmoid``, or ``none`` (the logits themselves).
+- ``routing="topk"``: pick ``top_k`` experts by score (+ ``selection_bias``, used for choosing
+  only), optionally limited to the best ``topk_group`` of ``n_group`` expert groups, a group scored
+  by its ``max`` or the sum of its top two (``top2_sum``). With ``topk_before_softmax`` the choice
+  is made on the logits and the weights are a softmax over the chosen k logits (GPT-OSS).
+  Weights are the scores of the chosen experts, renormalised to sum 1 when ``norm_topk_prob``,
+  then multiplied by ``routed_scaling_factor``.
+- ``routing="expert_choice"``: every expert takes the tokens with its highest softmax scores,
+  ``C = min(S, ceil(capacity_factor * S * top_k / E))`` of each sequence.
+- Capacity (top-k routing): with ``expert_capacity`` (a fixed count) or ``capacity_factor``
+  (``C = ceil(factor * n * top_k / E)``, n the tokens in scope), each expert serves at most C of
+  the (token, slot) pairs routed to it in ``capacity_scope`` (a ``sequence`` or the whole
+  ``batch``), in position order; pairs past it contribute nothing.
+
+Experts, stacked with the expert index first:
+
+- ``gated``: ``down(act(gate(x)) * up(x))``; ``swiglu_oai`` is GPT-OSS's clamped variant
+  ``g = min(gate, limit); u = clamp(up, -limit, limit); g * sigmoid(alpha * g) * (u + 1)``.
+- ``plain``: ``down(act(up(x)))`` (``up`` is the input projection).
+
+Shared experts: a gated FFN of width ``shared_expert_size`` applied to every token, scaled by
+``sigmoid(x @ shared_expert_gate.T)`` when ``shared_expert_gated``.
+
+``lowering`` is not part of the model: the lowering pass fills it in to tell the exporter which
+strategy a block gets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from moec.errors import SpecError
+
+__all__ = ["ACTIVATIONS", "LOWERINGS", "MoESpec"]
+
+SCORES = ("softmax", "sigmoid", "none")
+ROUTINGS = ("topk", "expert_choice")
+GROUP_SCORES = ("max", "top2_sum")
+CAPACITY_SCOPES = ("sequence", "batch")
+EXPERT_KINDS = ("gated", "plain")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+LOWERINGS = ("fused", "dense")
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Configuration of one MoE block. See the module docstring for the semantics."""
+
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    expert_size: int
+    score: str = "softmax"
+    routing: str = "topk"
+    topk_before_softmax: bool = False
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    expert_capacity: int | None = None
+    capacity_factor: float | None = None
+    capacity_scope: str = "sequence"
+    expert_kind: str = "gated"
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    shared_expert_size: int = 0
+    shared_expert_gated: bool = False
+    shared_activation: str = "silu"
+    lowering: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def has_capacity(self) -> bool:
+        return self.routing == "topk" and (
+            self.expert_capacity is not None or self.capacity_factor is not None
+        )
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.num_experts // self.n_group
+
+    def capacity(self, tokens: int) -> int:
+        """Tokens (or, for top-k, token-slot pairs) each expert serves among ``tokens``."""
+        if self.routing == "expert_choice":
+            factor = 1.0 if self.capacity_factor is None else self.capacity_factor
+            return min(tokens, math.ceil(factor * tokens * self.top_k / self.num_experts))
+        if self.expert_capacity is not None:
+            return self.expert_capacity
+        if self.capacity_factor is None:
+            raise SpecError("capacity() asked of a block without capacity")
+        return math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts)
+
+    # -- (de)serialisation --------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoESpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"MoESpec has no field(s) {unknown}; known fields: {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise SpecError(f"MoESpec {data}: {e}") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> MoESpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"MoESpec is not valid JSON ({e}): {text[:200]!r}") from e
+        return cls.from_dict(data)
+
+    def with_lowering(self, lowering: str) -> MoESpec:
+        return dataclasses.replace(self, lowering=lowering)
+
+    def summary(self) -> str:
+        """One line for tables: routing and expert shape."""
+        if self.routing == "expert_choice":
+            route = f"expert-choice({self.score})"
+        else:
+            route = f"top-{self.top_k} {self.score}"
+            if self.topk_before_softmax:
+                route = f"top-{self.top_k} then softmax"
+            if self.n_group > 1:
+                route += f", {self.topk_group}/{self.n_group} groups by {self.group_score}"
+            if self.norm_topk_prob:
+                route += ", renorm"
+            if self.has_capacity:
+                route += f", capacity/{self.capacity_scope}"
+        shared = f" + shared {self.shared_expert_size}" if self.shared_expert_size else ""
+        experts = f"{self.num_experts}x{self.expert_kind} {self.activation} {self.expert_size}"
+        return f"{route}; {experts}{shared}"
+
+    # -- validation ---------------------------------------------------------------------------
+    def _validate(self) -> None:
+        def need(cond: bool, what: str) -> None:
+            if not cond:
+                raise SpecError(f"invalid MoESpec: {what}")
+
+        for name, allowed in (
+            ("score", SCORES),
+            ("routing", ROUTINGS),
+            ("group_score", GROUP_SCORES),
+            ("capacity_scope", CAPACITY_SCOPES),
+            ("expert_kind", EXPERT_KINDS),
+            ("activation", ACTIVATIONS),
+        ):
+            value = getattr(self, name)
+            need(value in allowed, f"{name}={value!r}; expected one of {allowed}")
+        need(self.shared_activation in ACTIVATIONS[:4], "shared_activation must be a plain one")
+        need(self.lowering is None or self.lowering in LOWERINGS, f"lowering={self.lowering!r}")
+        for name in ("num_experts", "top_k", "hidden_size", "expert_size", "n_group", "topk_group"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1")
+        need(self.top_k <= self.num_experts, f"top_k={self.top_k} > num_experts")
+        need(self.shared_expert_size >= 0, "shared_expert_size must be >= 0")
+        need(
+            not self.shared_expert_gated or self.shared_expert_size > 0,
+            "shared_expert_gated needs a shared expert",
+        )
+        need(self.num_experts % self.n_group == 0, "num_experts must divide into n_group groups")
+        need(self.topk_group <= self.n_group, "topk_group > n_group")
+        need(
+            self.topk_group * self.experts_per_group >= self.top_k,
+            "the chosen groups hold fewer than top_k experts",
+        )
+        need(
+            self.group_score != "top2_sum" or self.n_group == 1 or self.experts_per_group >= 2,
+            "top2_sum group scores need at least 2 experts per group",
+        )
+        need(
+            not self.topk_before_softmax or self.score == "softmax",
+            "topk_before_softmax implies score='softmax'",
+        )
+        need(
+            self.activation != "swiglu_oai" or self.expert_kind == "gated",
+            "swiglu_oai is a gated activation",
+        )
+        need(
+            self.expert_capacity is None or self.capacity_factor is None,
+            "give expert_capacity or capacity_factor, not both",
+        )
+        need(self.expert_capacity is None or self.expert_capacity >= 1, "expert_capacity < 1")
+        need(
+            self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor must be > 0"
+        )
+        if self.routing == "expert_choice":
+            need(self.n_group == 1, "expert_choice routing has no expert groups")
+            need(self.expert_capacity is None, "expert_choice uses capacity_factor")
+            need(self.score == "softmax", "expert_choice routing scores with softmax")

@@ -1,0 +1,89 @@
+"""Adapters find MoE blocks in a model and convert each to the IR (`MoESpec` + `MoEWeights`).
+
+An adapter is any object with a ``name`` and ``convert(module) -> (MoESpec, MoEWeights) | None``
+(None: not a block it knows). It raises `UnsupportedBlockError` for a block it recognises but
+cannot convert, with the reason. The built-in adapter accepts any module with a ``to_moe()``
+method, which is how moec's zoo layers (and a user's own blocks) describe themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import nn
+
+from moec.errors import SpecError, UnsupportedBlockError
+from moec.ir import MoESpec, MoEWeights
+
+__all__ = ["ADAPTERS", "Adapter", "BlockMatch", "find_moe_blocks", "register_adapter"]
+
+
+class Adapter(Protocol):
+    name: str
+
+    def convert(self, module: nn.Module) -> tuple[MoESpec, MoEWeights] | None: ...
+
+
+@dataclass
+class BlockMatch:
+    """One MoE block found in a model: where it is, and its IR form."""
+
+    name: str  # qualified module name; "" for the model itself
+    module: nn.Module
+    spec: MoESpec
+    weights: MoEWeights
+    adapter: str
+
+
+class ToMoEAdapter:
+    """Modules that convert themselves: ``module.to_moe() -> (MoESpec, MoEWeights)``."""
+
+    name = "to_moe"
+
+    def convert(self, module: nn.Module) -> tuple[MoESpec, MoEWeights] | None:
+        to_moe = getattr(module, "to_moe", None)
+        return to_moe() if callable(to_moe) else None
+
+
+ADAPTERS: list[Adapter] = [ToMoEAdapter()]
+
+
+def register_adapter(adapter: Adapter) -> None:
+    """Try ``adapter`` before the ones already registered."""
+    ADAPTERS.insert(0, adapter)
+
+
+def find_moe_blocks(model: nn.Module) -> list[BlockMatch]:
+    """Every MoE block of ``model``, outermost first; a block's own submodules are not searched."""
+    found: list[BlockMatch] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") or outer == "" for outer in inside):
+            continue
+        match = _convert(name, module)
+        if match is not None:
+            found.append(match)
+            inside.append(name)
+    return found
+
+
+def _convert(name: str, module: nn.Module) -> BlockMatch | None:
+    for adapter in ADAPTERS:
+        try:
+            converted = adapter.convert(module)
+        except (SpecError, UnsupportedBlockError) as e:
+            where = name or "the model"
+            raise type(e)(f"MoE block {where} ({type(module).__name__}): {e}") from e
+        if converted is None:
+            continue
+        spec, weights = converted
+        try:
+            weights.check(spec)
+        except SpecError as e:
+            raise SpecError(
+                f"adapter {adapter.name} converted {name or 'the model'} "
+                f"({type(module).__name__}) inconsistently: {e}"
+            ) from e
+        return BlockMatch(name, module, spec, weights, adapter.name)
+    return None

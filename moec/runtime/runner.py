@@ -1,0 +1,157 @@
+"""`Runner`: one interface over every backend (after Polygraphy's runners).
+
+A runner is a context manager: ``activate`` builds the backend session, ``infer(feeds)`` checks
+the feeds against the manifest and calls the backend's ``infer_impl``, ``deactivate`` frees it.
+Calling a runner, ``m(input_ids)``, activates it if needed and returns the main output(s):
+torch tensors in give torch tensors out, numpy arrays in give numpy arrays out.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moec.errors import InputError
+from moec.runtime.manifest import DynamicDim, Manifest, TensorSpec
+
+__all__ = ["Runner", "check_feeds"]
+
+
+class Runner(abc.ABC):
+    def __init__(self, manifest: Manifest, directory: Path):
+        self.manifest = manifest
+        self.directory = Path(directory)
+        self.is_active = False
+        self.inference_time: float | None = None  # seconds taken by the last infer_impl
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def activate(self) -> Runner:
+        if not self.is_active:
+            self.activate_impl()
+            self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+
+    def __enter__(self) -> Runner:
+        return self.activate()
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+    # -- running ------------------------------------------------------------------------------
+    def infer(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Run on ``feeds`` (name -> array or tensor); returns every output by name."""
+        if not self.is_active:
+            raise InputError(f"{type(self).__name__} is not active; use it in a with-block")
+        as_torch = any(_is_torch(v) for v in feeds.values())
+        arrays = check_feeds(self.manifest.inputs, feeds)
+        start = time.perf_counter()
+        outputs = self.infer_impl(arrays)
+        self.inference_time = time.perf_counter() - start
+        if as_torch:
+            import torch
+
+            return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in outputs.items()}
+        return outputs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Positional inputs in the manifest's order (or by name); the main output(s)."""
+        names = [t.name for t in self.manifest.inputs]
+        if len(args) > len(names):
+            raise InputError(f"{len(args)} inputs given; the artifact takes {len(names)}: {names}")
+        feeds = dict(zip(names, args, strict=False))
+        for key in kwargs:
+            if key in feeds:
+                raise InputError(f"input {key!r} given twice (by position and by name)")
+        feeds.update(kwargs)
+        self.activate()
+        outputs = self.infer(feeds)
+        main = [outputs[t.name] for t in self.manifest.main_outputs]
+        return main[0] if len(main) == 1 else tuple(main)
+
+    # -- backend hooks ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def activate_impl(self) -> None:
+        """Create the backend session."""
+
+    @abc.abstractmethod
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session on checked numpy feeds; return every output."""
+
+    @abc.abstractmethod
+    def deactivate_impl(self) -> None:
+        """Free the backend session."""
+
+
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")
+
+
+def check_feeds(specs: list[TensorSpec], feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Numpy arrays for ``feeds`` after checking names, dtypes, ranks, sizes and value ranges."""
+    expected = [s.name for s in specs]
+    unknown = sorted(set(feeds) - set(expected))
+    if unknown:
+        raise InputError(f"unknown input(s) {unknown}; the artifact's inputs are {expected}")
+    missing = [n for n in expected if n not in feeds]
+    if missing:
+        raise InputError(f"missing input(s) {missing}; the artifact's inputs are {expected}")
+    arrays: dict[str, np.ndarray] = {}
+    dims_seen: dict[str, tuple[int, str]] = {}
+    for spec in specs:
+        value = feeds[spec.name]
+        if _is_torch(value):
+            value = value.detach().cpu().numpy()
+        if not isinstance(value, np.ndarray):
+            raise InputError(
+                f"input {spec.name!r} is a {type(value).__name__}; pass a numpy array or a "
+                f"torch tensor of {spec.dtype} {spec.shape_str()}"
+            )
+        if value.dtype.name != spec.dtype:
+            raise InputError(
+                f"input {spec.name!r} has dtype {value.dtype.name}, expected {spec.dtype}: "
+                f"convert it first (e.g. x.astype(np.{spec.dtype}) or x.to(torch.{spec.dtype}))"
+            )
+        if value.ndim != spec.rank:
+            raise InputError(
+                f"input {spec.name!r} has rank {value.ndim} (shape {list(value.shape)}), "
+                f"expected rank {spec.rank}: {spec.shape_str()}"
+            )
+        for axis, (size, dim) in enumerate(zip(value.shape, spec.shape, strict=True)):
+            _check_dim(spec, axis, size, dim, dims_seen)
+        if spec.value_range is not None and value.size:
+            low, high = spec.value_range
+            if value.min() < low or value.max() >= high:
+                raise InputError(
+                    f"input {spec.name!r} has values in [{value.min()}, {value.max()}], outside "
+                    f"the valid range [{low}, {high})"
+                )
+        arrays[spec.name] = np.ascontiguousarray(value)
+    return arrays
+
+
+def _check_dim(spec: TensorSpec, axis: int, size: int, dim, seen: dict) -> None:
+    where = f"input {spec.name!r} dim {axis}"
+    if isinstance(dim, int):
+        if size != dim:
+            raise InputError(f"{where} is {size}, expected {dim} ({spec.shape_str()})")
+        return
+    assert isinstance(dim, DynamicDim)
+    if size < dim.min or (dim.max is not None and size > dim.max):
+        bound = f"[{dim.min}, {dim.max}]" if dim.max is not None else f">= {dim.min}"
+        raise InputError(f"{where} ({dim.name}) is {size}; it must be {bound}")
+    if dim.name in seen and seen[dim.name][0] != size:
+        other_size, other = seen[dim.name]
+        raise InputError(
+            f"{where} ({dim.name}) is {size} but {other} has {dim.name} = {other_size}; "
+            "they must agree"
+        )
+    seen.setdefault(dim.name, (size, f"input {spec.name!r}"))

@@ -1,0 +1,152 @@
+"""``verify(OUT)``: run an artifact and the eager model it came from on the same seeded inputs.
+
+The eager model is rebuilt from the source the manifest recorded (its weights' sha256 must
+match). Inputs are drawn per shape from the manifest's input specs: several values of the dynamic
+dims, batch 1 and sequence 1 included. The eager routing of every MoE block is recomputed from
+the block's actual input with the IR's routing (float32, as the families do) and compared with
+the artifact's routing outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moec.compiler.sources import reload_source
+from moec.errors import VerificationError
+from moec.ir import near_tie_margin, route, router_logits
+from moec.models import BlockMatch, find_moe_blocks
+from moec.runtime.compare import OutputStats, RoutingStats, VerifyReport
+from moec.runtime.load import load
+from moec.runtime.manifest import DynamicDim, Manifest, TensorSpec
+
+__all__ = ["DEFAULT_DIM_SCHEDULE", "make_inputs", "verify"]
+
+# Values of the first, second, ... dynamic dim per input set (clipped to each dim's range).
+DEFAULT_DIM_SCHEDULE = ((1, 1), (1, 13), (2, 8), (4, 32))
+
+
+def verify(
+    path: str | Path,
+    *,
+    source: str | nn.Module | None = None,
+    schedule: tuple[tuple[int, ...], ...] = DEFAULT_DIM_SCHEDULE,
+    seed: int = 0,
+    trust_pickle: bool = False,
+) -> VerifyReport:
+    """Compare the artifact at ``path`` with its eager source; truthy when within tolerance.
+
+    ``source`` overrides the recorded source: a SRC string, or the nn.Module for artifacts
+    compiled from an in-memory model.
+    """
+    manifest = Manifest.read(path)
+    model = _eager_model(manifest, source, trust_pickle)
+    blocks = {m.name: m for m in find_moe_blocks(model)}
+    tolerances = manifest.tolerances
+    outputs = [OutputStats(o.name, tolerances.get("rel_l2", 1e-5)) for o in manifest.main_outputs]
+    routing_specs = [o for o in manifest.outputs if o.role == "routing"]
+    routing = [
+        RoutingStats(o.block, o.name, tolerances.get("routing_agreement", 0.999))
+        for o in routing_specs
+        if o.block in blocks
+    ]
+    notes = []
+    if len(routing) < len(routing_specs):
+        notes.append("some blocks have no eager counterpart; their routing is not compared")
+    report = VerifyReport(outputs, routing, notes=notes)
+    with load(path) as runner:
+        for feeds in make_inputs(manifest.inputs, schedule, seed):
+            report.shapes.append({k: list(v.shape) for k, v in feeds.items()})
+            ref_outputs, ref_routing = _run_eager(model, manifest, blocks, feeds)
+            outs = runner.infer(feeds)
+            for stats, ref in zip(outputs, ref_outputs, strict=True):
+                stats.update(ref, outs[stats.name])
+            for stats in routing:
+                chosen, margin = ref_routing[stats.block]
+                stats.update(chosen, outs[stats.output], margin)
+    return report
+
+
+def _eager_model(manifest: Manifest, source, trust_pickle: bool) -> nn.Module:
+    if isinstance(source, nn.Module):
+        from moec.compiler.sources import weights_sha256
+
+        model, digest = source.eval(), weights_sha256(source)
+    else:
+        loaded = reload_source(manifest.source, trust_pickle=trust_pickle, override=source)
+        model, digest = loaded.model_source.model, loaded.sha256
+    if digest != manifest.source.get("sha256"):
+        raise VerificationError(
+            f"the source {manifest.source.get('spec')} is not the model this artifact was "
+            "compiled from (the sha256 of its weights differs): recompile the artifact, or pass "
+            "the original model as the source"
+        )
+    return model
+
+
+def make_inputs(
+    specs: list[TensorSpec], schedule: tuple[tuple[int, ...], ...], seed: int
+) -> list[dict[str, np.ndarray]]:
+    """One feed dict per schedule entry, with seeded random values in each input's range."""
+    names: list[str] = []
+    for spec in specs:
+        for d in spec.shape:
+            if isinstance(d, DynamicDim) and d.name not in names:
+                names.append(d.name)
+    rng = np.random.default_rng(seed)
+    sets = []
+    for values in schedule:
+        sizes = {n: values[i] if i < len(values) else 3 for i, n in enumerate(names)}
+        feeds = {}
+        for spec in specs:
+            shape = []
+            for d in spec.shape:
+                if isinstance(d, int):
+                    shape.append(d)
+                else:
+                    high = d.max if d.max is not None else sizes[d.name]
+                    shape.append(min(max(sizes[d.name], d.min), high))
+            feeds[spec.name] = _random(spec, tuple(shape), rng)
+        sets.append(feeds)
+    return sets
+
+
+def _random(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if spec.dtype == "bool":
+        return rng.random(shape) < 0.5
+    if spec.dtype.startswith("int"):
+        low, high = spec.value_range or (0, 2)
+        return rng.integers(low, high, size=shape, dtype=spec.dtype)
+    return rng.standard_normal(shape).astype(spec.dtype)
+
+
+def _run_eager(
+    model: nn.Module, manifest: Manifest, blocks: dict[str, BlockMatch], feeds: dict[str, Any]
+) -> tuple[list[np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Main outputs, and per block (chosen [..., E], near-tie margin [...]) on its real input."""
+    routing: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def hook(match: BlockMatch):
+        def record(module, args):
+            x = args[0]
+            logits = router_logits(x, match.weights.router_weight, match.weights.router_bias)
+            _, chosen = route(match.spec, logits, match.weights.selection_bias)
+            margin = near_tie_margin(match.spec, logits, match.weights.selection_bias)
+            routing[match.name] = (chosen.numpy(), margin.numpy())
+
+        return record
+
+    handles = [m.module.register_forward_pre_hook(hook(m)) for m in blocks.values()]
+    try:
+        with torch.no_grad():
+            args = [torch.from_numpy(feeds[s.name]) for s in manifest.inputs]
+            out = model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    return [o.detach().numpy() for o in outs], routing

@@ -1,0 +1,43 @@
+"""`pkg.module:factory` sources used by the tests (importable as ``factories:NAME``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moec.models import ModelSource, build_zoo
+
+
+def plain_mlp():
+    """A model with no MoE block at all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return model, (torch.randn(2, 8),)
+
+
+@torch.library.custom_op("moectest::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Mysterious(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.ops.moectest.mystery(self.linear(x))
+
+
+def unlowerable():
+    """A model calling an op that has no ONNX translation."""
+    return Mysterious(), (torch.randn(2, 3, 8),)
+
+
+def mixtral_block() -> ModelSource:
+    return build_zoo("mixtral", seed=3)

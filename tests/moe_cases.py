@@ -1,0 +1,87 @@
+"""MoE block configurations covering every routing family, with random weights, for tests."""
+
+from __future__ import annotations
+
+import torch
+
+from moec.ir import MoESpec, MoEWeights
+
+H = 16
+
+
+def spec(**kw) -> MoESpec:
+    base = dict(num_experts=8, top_k=2, hidden_size=H, expert_size=24)
+    base.update(kw)
+    return MoESpec(**base)
+
+
+CASES: dict[str, MoESpec] = {
+    "switch-capacity": spec(top_k=1, expert_kind="plain", activation="relu", capacity_factor=1.25),
+    "switch-batch-capacity": spec(
+        top_k=1, expert_kind="plain", activation="relu", expert_capacity=2, capacity_scope="batch"
+    ),
+    "top2-capacity": spec(capacity_factor=1.0),
+    "mixtral": spec(norm_topk_prob=True),
+    "qwen-shared-gated": spec(top_k=4, shared_expert_size=32, shared_expert_gated=True),
+    "deepseek-v3": spec(
+        num_experts=16,
+        top_k=4,
+        score="sigmoid",
+        n_group=4,
+        topk_group=2,
+        group_score="top2_sum",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        shared_expert_size=32,
+    ),
+    "deepseek-v2": spec(
+        num_experts=16,
+        top_k=3,
+        n_group=4,
+        topk_group=2,
+        group_score="max",
+        routed_scaling_factor=1.5,
+    ),
+    "sigmoid-top1": spec(top_k=1, score="sigmoid"),
+    "softmax-bias": spec(norm_topk_prob=True),
+    "gpt-oss": spec(topk_before_softmax=True, activation="swiglu_oai"),
+    "expert-choice": spec(
+        routing="expert_choice", capacity_factor=1.0, expert_kind="plain", activation="gelu"
+    ),
+    "plain-gelu-tanh": spec(expert_kind="plain", activation="gelu_tanh"),
+    "plain-silu-scores-none": spec(expert_kind="plain", activation="silu", score="none"),
+    "gated-gelu": spec(activation="gelu"),
+}
+# cases whose weights carry biases or a selection bias
+WITH_BIASES = {"gpt-oss", "plain-gelu-tanh"}
+WITH_SELECTION_BIAS = {"deepseek-v3", "softmax-bias"}
+
+
+def random_weights(name: str, seed: int = 0) -> MoEWeights:
+    s = CASES[name]
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=None):
+        scale = scale if scale is not None else shape[-1] ** -0.5
+        return torch.randn(*shape, generator=g) * scale
+
+    e, i, h, sh = s.num_experts, s.expert_size, s.hidden_size, s.shared_expert_size
+    gated = s.expert_kind == "gated"
+    biases = name in WITH_BIASES
+    w = MoEWeights(
+        router_weight=rand(e, h, scale=1.0),
+        w_gate=rand(e, i, h) if gated else None,
+        w_up=rand(e, i, h),
+        w_down=rand(e, h, i),
+        router_bias=rand(e, scale=0.5) if biases else None,
+        selection_bias=rand(e, scale=0.3) if name in WITH_SELECTION_BIAS else None,
+        b_gate=rand(e, i, scale=0.1) if biases and gated else None,
+        b_up=rand(e, i, scale=0.1) if biases else None,
+        b_down=rand(e, h, scale=0.1) if biases else None,
+    )
+    if sh:
+        w.shared_gate, w.shared_up, w.shared_down = rand(sh, h), rand(sh, h), rand(h, sh)
+        if s.shared_expert_gated:
+            w.shared_expert_gate = rand(1, h)
+    w.check(s)
+    return w

@@ -1,0 +1,115 @@
+"""Capture structure, the pass pipeline, the artifact's manifest, and the runner interface."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+import moec
+from moec.cli import main
+from moec.compiler.capture import capture, moe_nodes
+from moec.compiler.moe_block import MoEBlock
+from moec.models import build_zoo
+from moec.runtime.manifest import DynamicDim
+
+
+def test_capture_makes_one_node_per_block_and_restores_the_model():
+    source = build_zoo("deepseek-lm")
+    before = [type(m).__name__ for m in source.model.modules()]
+    captured = capture(source)
+    nodes = moe_nodes(captured.program)
+    assert len(nodes) == len(captured.blocks) == 2
+    assert [b.name for b in captured.blocks] == ["layers.0.moe", "layers.1.moe"]
+    assert not any("topk" in str(n.target) for n in captured.program.graph.nodes)
+    assert [type(m).__name__ for m in source.model.modules()] == before
+    assert not any(isinstance(m, MoEBlock) for m in source.model.modules())
+    (ids,) = captured.inputs
+    assert ids.name == "input_ids" and ids.value_range == (0, 256)
+    assert ids.shape == (DynamicDim("batch", 1, None), DynamicDim("seq", 1, 64))
+    assert [o.name for o in captured.outputs] == ["logits", "routing.0", "routing.1"]
+    assert captured.outputs[1].role == "routing" and captured.outputs[1].block == "layers.0.moe"
+
+
+def test_captured_program_runs_the_eager_kernel():
+    source = build_zoo("gpt-oss", seq=5)
+    captured = capture(source)
+    (x,) = source.example_inputs
+    out, routing = captured.program.module()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, source.model(x))
+    assert routing.shape == (2, 5, 8) and (routing.sum(-1) == 2).all()
+
+
+def test_manifest_records_what_the_design_asks_for(zoo_artifact):
+    result = zoo_artifact("qwen-moe-lm", "ort")
+    data = json.loads((result.path / "manifest.json").read_text())
+    assert data["format"] == "moec-artifact" and data["target"] == "ort"
+    assert {"moec", "torch", "onnx", "onnxruntime"} <= set(data["versions"])
+    assert data["source"]["spec"] == "zoo:qwen-moe-lm" and len(data["source"]["sha256"]) == 64
+    assert data["tolerances"] == {"rel_l2": 1e-5, "routing_agreement": 0.999}
+    assert [p["name"] for p in data["passes"]] == ["select-lowering"]
+    assert data["inputs"][0]["shape"][1] == {"name": "seq", "min": 1, "max": 64}
+    assert all(b["lowering"] == "fused" and "top-4 softmax" in b["summary"] for b in data["blocks"])
+    assert set(data["files"]) == {"model", "weights"}
+
+
+def test_runner_keeps_the_callers_array_type(zoo_artifact):
+    m = moec.load(zoo_artifact("mixtral-lm", "ort").path)
+    ids = np.arange(6, dtype=np.int64).reshape(1, 6)
+    logits = m(ids)
+    assert isinstance(logits, np.ndarray) and logits.shape == (1, 6, 256)
+    as_torch = m(torch.from_numpy(ids))
+    assert isinstance(as_torch, torch.Tensor)
+    np.testing.assert_array_equal(as_torch.numpy(), logits)
+    outputs = m.infer({"input_ids": ids})
+    assert set(outputs) == {"logits", "routing.0", "routing.1"}
+    assert outputs["routing.0"].dtype == np.bool_ and m.inference_time > 0
+    m.deactivate()
+    assert not m.is_active
+
+
+def test_cli_compile_run_verify_inspect(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "art"
+    result = runner.invoke(main, ["compile", "zoo:switch-lm", "-t", "onnx", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "MoE blocks" in result.output and "dense" in result.output
+    assert "2 MoE block(s)" in result.output
+    np.savez(tmp_path / "in.npz", input_ids=np.ones((2, 5), np.int64))
+    result = runner.invoke(
+        main,
+        ["run", str(out), "--input", str(tmp_path / "in.npz"), "--output", str(tmp_path / "o.npz")],
+    )
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "o.npz") as saved:
+        assert saved["logits"].shape == (2, 5, 256)
+    result = runner.invoke(main, ["verify", str(out), "--json", str(tmp_path / "v.json")])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "routing vs eager" in result.output
+    assert json.loads((tmp_path / "v.json").read_text())["passed"] is True
+    result = runner.invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 0 and "layers.1.moe" in result.output
+    result = runner.invoke(main, ["inspect", "zoo:deepseek"])
+    assert result.exit_code == 0 and "DeepSeekMoE" in result.output
+
+
+def test_verify_fails_with_exit_1_when_out_of_tolerance(tmp_path, zoo_artifact):
+    import shutil
+
+    out = tmp_path / "art"
+    shutil.copytree(zoo_artifact("mixtral", "ort").path, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tolerances"]["rel_l2"] = 1e-12  # no float32 lowering can meet this
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    report = moec.verify(out)
+    assert not report and report.routing[0].passed and not report.outputs[0].passed
+    result = CliRunner().invoke(main, ["verify", str(out)])
+    assert result.exit_code == 1 and "FAIL" in result.output
+
+
+def test_list_passes():
+    result = CliRunner().invoke(main, ["compile", "--list-passes", "-t", "onnx"])
+    assert result.exit_code == 0 and "select-lowering" in result.output
