@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -44,6 +45,8 @@ def _friendly_errors(command):
 def main(verbose: bool) -> None:
     """moec: compile Mixture-of-Experts models to ONNX Runtime, ONNX and TensorRT artifacts."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    # torch's own deprecation chatter during export says nothing about the user's model.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(copyreg|torch\.)")
 
 
 @main.command("compile")

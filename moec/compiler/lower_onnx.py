@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
 import torch
@@ -22,7 +21,7 @@ from moec.compiler.onnx_ops import register_ort_schemas
 from moec.errors import LoweringError
 from moec.ir import WEIGHT_NAMES, MoESpec
 
-__all__ = ["check_onnx", "lower_to_onnx"]
+__all__ = ["lower_to_onnx"]
 
 log = logging.getLogger(__name__)
 ONNX_STANDARD_DOMAINS = {"", "ai.onnx"}
@@ -91,12 +90,6 @@ def _drop_unused_router_outputs(model: ir.Model) -> None:
         model.graph.insert_before(node, slim)
         ir.convenience.replace_all_uses_with(node.outputs[0], slim.outputs[0])
         model.graph.remove(node, safe=True)
-
-
-def check_onnx(model: ir.Model) -> None:
-    """Run onnx's full checker (schemas, types, shapes) on ``model``."""
-    register_ort_schemas()
-    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
 
 
 def _check_standard_domains(model: ir.Model) -> None:
