@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from moec.compiler.sources import reload_source
+from moec.compiler.sources import reload_source, weights_sha256
 from moec.errors import VerificationError
 from moec.ir import near_tie_margin, route, router_logits
 from moec.models import BlockMatch, find_moe_blocks
+from moec.models.hf_models import hf_model_source, is_hf_model
 from moec.runtime.compare import OutputStats, RoutingStats, VerifyReport
 from moec.runtime.load import load
 from moec.runtime.manifest import DynamicDim, Manifest, TensorSpec
@@ -73,8 +74,8 @@ def verify(
 
 def _eager_model(manifest: Manifest, source, trust_pickle: bool) -> nn.Module:
     if isinstance(source, nn.Module):
-        from moec.compiler.sources import weights_sha256
-
+        if is_hf_model(source):
+            source = hf_model_source(source.eval()).model
         model, digest = source.eval(), weights_sha256(source)
     else:
         loaded = reload_source(manifest.source, trust_pickle=trust_pickle, override=source)
@@ -131,16 +132,14 @@ def _run_eager(
     routing: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def hook(match: BlockMatch):
-        def record(module, args):
-            x = args[0]
-            logits = router_logits(x, match.weights.router_weight, match.weights.router_bias)
-            _, chosen = route(match.spec, logits, match.weights.selection_bias)
-            margin = near_tie_margin(match.spec, logits, match.weights.selection_bias)
-            routing[match.name] = (chosen.numpy(), margin.numpy())
+        def record(module, args, kwargs):
+            routing[match.name] = _eager_routing(match, args, kwargs)
 
         return record
 
-    handles = [m.module.register_forward_pre_hook(hook(m)) for m in blocks.values()]
+    handles = [
+        m.module.register_forward_pre_hook(hook(m), with_kwargs=True) for m in blocks.values()
+    ]
     try:
         with torch.no_grad():
             args = [torch.from_numpy(feeds[s.name]) for s in manifest.inputs]
@@ -150,3 +149,21 @@ def _run_eager(
             h.remove()
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     return [o.detach().numpy() for o in outs], routing
+
+
+def _eager_routing(match: BlockMatch, args: tuple, kwargs: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen [..., E], near-tie margin [...]) of one block call in the eager model.
+
+    A block routed by moec is routed again from its input with the IR's routing; an experts
+    module behind the family's own router reports the routing it was handed (no margin known).
+    """
+    spec, w = match.spec, match.weights
+    if spec.routing == "external":
+        ids = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        chosen = torch.zeros((*ids.shape[:-1], spec.num_experts), dtype=torch.bool)
+        chosen.scatter_(-1, ids, True)
+        return chosen.numpy(), np.full(ids.shape[:-1], np.inf)
+    x = args[0] if args else kwargs["hidden_states"]
+    logits = router_logits(x, w.router_weight, w.router_bias)
+    _, chosen = route(spec, logits, w.selection_bias)
+    return chosen.numpy(), near_tie_margin(spec, logits, w.selection_bias).numpy()

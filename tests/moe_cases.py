@@ -44,7 +44,15 @@ CASES: dict[str, MoESpec] = {
     ),
     "sigmoid-top1": spec(top_k=1, score="sigmoid"),
     "softmax-bias": spec(norm_topk_prob=True),
-    "gpt-oss": spec(topk_before_softmax=True, activation="swiglu_oai"),
+    "gpt-oss": spec(
+        topk_before_softmax=True,
+        activation="swiglu",
+        swiglu_alpha=1.702,
+        swiglu_beta=1.0,
+        swiglu_limit=7.0,
+    ),
+    "swiglu-clamped": spec(activation="swiglu", swiglu_limit=0.5, norm_topk_prob=True),
+    "plain-relu2": spec(expert_kind="plain", activation="relu2"),
     "expert-choice": spec(
         routing="expert_choice", capacity_factor=1.0, expert_kind="plain", activation="gelu"
     ),

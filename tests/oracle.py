@@ -23,6 +23,8 @@ def _act(name, v):
         return np.maximum(v, 0)
     if name == "gelu":
         return np.array([0.5 * a * (1 + math.erf(a / math.sqrt(2))) for a in v])
+    if name == "relu2":
+        return np.maximum(v, 0) ** 2
     if name == "gelu_tanh":
         return 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
     raise AssertionError(name)
@@ -34,10 +36,11 @@ def _expert(spec, w, e, x):
         hidden = _act(spec.activation, up)
     else:
         gate = w["w_gate"][e] @ x + (w["b_gate"][e] if w["b_gate"] is not None else 0)
-        if spec.activation == "swiglu_oai":
-            gate = np.minimum(gate, spec.swiglu_limit)
-            up = np.clip(up, -spec.swiglu_limit, spec.swiglu_limit)
-            hidden = gate / (1 + np.exp(-spec.swiglu_alpha * gate)) * (up + 1)
+        if spec.activation == "swiglu":
+            if spec.swiglu_limit is not None:
+                gate = np.minimum(gate, spec.swiglu_limit)
+                up = np.clip(up, -spec.swiglu_limit, spec.swiglu_limit)
+            hidden = gate / (1 + np.exp(-spec.swiglu_alpha * gate)) * (up + spec.swiglu_beta)
         else:
             hidden = _act(spec.activation, gate) * up
     return w["w_down"][e] @ hidden + (w["b_down"][e] if w["b_down"] is not None else 0)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from moec.compiler.moe_block import MoEBlock
+from moec.compiler.moe_block import MoEBlock, op_block
 from moec.errors import MoecError, SourceError
 from moec.ir import MoESpec
 from moec.models import BlockMatch, ModelSource, find_moe_blocks
@@ -97,7 +97,7 @@ def _swapped(model: nn.Module, matches: list[BlockMatch]) -> Iterator[nn.Module]
     root = model
     try:
         for match in matches:
-            block = MoEBlock(match.spec, match.weights)
+            block = op_block(match.spec, match.weights, match.expert_modules)
             if match.name == "":
                 root = block
                 continue
@@ -151,7 +151,19 @@ def capture(source: ModelSource) -> CapturedProgram:
 def _blocks(program: ExportedProgram, matches: list[BlockMatch]) -> list[CapturedBlock]:
     """Pair each moe node with its block, by the module path export records on the node."""
     by_path = {("model." + m.name).rstrip("."): m for m in matches}
-    blocks = []
+    blocks = [
+        CapturedBlock(
+            m.name,
+            "",
+            type(m.module).__name__,
+            m.adapter,
+            m.spec.summary(),
+            lowering="subgraph",
+            reason="experts are modules, not FFNs: gather -> expert subgraph -> scatter-add",
+        )
+        for m in matches
+        if m.expert_modules is not None
+    ]
     for node in moe_nodes(program):
         spec = MoESpec.from_json(node.args[-1])
         paths = [path for path, cls in node.meta.get("nn_module_stack", {}).values()]

@@ -47,12 +47,11 @@ def fused_unsupported_reasons(spec: MoESpec) -> list[str]:
             "expert-choice routing gives each token a variable number of experts; "
             "com.microsoft.MoE picks a fixed top-k per token"
         )
-    if spec.expert_kind == "gated" and spec.activation not in ("silu", "swiglu_oai"):
+    if spec.expert_kind == "gated" and spec.activation not in ("silu", "swiglu"):
         reasons.append(f"com.microsoft.MoE on CPU has no gated {spec.activation} (only SwiGLU)")
     if spec.expert_kind == "plain" and spec.activation not in ORT_PLAIN_ACTIVATIONS:
-        reasons.append(
-            f"com.microsoft.MoE has no plain {spec.activation} (its gelu is the tanh approximation)"
-        )
+        why = " (its gelu is the tanh approximation)" if spec.activation == "gelu" else ""
+        reasons.append(f"com.microsoft.MoE on CPU has no plain {spec.activation}{why}")
     return reasons
 
 
@@ -142,12 +141,10 @@ def _first_projection(spec: MoESpec, w: dict):
         b_up = zeros if b_up is None else b_up
         fc1_bias = _interleave(op.CastLike(b_gate, fc1), op.CastLike(b_up, fc1), spec, axis_len=2)
     attrs = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0}
-    if spec.activation == "swiglu_oai":
-        attrs.update(
-            activation_alpha=spec.swiglu_alpha,
-            activation_beta=1.0,
-            swiglu_limit=spec.swiglu_limit,
-        )
+    if spec.activation == "swiglu":
+        attrs.update(activation_alpha=spec.swiglu_alpha, activation_beta=spec.swiglu_beta)
+        if spec.swiglu_limit is not None:
+            attrs["swiglu_limit"] = spec.swiglu_limit
     else:
         attrs["activation_beta"] = 0.0
     return fc1, fc1_bias, attrs

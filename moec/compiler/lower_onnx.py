@@ -28,11 +28,13 @@ ONNX_STANDARD_DOMAINS = {"", "ai.onnx"}
 NO_SIZE_LIMIT = 1 << 62
 
 
-def translate_moe(x, *args):
+def translate_moe(x, routed_ids, routed_weights, *args):
     """torch.onnx translation of ``moec::moe`` (same arguments as the op)."""
     *tensors, spec_json = args
     spec = MoESpec.from_json(spec_json)
     weights = {name: t for name, t in zip(WEIGHT_NAMES, tensors, strict=True) if t is not None}
+    if spec.routing == "external":
+        weights.update(routed_ids=routed_ids, routed_weights=routed_weights)
     if spec.lowering == "fused":
         return lower_moe_fused(spec, x, weights)
     return lower_moe_dense(spec, x, weights)

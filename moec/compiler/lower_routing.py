@@ -1,7 +1,8 @@
 """Routing of a ``moec::moe`` node in standard ONNX ops (the same math as `moec.ir.routing`).
 
 ``lower_routing(spec, x3, w) -> (weights, chosen)``: x3 [B, S, H]; weights [B, S, E] float32
-dense combine weights (zero where an expert is not chosen), chosen [B, S, E] float32 0/1.
+dense combine weights (zero where an expert is not chosen), chosen [B, S, E] float32 0/1. For
+external routing the shapes follow the given ids ([..., k] -> [..., E]) instead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def lower_router_logits(x, w: dict):
 
 
 def lower_routing(spec: MoESpec, x3, w: dict):
+    if spec.routing == "external":
+        return _external(spec, w)
     logits = lower_router_logits(x3, w)
     if spec.routing == "expert_choice":
         return _expert_choice(spec, logits)
@@ -117,6 +120,15 @@ def _double(value: float):
 
 def _scalar_i(value: int):
     return op.Constant(value_int=value)
+
+
+def _external(spec: MoESpec, w: dict):
+    """Routing the block's own router computed: (ids, weights) [..., k] scattered to [..., E]."""
+    ids = w["routed_ids"]
+    shape = op.Concat(op.Shape(ids, end=-1), const_i([spec.num_experts]), axis=0)
+    zeros = op.ConstantOfShape(shape)
+    weights = op.ScatterElements(zeros, ids, op.Cast(w["routed_weights"], to=FLOAT), axis=-1)
+    return weights, op.ScatterElements(zeros, ids, ones_like(ids), axis=-1)
 
 
 def _expert_choice(spec: MoESpec, logits):

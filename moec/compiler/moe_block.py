@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights
+from moec.models.generic_moe import module_experts_forward
 
-__all__ = ["MoEBlock"]
+__all__ = ["MoEBlock", "MoEExpertsBlock", "ModuleExpertsBlock", "op_block"]
 
 
 class MoEBlock(nn.Module):
@@ -37,7 +38,55 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = [getattr(self, name) for name in WEIGHT_NAMES]
-        out, chosen = torch.ops.moec.moe(x, *args, self.spec_json)
+        out, chosen = torch.ops.moec.moe(x, None, None, *args, self.spec_json)
         if self.routing_sink is not None:
             self.routing_sink.append(chosen)
         return out
+
+
+class MoEExpertsBlock(MoEBlock):
+    """Stands in for a transformers experts module: the family's router stays in the graph and
+    hands over ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``."""
+
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None, **kwargs):
+        if top_k_index is None:  # some families name them differently
+            top_k_index = kwargs.pop("router_indices", None)
+        if top_k_weights is None:
+            top_k_weights = kwargs.pop("routing_weights", None)
+        args = [getattr(self, name) for name in WEIGHT_NAMES]
+        out, chosen = torch.ops.moec.moe(
+            hidden_states, top_k_index, top_k_weights, *args, self.spec_json
+        )
+        if self.routing_sink is not None:
+            self.routing_sink.append(chosen)
+        return out
+
+
+class ModuleExpertsBlock(MoEBlock):
+    """A block whose experts are arbitrary modules: routed by the IR's routing, each expert's
+    tokens gathered, run through the expert's own (exported) module, and scatter-added back."""
+
+    def __init__(self, spec: MoESpec, weights: MoEWeights, experts: nn.ModuleList):
+        super().__init__(spec, weights)
+        self.experts = experts
+
+    def to_moe(self):
+        spec, weights = super().to_moe()
+        return spec, weights, self.experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = MoEWeights(**{name: getattr(self, name) for name in WEIGHT_NAMES})
+        out, chosen = module_experts_forward(self.spec, weights, self.experts, x)
+        if self.routing_sink is not None:
+            self.routing_sink.append(chosen)
+        return out
+
+
+def op_block(
+    spec: MoESpec, weights: MoEWeights, expert_modules: nn.ModuleList | None = None
+) -> MoEBlock:
+    """The module standing in for a converted block (whole block, experts only, module experts)."""
+    if expert_modules is not None:
+        return ModuleExpertsBlock(spec, weights, expert_modules)
+    cls = MoEExpertsBlock if spec.routing == "external" else MoEBlock
+    return cls(spec, weights)

@@ -119,6 +119,8 @@ def activation(name: str, x):
         return op.Mul(x, op.Sigmoid(x))
     if name == "relu":
         return op.Relu(x)
+    if name == "relu2":
+        return op.Mul(op.Relu(x), op.Relu(x))
     if name == "gelu":
         erf = op.Erf(op.Mul(x, const_f(1 / math.sqrt(2), x)))
         return op.Mul(op.Mul(x, const_f(0.5, x)), op.Add(erf, const_f(1.0, x)))
@@ -132,14 +134,15 @@ def activation(name: str, x):
 
 
 def gated_activation(spec: MoESpec, gate, up):
-    """The gated hidden state ``act(gate) * up`` (or GPT-OSS's clamped SwiGLU)."""
-    if spec.activation != "swiglu_oai":
+    """The gated hidden state ``act(gate) * up``, or the parameterised ``swiglu``."""
+    if spec.activation != "swiglu":
         return op.Mul(activation(spec.activation, gate), up)
     limit = spec.swiglu_limit
-    gate = op.Min(gate, const_f(limit, gate))
-    up = op.Max(op.Min(up, const_f(limit, up)), const_f(-limit, up))
+    if limit is not None:
+        gate = op.Min(gate, const_f(limit, gate))
+        up = op.Max(op.Min(up, const_f(limit, up)), const_f(-limit, up))
     glu = op.Mul(gate, op.Sigmoid(op.Mul(gate, const_f(spec.swiglu_alpha, gate))))
-    return op.Mul(glu, op.Add(up, const_f(1.0, up)))
+    return op.Mul(glu, op.Add(up, const_f(spec.swiglu_beta, up)))
 
 
 def shared_expert(spec: MoESpec, x2, w: dict):

@@ -23,6 +23,7 @@ from moec.compiler.lower_onnx import lower_to_onnx
 from moec.compiler.sources import LoadedSource, load_source, source_from_module
 from moec.errors import MoecError, TargetNotBuiltError
 from moec.models import ModelSource
+from moec.models.hf_models import hf_model_source, is_hf_model
 from moec.passes import Pass, PassManager, default_passes
 from moec.runtime.manifest import Manifest
 
@@ -138,6 +139,8 @@ def _load(model, example_inputs, trust_pickle: bool, options: dict[str, Any]) ->
         return load_source(model, trust_pickle=trust_pickle, **options)
     if not isinstance(model, nn.Module):
         raise MoecError(f"moec.compile takes an nn.Module or a SRC string, not {type(model)}")
+    if is_hf_model(model) and example_inputs is None:
+        return source_from_module(hf_model_source(model.eval()))
     if example_inputs is None:
         raise MoecError("moec.compile(model, example_inputs): example_inputs are required")
     inputs = (

@@ -1,5 +1,5 @@
-"""Loading SRC: ``zoo:NAME``, a ``.pt2`` archive, ``pkg.module:factory``, or (only when trusted) a
-pickled module from ``torch.save``.
+"""Loading SRC: ``zoo:NAME``, ``hf:DIR`` (a save_pretrained directory), a ``.pt2`` archive,
+``pkg.module:factory``, or (only when trusted) a pickled module from ``torch.save``.
 
 Every source becomes a `ModelSource` plus a record (`LoadedSource.record`) that the manifest
 keeps, so that ``moec verify`` can rebuild the same eager model later and check, by the sha256 of
@@ -23,13 +23,14 @@ from torch import nn
 
 from moec.errors import SourceError
 from moec.models import ModelSource, build_zoo
+from moec.models.hf_models import hf_model_source, load_hf_dir
 
 __all__ = ["LoadedSource", "load_source", "reload_source", "source_from_module", "weights_sha256"]
 
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SRC_FORMS = (
-    "zoo:NAME, a .pt2 file from torch.export.save, pkg.module:factory, or a torch.save pickle "
-    "with --trust-pickle"
+    "zoo:NAME, hf:DIR, a .pt2 file from torch.export.save, pkg.module:factory, or a torch.save "
+    "pickle with --trust-pickle"
 )
 
 
@@ -68,10 +69,9 @@ def load_source(
         loaded = build_zoo(src.removeprefix("zoo:"))
         record = {"spec": src, "kind": "zoo"}
     elif src.startswith("hf:"):
-        raise SourceError(
-            f"{src}: Hugging Face sources are not built yet in this version of moec; export the "
-            "model with a pkg.module:factory that returns (model, example_inputs) instead"
-        )
+        directory = Path(src.removeprefix("hf:")).resolve()
+        loaded = hf_model_source(load_hf_dir(str(directory)))
+        record = {"spec": src, "kind": "hf", "path": f"hf:{directory}"}
     elif os.path.exists(src):
         path = Path(src).resolve()
         if not os.access(path, os.R_OK) or path.is_dir():
@@ -192,7 +192,7 @@ def reload_source(
             "the artifact was compiled from an in-memory module, which moec cannot rebuild; "
             "pass the model: moec.verify(OUT, source=model)"
         )
-    elif kind in ("pt2", "pickle"):
+    elif kind in ("pt2", "pickle", "hf"):
         src = record.get("path", "")
     else:
         src = record.get("spec", "")

@@ -1,10 +1,13 @@
 """The `moec::moe` operator: one MoE block as one node of an exported graph.
 
-``torch.ops.moec.moe(x, *MoEWeights.args(), spec_json) -> (out, chosen)``
+``torch.ops.moec.moe(x, routed_ids, routed_weights, *MoEWeights.args(), spec_json)
+-> (out, chosen)``
 
 - ``x``: [B, S, H] or [T, H] (a 2-D input is one sequence), float32/float16/bfloat16.
+- ``routed_ids`` int64 [..., k] and ``routed_weights`` [..., k]: the routing, when the block's
+  own router computed it (``spec.routing == "external"``); None otherwise.
 - weights, in the order of `WEIGHT_NAMES` (optional ones may be None):
-  ``router_weight`` [E, H], ``router_bias`` [E], ``selection_bias`` [E],
+  ``router_weight`` [E, H] (None for external routing), ``router_bias`` [E], ``selection_bias`` [E],
   ``w_gate`` [E, I, H] (gated experts only), ``w_up`` [E, I, H], ``w_down`` [E, H, I],
   ``b_gate`` [E, I], ``b_up`` [E, I], ``b_down`` [E, H],
   ``shared_gate`` [Is, H], ``shared_up`` [Is, H], ``shared_down`` [H, Is],
@@ -29,16 +32,23 @@ from moec.errors import SpecError
 from moec.ir.moe_spec import MoESpec
 from moec.ir.routing import route, router_logits
 
-__all__ = ["WEIGHT_NAMES", "MoEWeights", "expert_ffn", "moe_eager", "shared_ffn"]
+__all__ = [
+    "WEIGHT_NAMES",
+    "MoEWeights",
+    "expert_ffn",
+    "moe_eager",
+    "scatter_routing",
+    "shared_ffn",
+]
 
 
 @dataclass
 class MoEWeights:
     """The tensors of one MoE block, stacked with the expert index first (see module doc)."""
 
-    router_weight: torch.Tensor
-    w_up: torch.Tensor
-    w_down: torch.Tensor
+    router_weight: torch.Tensor | None
+    w_up: torch.Tensor | None
+    w_down: torch.Tensor | None
     router_bias: torch.Tensor | None = None
     selection_bias: torch.Tensor | None = None
     w_gate: torch.Tensor | None = None
@@ -59,22 +69,26 @@ class MoEWeights:
     def check(self, spec: MoESpec) -> None:
         """Raise SpecError unless every tensor has the shape ``spec`` implies."""
         e, h, i, s = spec.num_experts, spec.hidden_size, spec.expert_size, spec.shared_expert_size
+        routed = spec.routing != "external"
+        ffn = spec.expert_kind != "module"
         expected: dict[str, tuple[int, ...] | None] = {
-            "router_weight": (e, h),
-            "router_bias": (e,),
-            "selection_bias": (e,),
+            "router_weight": (e, h) if routed else None,
+            "router_bias": (e,) if routed else None,
+            "selection_bias": (e,) if routed else None,
             "w_gate": (e, i, h) if spec.expert_kind == "gated" else None,
-            "w_up": (e, i, h),
-            "w_down": (e, h, i),
+            "w_up": (e, i, h) if ffn else None,
+            "w_down": (e, h, i) if ffn else None,
             "b_gate": (e, i) if spec.expert_kind == "gated" else None,
-            "b_up": (e, i),
-            "b_down": (e, h),
+            "b_up": (e, i) if ffn else None,
+            "b_down": (e, h) if ffn else None,
             "shared_gate": (s, h) if s else None,
             "shared_up": (s, h) if s else None,
             "shared_down": (h, s) if s else None,
             "shared_expert_gate": (1, h) if spec.shared_expert_gated else None,
         }
-        required = {"router_weight", "w_up", "w_down"}
+        required = {"router_weight"} if routed else set()
+        if ffn:
+            required |= {"w_up", "w_down"}
         if spec.expert_kind == "gated":
             required.add("w_gate")
         if s:
@@ -123,6 +137,8 @@ def _act(name: str, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x)
     if name == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
+    if name == "relu2":
+        return F.relu(x).square()
     return F.relu(x)
 
 
@@ -137,10 +153,11 @@ def expert_ffn(spec: MoESpec, w: MoEWeights, e: int, x: torch.Tensor) -> torch.T
         hidden = _act(spec.activation, up)
     else:
         gate = F.linear(x, w.w_gate[e], bias(w.b_gate))
-        if spec.activation == "swiglu_oai":
-            gate = gate.clamp(max=spec.swiglu_limit)
-            up = up.clamp(-spec.swiglu_limit, spec.swiglu_limit)
-            hidden = gate * torch.sigmoid(spec.swiglu_alpha * gate) * (up + 1)
+        if spec.activation == "swiglu":
+            if spec.swiglu_limit is not None:
+                gate = gate.clamp(max=spec.swiglu_limit)
+                up = up.clamp(-spec.swiglu_limit, spec.swiglu_limit)
+            hidden = gate * torch.sigmoid(spec.swiglu_alpha * gate) * (up + spec.swiglu_beta)
         else:
             hidden = _act(spec.activation, gate) * up
     return F.linear(hidden, w.w_down[e], bias(w.b_down))
@@ -159,10 +176,21 @@ def shared_ffn(spec: MoESpec, w: MoEWeights, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def moe_eager(spec: MoESpec, w: MoEWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_eager(
+    spec: MoESpec,
+    w: MoEWeights,
+    x: torch.Tensor,
+    routed_ids: torch.Tensor | None = None,
+    routed_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference MoE block: route in float32, run each expert on its own tokens."""
-    logits = router_logits(x, w.router_weight, w.router_bias)
-    weights, chosen = route(spec, logits, w.selection_bias)
+    if spec.routing == "external":
+        if routed_ids is None or routed_weights is None:
+            raise SpecError("moec::moe: external routing needs routed_ids and routed_weights")
+        weights, chosen = scatter_routing(spec, routed_ids, routed_weights)
+    else:
+        logits = router_logits(x, w.router_weight, w.router_bias)
+        weights, chosen = route(spec, logits, w.selection_bias)
     flat_x = x.reshape(-1, x.shape[-1])
     flat_w = weights.reshape(-1, spec.num_experts)
     flat_chosen = chosen.reshape(-1, spec.num_experts)
@@ -176,6 +204,17 @@ def moe_eager(spec: MoESpec, w: MoEWeights, x: torch.Tensor) -> tuple[torch.Tens
     return out.reshape(x.shape), chosen
 
 
+def scatter_routing(
+    spec: MoESpec, ids: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing given as (ids, weights) [..., k] -> dense weights and chosen mask [..., E]."""
+    shape = (*ids.shape[:-1], spec.num_experts)
+    dense = torch.zeros(shape, dtype=torch.float32, device=ids.device)
+    dense = dense.scatter(-1, ids, weights.float())
+    chosen = torch.zeros(shape, dtype=torch.bool, device=ids.device).scatter(-1, ids, True)
+    return dense, chosen
+
+
 @functools.lru_cache(maxsize=256)
 def _parse_spec(spec_json: str) -> MoESpec:
     return MoESpec.from_json(spec_json)
@@ -184,7 +223,9 @@ def _parse_spec(spec_json: str) -> MoESpec:
 @torch.library.custom_op("moec::moe", mutates_args=())
 def moe(
     x: torch.Tensor,
-    router_weight: torch.Tensor,
+    routed_ids: torch.Tensor | None,
+    routed_weights: torch.Tensor | None,
+    router_weight: torch.Tensor | None,
     router_bias: torch.Tensor | None,
     selection_bias: torch.Tensor | None,
     w_gate: torch.Tensor | None,
@@ -202,16 +243,18 @@ def moe(
     spec = _parse_spec(spec_json)
     args = locals()
     weights = MoEWeights(**{name: args[name] for name in WEIGHT_NAMES})
+    if spec.expert_kind == "module":
+        raise SpecError("moec::moe runs FFN experts; module experts run as their own subgraphs")
     if x.dim() not in (2, 3) or x.shape[-1] != spec.hidden_size:
         raise SpecError(
             f"moec::moe: input of shape {tuple(x.shape)}; expected [B, S, {spec.hidden_size}] "
             f"or [T, {spec.hidden_size}]"
         )
-    return moe_eager(spec, weights, x)
+    return moe_eager(spec, weights, x, routed_ids, routed_weights)
 
 
 @moe.register_fake
-def _moe_fake(x, router_weight, *rest):
-    num_experts = router_weight.shape[0]
-    chosen = x.new_empty((*x.shape[:-1], num_experts), dtype=torch.bool)
+def _moe_fake(x, *args):
+    spec = _parse_spec(args[-1])
+    chosen = x.new_empty((*x.shape[:-1], spec.num_experts), dtype=torch.bool)
     return torch.empty_like(x), chosen

@@ -11,6 +11,9 @@ Routing (per token, logits = x @ router_weight.T + router_bias, computed in floa
   then multiplied by ``routed_scaling_factor``.
 - ``routing="expert_choice"``: every expert takes the tokens with its highest softmax scores,
   ``C = min(S, ceil(capacity_factor * S * top_k / E))`` of each sequence.
+- ``routing="external"``: the block's own router (kept in the graph as ordinary ops) gives
+  ``top_k`` expert ids and weights per token; the op only runs the experts. Score, group and
+  capacity fields do not apply.
 - Capacity (top-k routing): with ``expert_capacity`` (a fixed count) or ``capacity_factor``
   (``C = ceil(factor * n * top_k / E)``, n the tokens in scope), each expert serves at most C of
   the (token, slot) pairs routed to it in ``capacity_scope`` (a ``sequence`` or the whole
@@ -18,9 +21,12 @@ Routing (per token, logits = x @ router_weight.T + router_bias, computed in floa
 
 Experts, stacked with the expert index first:
 
-- ``gated``: ``down(act(gate(x)) * up(x))``; ``swiglu_oai`` is GPT-OSS's clamped variant
-  ``g = min(gate, limit); u = clamp(up, -limit, limit); g * sigmoid(alpha * g) * (u + 1)``.
+- ``gated``: ``down(act(gate(x)) * up(x))``; ``swiglu`` is the parameterised form
+  ``g = min(gate, limit); u = clamp(up, -limit, limit); g * sigmoid(alpha * g) * (u + beta)``
+  (GPT-OSS: alpha 1.702, beta 1, limit 7; DeepSeek-V4: alpha 1, beta 0, a limit; no limit: None).
 - ``plain``: ``down(act(up(x)))`` (``up`` is the input projection).
+- ``module``: any nn.Module per expert (attention experts, ...), kept as exported subgraphs and
+  run on each expert's own tokens; no stacked weights.
 
 Shared experts: a gated FFN of width ``shared_expert_size`` applied to every token, scaled by
 ``sigmoid(x @ shared_expert_gate.T)`` when ``shared_expert_gated``.
@@ -42,11 +48,12 @@ from moec.errors import SpecError
 __all__ = ["ACTIVATIONS", "LOWERINGS", "MoESpec"]
 
 SCORES = ("softmax", "sigmoid", "none")
-ROUTINGS = ("topk", "expert_choice")
+ROUTINGS = ("topk", "expert_choice", "external")
 GROUP_SCORES = ("max", "top2_sum")
 CAPACITY_SCOPES = ("sequence", "batch")
-EXPERT_KINDS = ("gated", "plain")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+EXPERT_KINDS = ("gated", "plain", "module")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu")
+PLAIN_ACTIVATIONS = ACTIVATIONS[:5]
 LOWERINGS = ("fused", "dense")
 
 
@@ -71,8 +78,9 @@ class MoESpec:
     capacity_scope: str = "sequence"
     expert_kind: str = "gated"
     activation: str = "silu"
-    swiglu_alpha: float = 1.702
-    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.0
+    swiglu_beta: float = 0.0
+    swiglu_limit: float | None = None
     shared_expert_size: int = 0
     shared_expert_gated: bool = False
     shared_activation: str = "silu"
@@ -136,6 +144,8 @@ class MoESpec:
         """One line for tables: routing and expert shape."""
         if self.routing == "expert_choice":
             route = f"expert-choice({self.score})"
+        elif self.routing == "external":
+            route = f"top-{self.top_k} by the block's own router"
         else:
             route = f"top-{self.top_k} {self.score}"
             if self.topk_before_softmax:
@@ -148,6 +158,8 @@ class MoESpec:
                 route += f", capacity/{self.capacity_scope}"
         shared = f" + shared {self.shared_expert_size}" if self.shared_expert_size else ""
         experts = f"{self.num_experts}x{self.expert_kind} {self.activation} {self.expert_size}"
+        if self.expert_kind == "module":
+            experts = f"{self.num_experts}x module experts"
         return f"{route}; {experts}{shared}"
 
     # -- validation ---------------------------------------------------------------------------
@@ -166,7 +178,8 @@ class MoESpec:
         ):
             value = getattr(self, name)
             need(value in allowed, f"{name}={value!r}; expected one of {allowed}")
-        need(self.shared_activation in ACTIVATIONS[:4], "shared_activation must be a plain one")
+        need(self.shared_activation in PLAIN_ACTIVATIONS, "shared_activation must be a plain one")
+        need(self.swiglu_limit is None or self.swiglu_limit > 0, "swiglu_limit must be > 0")
         need(self.lowering is None or self.lowering in LOWERINGS, f"lowering={self.lowering!r}")
         for name in ("num_experts", "top_k", "hidden_size", "expert_size", "n_group", "topk_group"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1")
@@ -191,8 +204,8 @@ class MoESpec:
             "topk_before_softmax implies score='softmax'",
         )
         need(
-            self.activation != "swiglu_oai" or self.expert_kind == "gated",
-            "swiglu_oai is a gated activation",
+            self.activation != "swiglu" or self.expert_kind == "gated",
+            "swiglu is a gated activation",
         )
         need(
             self.expert_capacity is None or self.capacity_factor is None,
@@ -202,6 +215,12 @@ class MoESpec:
         need(
             self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor must be > 0"
         )
+        if self.routing == "external":
+            need(self.n_group == 1, "external routing has no expert groups")
+            need(
+                self.expert_capacity is None and self.capacity_factor is None,
+                "external routing has no capacity",
+            )
         if self.routing == "expert_choice":
             need(self.n_group == 1, "expert_choice routing has no expert groups")
             need(self.expert_capacity is None, "expert_choice uses capacity_factor")

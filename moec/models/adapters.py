@@ -1,9 +1,14 @@
 """Adapters find MoE blocks in a model and convert each to the IR (`MoESpec` + `MoEWeights`).
 
 An adapter is any object with a ``name`` and ``convert(module) -> (MoESpec, MoEWeights) | None``
-(None: not a block it knows). It raises `UnsupportedBlockError` for a block it recognises but
-cannot convert, with the reason. The built-in adapter accepts any module with a ``to_moe()``
-method, which is how moec's zoo layers (and a user's own blocks) describe themselves.
+(None: not a block it knows; experts that are not FFNs come back as a third element, the
+``nn.ModuleList`` of expert modules, with ``expert_kind="module"``). It raises
+`UnsupportedBlockError` for a block it recognises but cannot convert, with the reason.
+
+Built in, tried in this order: modules with a ``to_moe()`` method (moec's zoo layers, or a user's
+own blocks); transformers' fused experts modules (`HFExpertsAdapter`); the generic recogniser of a
+router Linear plus a ModuleList of experts (`GenericMoEAdapter`). `register_adapter` puts a new
+one first. See docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from torch import nn
 
 from moec.errors import SpecError, UnsupportedBlockError
 from moec.ir import MoESpec, MoEWeights
+from moec.models.generic_moe import GenericMoEAdapter
+from moec.models.hf_experts import HFExpertsAdapter
 
 __all__ = ["ADAPTERS", "Adapter", "BlockMatch", "find_moe_blocks", "register_adapter"]
 
@@ -22,7 +29,11 @@ __all__ = ["ADAPTERS", "Adapter", "BlockMatch", "find_moe_blocks", "register_ada
 class Adapter(Protocol):
     name: str
 
-    def convert(self, module: nn.Module) -> tuple[MoESpec, MoEWeights] | None: ...
+    def convert(self, module: nn.Module) -> Conversion | None: ...
+
+
+# (spec, weights), or (spec, weights, expert modules) for experts that are not FFNs
+Conversion = tuple[MoESpec, MoEWeights] | tuple[MoESpec, MoEWeights, nn.ModuleList | None]
 
 
 @dataclass
@@ -34,6 +45,7 @@ class BlockMatch:
     spec: MoESpec
     weights: MoEWeights
     adapter: str
+    expert_modules: nn.ModuleList | None = None  # for expert_kind "module"
 
 
 class ToMoEAdapter:
@@ -46,7 +58,7 @@ class ToMoEAdapter:
         return to_moe() if callable(to_moe) else None
 
 
-ADAPTERS: list[Adapter] = [ToMoEAdapter()]
+ADAPTERS: list[Adapter] = [ToMoEAdapter(), HFExpertsAdapter(), GenericMoEAdapter()]
 
 
 def register_adapter(adapter: Adapter) -> None:
@@ -77,7 +89,8 @@ def _convert(name: str, module: nn.Module) -> BlockMatch | None:
             raise type(e)(f"MoE block {where} ({type(module).__name__}): {e}") from e
         if converted is None:
             continue
-        spec, weights = converted
+        spec, weights, *rest = converted
+        expert_modules = rest[0] if rest else None
         try:
             weights.check(spec)
         except SpecError as e:
@@ -85,5 +98,5 @@ def _convert(name: str, module: nn.Module) -> BlockMatch | None:
                 f"adapter {adapter.name} converted {name or 'the model'} "
                 f"({type(module).__name__}) inconsistently: {e}"
             ) from e
-        return BlockMatch(name, module, spec, weights, adapter.name)
+        return BlockMatch(name, module, spec, weights, adapter.name, expert_modules)
     return None

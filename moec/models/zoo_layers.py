@@ -36,7 +36,7 @@ _ACTS = {
 
 
 class GatedFFN(nn.Module):
-    """``down(act(gate(x)) * up(x))``; ``swiglu_oai`` is GPT-OSS's clamped form."""
+    """``down(act(gate(x)) * up(x))``; ``swiglu`` is GPT-OSS's clamped form."""
 
     def __init__(self, hidden: int, size: int, activation: str = "silu", bias: bool = False):
         super().__init__()
@@ -48,7 +48,7 @@ class GatedFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate(x), self.up(x)
-        if self.activation == "swiglu_oai":
+        if self.activation == "swiglu":
             gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
             return self.down((up + 1) * gate * torch.sigmoid(gate * self.alpha))
@@ -283,9 +283,7 @@ class GptOssMoE(_ZooMoE):
     biases and the clamped SwiGLU (alpha 1.702, limit 7)."""
 
     def __init__(self, hidden=32, num_experts=8, expert_size=64, top_k=2):
-        experts = [
-            GatedFFN(hidden, expert_size, "swiglu_oai", bias=True) for _ in range(num_experts)
-        ]
+        experts = [GatedFFN(hidden, expert_size, "swiglu", bias=True) for _ in range(num_experts)]
         super().__init__(hidden, experts, router_bias=True)
         self.top_k = top_k
 
@@ -300,7 +298,10 @@ class GptOssMoE(_ZooMoE):
             hidden_size=self.router.in_features,
             expert_size=self.experts[0].up.out_features,
             topk_before_softmax=True,
-            activation="swiglu_oai",
+            activation="swiglu",
+            swiglu_alpha=1.702,
+            swiglu_beta=1.0,
+            swiglu_limit=7.0,
         )
 
 

@@ -1,0 +1,179 @@
+"""Adapter for transformers' fused experts modules (``@use_experts_implementation`` classes).
+
+Such a module holds every expert as stacked 3-D weights and is called as
+``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`` by its block, after the
+family's own router. moec replaces the experts module only: the router stays in the graph as
+ordinary ops (``routing="external"``), so any routing the family invents is exact, and the expert
+compute becomes one ``moec::moe`` node.
+
+Recognised by structure, not by class: the decorator's flags (``has_gate``, ``is_transposed``,
+``is_concatenated``, ``has_bias``) say how the weights are laid out, and the activation is
+identified by probing the module's own ``_apply_gate`` (or ``act_fn``) against moec's activations
+on random values, clamp ranges included. A new family with a known layout and activation needs no
+new code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moec.errors import UnsupportedBlockError
+from moec.ir import MoESpec, MoEWeights
+
+__all__ = ["HFExpertsAdapter", "top_k_of"]
+
+TOP_K_KEYS = (
+    "num_experts_per_tok",
+    "num_experts_per_token",
+    "moe_topk",
+    "moe_k",
+    "top_k",
+    "num_selected_experts",
+    "experts_per_token",
+)
+PROBE_TOKENS = 257
+PROBE_RTOL = 1e-5
+
+
+class HFExpertsAdapter:
+    name = "hf-experts"
+
+    def convert(self, module: nn.Module) -> tuple[MoESpec, MoEWeights] | None:
+        if not all(hasattr(module, a) for a in ("has_gate", "is_transposed", "has_bias")):
+            return None
+        if not isinstance(getattr(module, "down_proj", None), torch.Tensor):
+            return None
+        if getattr(module, "has_post_expert_norm", False):
+            raise UnsupportedBlockError("experts with a post-expert norm are not supported yet")
+        weights = _stacked_weights(module)
+        e, i, h = weights.w_up.shape
+        activation = _probe_activation(module, i)
+        spec = MoESpec(
+            num_experts=e,
+            top_k=top_k_of(getattr(module, "config", None), default=1),
+            hidden_size=h,
+            expert_size=i,
+            routing="external",
+            expert_kind="gated" if module.has_gate else "plain",
+            **activation,
+        )
+        return spec, weights
+
+
+def top_k_of(config: Any, default: int) -> int:
+    """The experts-per-token count a family's config declares (names differ by family)."""
+    for key in TOP_K_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def _stacked_weights(m: nn.Module) -> MoEWeights:
+    """Canonical [E, I, H] / [E, H, I] weights from the module's layout."""
+
+    def param(name: str) -> torch.Tensor | None:
+        t = getattr(m, name, None)
+        return None if t is None else t.detach()
+
+    def as_out_in(t: torch.Tensor) -> torch.Tensor:  # [E, in, out] -> [E, out, in]
+        return t.transpose(1, 2) if m.is_transposed else t
+
+    def split(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(m, "is_concatenated", True):
+            return t.chunk(2, dim=dim)
+        index = torch.arange(t.shape[dim])
+        return t.index_select(dim, index[0::2]), t.index_select(dim, index[1::2])
+
+    down = as_out_in(param("down_proj"))
+    b_down = param("down_proj_bias") if m.has_bias else None
+    if not m.has_gate:
+        up = as_out_in(param("up_proj"))
+        b_up = param("up_proj_bias") if m.has_bias else None
+        return MoEWeights(router_weight=None, w_up=up, w_down=down, b_up=b_up, b_down=b_down)
+    gate, up = split(as_out_in(param("gate_up_proj")), dim=1)
+    b_gate = b_up = None
+    if m.has_bias:
+        b_gate, b_up = split(param("gate_up_proj_bias"), dim=1)
+    return MoEWeights(
+        router_weight=None,
+        w_gate=gate,
+        w_up=up,
+        w_down=down,
+        b_gate=b_gate,
+        b_up=b_up,
+        b_down=b_down,
+    )
+
+
+_PLAIN = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+    "relu": F.relu,
+    "relu2": lambda v: F.relu(v).square(),
+}
+
+
+def _swiglu(gate, up, alpha: float, beta: float, limit: float | None):
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + beta)
+
+
+def _probe_activation(m: nn.Module, size: int) -> dict[str, Any]:
+    """MoESpec activation fields reproducing the module's own gating, found by probing it."""
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(PROBE_TOKENS, size, generator=g) * 6
+    up = torch.randn(PROBE_TOKENS, size, generator=g) * 6
+    with torch.no_grad():
+        if not m.has_gate:
+            ref = m.act_fn(up)
+            candidates = {name: ({"activation": name}, f(up)) for name, f in _PLAIN.items()}
+        else:
+            if getattr(m, "is_concatenated", True):
+                packed = torch.cat([gate, up], dim=-1)
+            else:
+                packed = torch.stack([gate, up], dim=-1).flatten(-2)
+            ref = m._apply_gate(packed)
+            candidates = _gated_candidates(m, gate, up)
+    for fields, value in candidates.values():
+        if value.shape == ref.shape and torch.allclose(value, ref, rtol=PROBE_RTOL, atol=1e-5):
+            return fields
+    raise UnsupportedBlockError(
+        f"its gating ({type(m).__name__}._apply_gate / act_fn) matches none of moec's "
+        f"activations ({', '.join(candidates)}); register an adapter for it"
+    )
+
+
+def _gated_candidates(m: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> dict:
+    found = {name: ({"activation": name}, f(gate) * up) for name, f in _PLAIN.items()}
+    alphas = {1.0, *(_attr_floats(m, "alpha", "swiglu_alpha", "activation_alpha"))}
+    limits = {None, *(_attr_floats(m, "limit", "swiglu_limit"))}
+    for alpha in sorted(alphas):
+        for beta in (0.0, 1.0):
+            for limit in sorted(limits, key=lambda v: -1 if v is None else v):
+                fields = {
+                    "activation": "swiglu",
+                    "swiglu_alpha": alpha,
+                    "swiglu_beta": beta,
+                    "swiglu_limit": limit,
+                }
+                name = f"swiglu(alpha={alpha}, beta={beta}, limit={limit})"
+                found[name] = (fields, _swiglu(gate, up, alpha, beta, limit))
+    return found
+
+
+def _attr_floats(m: nn.Module, *names: str) -> list[float]:
+    sources = [m, getattr(m, "config", None)]
+    values = []
+    for source in sources:
+        for name in names:
+            value = getattr(source, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                values.append(float(value))
+    return values

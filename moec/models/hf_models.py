@@ -1,0 +1,157 @@
+"""Hugging Face models as moec sources: ``hf:DIR`` and in-memory ``PreTrainedModel``s.
+
+``hf:DIR`` is a directory written by ``save_pretrained`` (config.json + safetensors). The model is
+built from its config by transformers' Auto classes and its weights loaded from the directory;
+nothing is downloaded and no remote code runs.
+
+Whole-model capture wraps the model so that its signature is plain tensors:
+
+- causal LMs: ``(input_ids [B, S], attention_mask [B, S]) -> logits [B, S, V]``;
+- encoder-decoders (SwitchTransformers, NLLB-MoE): ``(input_ids, attention_mask,
+  decoder_input_ids [B, T]) -> logits [B, T, V]``.
+
+The KV cache is not an input or output (``use_cache=False``). Verification draws token ids in
+``[0, vocab_size)`` and an all-ones attention mask.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from moec.errors import SourceError
+from moec.models.model_source import ModelSource
+
+__all__ = ["CausalLMLogits", "Seq2SeqLMLogits", "hf_model_source", "is_hf_model", "load_hf_dir"]
+
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
+
+
+class CausalLMLogits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits
+
+
+class Seq2SeqLMLogits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            use_cache=False,
+        )
+        return out.logits
+
+
+def is_hf_model(model: object) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def load_hf_dir(directory: str) -> nn.Module:
+    """Build the model saved in ``directory`` (config.json + safetensors), float32, eval mode."""
+    path = Path(directory)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise SourceError(
+            f"hf:{directory} has no config.json; give a directory written by save_pretrained"
+        )
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise SourceError(f"hf:{directory}: config.json is not valid JSON ({e})") from e
+    import transformers
+    from transformers import AutoConfig
+
+    transformers.utils.logging.disable_progress_bar()
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError) as e:
+        raise SourceError(
+            f"hf:{directory}: transformers {transformers.__version__} does not know "
+            f"model_type {model_type!r} ({str(e).splitlines()[0]})"
+        ) from e
+    auto = _auto_class(config)
+    try:
+        model = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (RuntimeError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(
+            f"hf:{directory}: cannot load its weights into a {model_type} model built from "
+            f"config.json ({first}); the safetensors must match the config"
+        ) from e
+    return model.eval()
+
+
+def _auto_class(config):
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+    )
+
+    for auto in (AutoModelForCausalLM, AutoModelForSeq2SeqLM):
+        if type(config) in auto._model_mapping:
+            return auto
+    return AutoModel
+
+
+def hf_model_source(model: nn.Module) -> ModelSource:
+    """A capturable source for a transformers model (see module docstring)."""
+    config = model.config
+    vocab = int(config.vocab_size)
+    max_seq = getattr(config, "max_position_embeddings", None)
+    seq = Dim("seq", max=max_seq) if isinstance(max_seq, int) and max_seq > 1 else Dim("seq")
+    batch = Dim("batch")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=g)
+    mask = torch.ones_like(ids)
+    if getattr(config, "is_encoder_decoder", False):
+        decoder_seq = Dim("decoder_seq")
+        decoder_ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ - 2), generator=g)
+        return ModelSource(
+            model=Seq2SeqLMLogits(model).eval(),
+            example_inputs=(ids, mask, decoder_ids),
+            input_names=["input_ids", "attention_mask", "decoder_input_ids"],
+            dynamic_shapes=(
+                {0: batch, 1: seq},
+                {0: batch, 1: seq},
+                {0: batch, 1: decoder_seq},
+            ),
+            output_names=["logits"],
+            input_ranges={
+                "input_ids": (0, vocab),
+                "attention_mask": (1, 2),
+                "decoder_input_ids": (0, vocab),
+            },
+        )
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise SourceError(
+            f"{type(model).__name__} has no language-model head; moec compiles causal LMs "
+            "(…ForCausalLM) and encoder-decoders (…ForConditionalGeneration)"
+        )
+    return ModelSource(
+        model=CausalLMLogits(model).eval(),
+        example_inputs=(ids, mask),
+        input_names=["input_ids", "attention_mask"],
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+        output_names=["logits"],
+        input_ranges={"input_ids": (0, vocab), "attention_mask": (1, 2)},
+    )
