@@ -63,6 +63,7 @@ def verify(
         for feeds in make_inputs(manifest.inputs, schedule, seed):
             report.shapes.append({k: list(v.shape) for k, v in feeds.items()})
             ref_outputs, ref_routing = _run_eager(model, manifest, blocks, feeds)
+            _mark_fragile_external_routing(model, manifest, blocks, feeds, ref_routing)
             outs = runner.infer(feeds)
             for stats, ref in zip(outputs, ref_outputs, strict=True):
                 stats.update(ref, outs[stats.name])
@@ -125,6 +126,37 @@ def _random(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) 
     return rng.standard_normal(shape).astype(spec.dtype)
 
 
+PERTURBATION = 1e-5  # relative noise that marks an external routing decision as a near-tie
+
+
+def _mark_fragile_external_routing(model, manifest, blocks, feeds, routing) -> None:
+    """Near-ties of routing the family's own router made (where moec knows no margin): the
+    tokens whose choice flips when every such block's input gets ``PERTURBATION`` noise."""
+    external = {n: m for n, m in blocks.items() if m.spec.routing == "external"}
+    if not external:
+        return
+    generator = torch.Generator().manual_seed(0)
+
+    def add_noise(module, args, kwargs):
+        if args:
+            x = args[0]
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            return (x + PERTURBATION * x.abs().mean() * noise, *args[1:]), kwargs
+        return None
+
+    parents = {model.get_submodule(name.rpartition(".")[0]) for name in external}
+    handles = [p.register_forward_pre_hook(add_noise, with_kwargs=True) for p in parents]
+    try:
+        _, perturbed = _run_eager(model, manifest, external, feeds)
+    finally:
+        for h in handles:
+            h.remove()
+    for name in external:
+        chosen, _ = routing[name]
+        flipped = (perturbed[name][0] != chosen).any(axis=-1)
+        routing[name] = (chosen, np.where(flipped, 0.0, np.inf))
+
+
 def _run_eager(
     model: nn.Module, manifest: Manifest, blocks: dict[str, BlockMatch], feeds: dict[str, Any]
 ) -> tuple[list[np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -138,7 +170,10 @@ def _run_eager(
         return record
 
     handles = [
-        m.module.register_forward_pre_hook(hook(m), with_kwargs=True) for m in blocks.values()
+        (m.conversion.routing_module or m.module).register_forward_pre_hook(
+            hook(m), with_kwargs=True
+        )
+        for m in blocks.values()
     ]
     try:
         with torch.no_grad():
@@ -155,7 +190,8 @@ def _eager_routing(match: BlockMatch, args: tuple, kwargs: dict) -> tuple[np.nda
     """(chosen [..., E], near-tie margin [...]) of one block call in the eager model.
 
     A block routed by moec is routed again from its input with the IR's routing; an experts
-    module behind the family's own router reports the routing it was handed (no margin known).
+    module behind the family's own router reports the routing it was handed (its margin comes
+    from `_mark_fragile_external_routing`).
     """
     spec, w = match.spec, match.weights
     if spec.routing == "external":

@@ -86,6 +86,7 @@ def random_weights(name: str, seed: int = 0) -> MoEWeights:
         b_gate=rand(e, i, scale=0.1) if biases and gated else None,
         b_up=rand(e, i, scale=0.1) if biases else None,
         b_down=rand(e, h, scale=0.1) if biases else None,
+        output_bias=rand(h, scale=0.1) if biases else None,
     )
     if sh:
         w.shared_gate, w.shared_up, w.shared_down = rand(sh, h), rand(sh, h), rand(h, sh)

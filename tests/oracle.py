@@ -131,6 +131,8 @@ def oracle_moe(spec: MoESpec, weights: MoEWeights, x) -> np.ndarray:
     for bi in range(b):
         for t in range(s):
             out[bi, t] = _shared(spec, w, xs[bi, t])
+            if w["output_bias"] is not None:
+                out[bi, t] += w["output_bias"]
     for (bi, t), chosen in pairs.items():
         for e, weight in chosen:
             out[bi, t] += weight * _expert(spec, w, e, xs[bi, t])

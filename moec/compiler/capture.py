@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -97,7 +98,12 @@ def _swapped(model: nn.Module, matches: list[BlockMatch]) -> Iterator[nn.Module]
     root = model
     try:
         for match in matches:
-            block = op_block(match.spec, match.weights, match.expert_modules)
+            stand_in = match.conversion.stand_in
+            block = (
+                stand_in()
+                if stand_in
+                else op_block(match.spec, match.weights, match.expert_modules)
+            )
             if match.name == "":
                 root = block
                 continue
@@ -115,6 +121,7 @@ def capture(source: ModelSource) -> CapturedProgram:
     """Export ``source.model`` with its MoE blocks as ``moec::moe`` nodes."""
     model = source.model
     matches = find_moe_blocks(model)
+    unconverted = unconverted_moe_modules(model, matches)
     inputs = tuple(source.example_inputs)
     input_names = source.input_names or _forward_parameter_names(model, len(inputs))
     with _swapped(model, matches) as swapped:
@@ -126,15 +133,9 @@ def capture(source: ModelSource) -> CapturedProgram:
         tap = _RoutingTap(swapped, op_blocks)
         dynamic = _dynamic_shapes(source, inputs)
         try:
-            with torch.no_grad():
-                program = torch.export.export(tap, inputs, dynamic_shapes=(dynamic,))
+            program, export_notes = _export(tap, inputs, dynamic, input_names)
         except Exception as e:  # torch.export raises many types; all mean "cannot trace"
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CaptureError(
-                f"torch.export could not trace {type(model).__name__}: {first_line}. moec "
-                f"replaces the MoE blocks it recognises ({len(matches)} found); the rest of the "
-                "model must be exportable (see torch.export's troubleshooting guide)."
-            ) from e
+            raise CaptureError(_export_failure(e, model, matches, unconverted)) from e
     num_outputs = len(program.graph_signature.user_outputs) - len(matches)
     output_names = source.output_names or _default_output_names(num_outputs)
     if len(output_names) != num_outputs:
@@ -145,6 +146,12 @@ def capture(source: ModelSource) -> CapturedProgram:
     specs = _signature(program, input_names, output_names, matches, source, dynamic)
     blocks = _blocks(program, matches)
     notes = [] if blocks else ["no MoE block found; compiled as a plain export"]
+    notes += export_notes
+    notes += [
+        f"{name} ({cls}) looks like an MoE block but no adapter converts it; it runs as the "
+        "model's own ops"
+        for name, cls in unconverted
+    ]
     return CapturedProgram(program, blocks, specs[0], specs[1], notes)
 
 
@@ -162,7 +169,7 @@ def _blocks(program: ExportedProgram, matches: list[BlockMatch]) -> list[Capture
             reason="experts are modules, not FFNs: gather -> expert subgraph -> scatter-add",
         )
         for m in matches
-        if m.expert_modules is not None
+        if m.expert_modules is not None or m.conversion.stand_in is not None
     ]
     for node in moe_nodes(program):
         spec = MoESpec.from_json(node.args[-1])
@@ -181,6 +188,84 @@ def _blocks(program: ExportedProgram, matches: list[BlockMatch]) -> list[Capture
                 )
             )
     return blocks
+
+
+# class names that end like an MoE block: SparseMoeBlock, TextMoe, Experts, SparseMLP, ...
+def _export(tap: nn.Module, inputs: tuple, dynamic: tuple, input_names: list[str]):
+    """torch.export with the requested dynamic dims; if torch cannot prove them (guards it
+    derives from the model's code that sympy cannot simplify), again with Dim.AUTO on the same
+    axes, noting any dim the model's code fixed to one size."""
+    with torch.no_grad():
+        try:
+            return torch.export.export(tap, inputs, dynamic_shapes=(dynamic,)), []
+        except Exception as e:
+            if "Constraints violated" not in str(e) and "Specializations" not in str(e):
+                raise
+            auto = tuple({axis: Dim.AUTO for axis in dims} if dims else None for dims in dynamic)
+            program = torch.export.export(tap, inputs, dynamic_shapes=(auto,))
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    notes = []
+    for i, user_input in enumerate(program.graph_signature.user_inputs):
+        shape = placeholders[user_input].meta["val"].shape
+        for axis in dynamic[i] or {}:
+            size = shape[axis]
+            if not _is_symbolic(size):
+                notes.append(
+                    f"input {input_names[i]} dim {axis} is fixed at {int(size)}: the model's "
+                    "code specialises it, so the artifact takes only that size"
+                )
+                continue
+            low = program.range_constraints[size.node.expr].lower
+            if int(low) > 2:  # 2 is torch's 0/1-specialisation floor, not the model's
+                notes.append(
+                    f"input {input_names[i]} dim {axis} must be >= {int(low)}: the model's code "
+                    "requires it"
+                )
+    return program, notes
+
+
+def _is_symbolic(size) -> bool:
+    """A dim that varies (a SymInt may still be a constant)."""
+    return isinstance(size, torch.SymInt) and not size.node.expr.is_number
+
+
+MOE_CLASS_RE = re.compile(r"(moe|moeblock|moelayer|experts|sparsemlp|mixture\w*)$", re.IGNORECASE)
+
+
+def unconverted_moe_modules(model: nn.Module, matches: list[BlockMatch]) -> list[tuple[str, str]]:
+    """(name, class) of modules named like MoE blocks that no adapter converted, outermost only."""
+    converted = [m.name for m in matches]
+    found: list[tuple[str, str]] = []
+
+    def related(a: str, b: str) -> bool:
+        return a == b or a == "" or b == "" or a.startswith(f"{b}.") or b.startswith(f"{a}.")
+
+    for name, module in model.named_modules():
+        if not MOE_CLASS_RE.search(type(module).__name__):
+            continue
+        if any(related(name, c) for c in converted) or any(related(name, f) for f, _ in found):
+            continue
+        found.append((name, type(module).__name__))
+    return found
+
+
+def _export_failure(error: Exception, model: nn.Module, matches, unconverted) -> str:
+    """What went wrong in torch.export, in a few lines a user can act on."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = lines[0] if lines else type(error).__name__
+    guards = [line.removeprefix("- ") for line in lines if line.startswith("- Not all values")]
+    if guards:
+        detail += " " + guards[0]
+    message = (
+        f"torch.export could not trace {type(model).__name__}: {detail[:400]}. moec replaces "
+        f"the MoE blocks it recognises ({len(matches)} found); the rest of the model must be "
+        "exportable with dynamic batch and sequence"
+    )
+    if unconverted:
+        listed = ", ".join(f"{name} ({cls})" for name, cls in unconverted[:3])
+        message += f"; not converted, and likely the cause: {listed}"
+    return message
 
 
 def _forward_parameter_names(model: nn.Module, count: int) -> list[str]:
@@ -218,10 +303,10 @@ def _signature(program, input_names, output_names, matches, source, dynamic):
     def shape_of(value, input_index=None):
         shape = []
         for axis, size in enumerate(value.shape):
-            expr = size.node.expr if isinstance(size, torch.SymInt) else None
-            if expr is None or expr.is_number:  # a SymInt may still be a constant
+            if not _is_symbolic(size):
                 shape.append(int(size))
                 continue
+            expr = size.node.expr
             key = str(expr)
             if key not in symbols:
                 symbols[key] = names.get(

@@ -22,13 +22,13 @@ from __future__ import annotations
 from moec.compiler.lower_routing import lower_router_logits, lower_routing, scatter_chosen
 from moec.compiler.onnx_ops import (
     FLOAT,
+    add_shared_and_bias,
     const_f,
     const_i,
     msft,
     ones_like,
     op,
     reshape_chosen,
-    shared_expert,
     to_3d,
 )
 from moec.ir import MoESpec
@@ -108,6 +108,9 @@ def lower_moe_fused(spec: MoESpec, x, w: dict):
         normalize = True
         post_scale = op.ReduceSum(weights, const_i([-1]), keepdims=1)
 
+    top_k = spec.top_k
+    if spec.routing == "external":  # the family's router decides k; its output shape says it
+        top_k = int(w["routed_ids"].shape[-1])
     fc1, fc1_bias, attrs = _first_projection(spec, w)
     y = msft.MoE(
         x2,
@@ -116,15 +119,13 @@ def lower_moe_fused(spec: MoESpec, x, w: dict):
         fc1_bias,
         w["w_down"],
         w.get("b_down"),
-        k=spec.top_k,
+        k=top_k,
         normalize_routing_weights=int(normalize),
         **attrs,
     )
     if post_scale is not None:
         y = op.Mul(y, op.CastLike(post_scale, y))
-    shared = shared_expert(spec, x2, w)
-    if shared is not None:
-        y = op.Add(y, shared)
+    y = add_shared_and_bias(spec, y, x2, w)
     return op.Reshape(y, op.Shape(x)), reshape_chosen(chosen, x, e)
 
 

@@ -54,12 +54,11 @@ class MoEExpertsBlock(MoEBlock):
         if top_k_weights is None:
             top_k_weights = kwargs.pop("routing_weights", None)
         args = [getattr(self, name) for name in WEIGHT_NAMES]
-        out, chosen = torch.ops.moec.moe(
-            hidden_states, top_k_index, top_k_weights, *args, self.spec_json
-        )
+        tokens = hidden_states.reshape(*top_k_index.shape[:-1], hidden_states.shape[-1])
+        out, chosen = torch.ops.moec.moe(tokens, top_k_index, top_k_weights, *args, self.spec_json)
         if self.routing_sink is not None:
             self.routing_sink.append(chosen)
-        return out
+        return out.reshape(hidden_states.shape)
 
 
 class ModuleExpertsBlock(MoEBlock):

@@ -19,6 +19,7 @@ from moec.ir import MoESpec
 __all__ = [
     "ORT_DOMAIN",
     "activation",
+    "add_shared_and_bias",
     "const_f",
     "const_i",
     "gated_activation",
@@ -28,7 +29,6 @@ __all__ = [
     "op",
     "register_ort_schemas",
     "reshape_chosen",
-    "shared_expert",
     "to_3d",
 ]
 
@@ -145,10 +145,16 @@ def gated_activation(spec: MoESpec, gate, up):
     return op.Mul(glu, op.Add(up, const_f(spec.swiglu_beta, up)))
 
 
-def shared_expert(spec: MoESpec, x2, w: dict):
-    """The shared expert on tokens x2 [T, H], or None when the block has none."""
-    if not spec.shared_expert_size:
-        return None
+def add_shared_and_bias(spec: MoESpec, y, x2, w: dict):
+    """y [T, H] plus the shared expert on tokens x2 [T, H] and the output bias, where present."""
+    if spec.shared_expert_size:
+        y = op.Add(y, _shared_expert(spec, x2, w))
+    if w.get("output_bias") is not None:
+        y = op.Add(y, w["output_bias"])
+    return y
+
+
+def _shared_expert(spec: MoESpec, x2, w: dict):
     hidden = op.Mul(
         activation(spec.shared_activation, linear(x2, w["shared_gate"])),
         linear(x2, w["shared_up"]),

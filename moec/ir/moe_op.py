@@ -11,7 +11,7 @@
   ``w_gate`` [E, I, H] (gated experts only), ``w_up`` [E, I, H], ``w_down`` [E, H, I],
   ``b_gate`` [E, I], ``b_up`` [E, I], ``b_down`` [E, H],
   ``shared_gate`` [Is, H], ``shared_up`` [Is, H], ``shared_down`` [H, Is],
-  ``shared_expert_gate`` [1, H].
+  ``shared_expert_gate`` [1, H], ``output_bias`` [H] (added to every token's output).
 - ``spec_json``: `MoESpec.to_json()`.
 - ``out``: like ``x``; ``chosen``: bool [..., E], which experts serve each token (the routing,
   exposed so that verification can compare it).
@@ -59,6 +59,7 @@ class MoEWeights:
     shared_up: torch.Tensor | None = None
     shared_down: torch.Tensor | None = None
     shared_expert_gate: torch.Tensor | None = None
+    output_bias: torch.Tensor | None = None
 
     def args(self) -> tuple[torch.Tensor | None, ...]:
         return tuple(getattr(self, name) for name in WEIGHT_NAMES)
@@ -85,6 +86,7 @@ class MoEWeights:
             "shared_up": (s, h) if s else None,
             "shared_down": (h, s) if s else None,
             "shared_expert_gate": (1, h) if spec.shared_expert_gated else None,
+            "output_bias": (h,),
         }
         required = {"router_weight"} if routed else set()
         if ffn:
@@ -126,6 +128,7 @@ WEIGHT_NAMES: tuple[str, ...] = (
     "shared_up",
     "shared_down",
     "shared_expert_gate",
+    "output_bias",
 )
 assert set(WEIGHT_NAMES) == {f.name for f in fields(MoEWeights)}
 
@@ -201,6 +204,8 @@ def moe_eager(
             continue
         y = expert_ffn(spec, w, e, flat_x[tokens]) * flat_w[tokens, e, None].to(x.dtype)
         out = out.index_add(0, tokens, y)
+    if w.output_bias is not None:
+        out = out + w.output_bias
     return out.reshape(x.shape), chosen
 
 
@@ -238,6 +243,7 @@ def moe(
     shared_up: torch.Tensor | None,
     shared_down: torch.Tensor | None,
     shared_expert_gate: torch.Tensor | None,
+    output_bias: torch.Tensor | None,
     spec_json: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = _parse_spec(spec_json)

@@ -1,9 +1,9 @@
 """Adapters find MoE blocks in a model and convert each to the IR (`MoESpec` + `MoEWeights`).
 
-An adapter is any object with a ``name`` and ``convert(module) -> (MoESpec, MoEWeights) | None``
-(None: not a block it knows; experts that are not FFNs come back as a third element, the
-``nn.ModuleList`` of expert modules, with ``expert_kind="module"``). It raises
-`UnsupportedBlockError` for a block it recognises but cannot convert, with the reason.
+An adapter is any object with a ``name`` and ``convert(module)`` returning None (not a block it
+knows), ``(MoESpec, MoEWeights)``, or a `Conversion` (which can also carry expert modules, a
+stand-in module or the routing module). It raises `UnsupportedBlockError` for a block it
+recognises but cannot convert, with the reason.
 
 Built in, tried in this order: modules with a ``to_moe()`` method (moec's zoo layers, or a user's
 own blocks); transformers' fused experts modules (`HFExpertsAdapter`); the generic recogniser of a
@@ -20,20 +20,25 @@ from torch import nn
 
 from moec.errors import SpecError, UnsupportedBlockError
 from moec.ir import MoESpec, MoEWeights
+from moec.models.conversion import Conversion
 from moec.models.generic_moe import GenericMoEAdapter
 from moec.models.hf_experts import HFExpertsAdapter
+from moec.models.hf_families import DbrxExpertsAdapter, JetMoeAdapter, SwitchSparseMLPAdapter
 
-__all__ = ["ADAPTERS", "Adapter", "BlockMatch", "find_moe_blocks", "register_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "BlockMatch",
+    "Conversion",
+    "find_moe_blocks",
+    "register_adapter",
+]
 
 
 class Adapter(Protocol):
     name: str
 
-    def convert(self, module: nn.Module) -> Conversion | None: ...
-
-
-# (spec, weights), or (spec, weights, expert modules) for experts that are not FFNs
-Conversion = tuple[MoESpec, MoEWeights] | tuple[MoESpec, MoEWeights, nn.ModuleList | None]
+    def convert(self, module: nn.Module) -> Conversion | tuple | None: ...
 
 
 @dataclass
@@ -42,10 +47,20 @@ class BlockMatch:
 
     name: str  # qualified module name; "" for the model itself
     module: nn.Module
-    spec: MoESpec
-    weights: MoEWeights
     adapter: str
-    expert_modules: nn.ModuleList | None = None  # for expert_kind "module"
+    conversion: Conversion
+
+    @property
+    def spec(self) -> MoESpec:
+        return self.conversion.spec
+
+    @property
+    def weights(self) -> MoEWeights:
+        return self.conversion.weights
+
+    @property
+    def expert_modules(self) -> nn.ModuleList | None:
+        return self.conversion.expert_modules
 
 
 class ToMoEAdapter:
@@ -58,7 +73,14 @@ class ToMoEAdapter:
         return to_moe() if callable(to_moe) else None
 
 
-ADAPTERS: list[Adapter] = [ToMoEAdapter(), HFExpertsAdapter(), GenericMoEAdapter()]
+ADAPTERS: list[Adapter] = [
+    ToMoEAdapter(),
+    HFExpertsAdapter(),
+    DbrxExpertsAdapter(),
+    SwitchSparseMLPAdapter(),
+    JetMoeAdapter(),
+    GenericMoEAdapter(),
+]
 
 
 def register_adapter(adapter: Adapter) -> None:
@@ -89,14 +111,14 @@ def _convert(name: str, module: nn.Module) -> BlockMatch | None:
             raise type(e)(f"MoE block {where} ({type(module).__name__}): {e}") from e
         if converted is None:
             continue
-        spec, weights, *rest = converted
-        expert_modules = rest[0] if rest else None
+        if not isinstance(converted, Conversion):
+            converted = Conversion(*converted)
         try:
-            weights.check(spec)
+            converted.weights.check(converted.spec)
         except SpecError as e:
             raise SpecError(
                 f"adapter {adapter.name} converted {name or 'the model'} "
                 f"({type(module).__name__}) inconsistently: {e}"
             ) from e
-        return BlockMatch(name, module, spec, weights, adapter.name, expert_modules)
+        return BlockMatch(name, module, adapter.name, converted)
     return None

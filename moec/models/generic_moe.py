@@ -60,7 +60,8 @@ class GenericMoEAdapter:
         weights.router_weight = router.weight.detach()
         weights.router_bias = None if router.bias is None else router.bias.detach()
         module_experts = None if ffn else experts
-        return _probe_routing(module, base, weights, module_experts), weights, module_experts
+        spec = _probe_routing(module, base, weights, module_experts)
+        return spec, weights, module_experts
 
 
 MOE_WORDS = ("expert", "moe", "mixture", "sparse")

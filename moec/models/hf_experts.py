@@ -24,7 +24,7 @@ from torch import nn
 from moec.errors import UnsupportedBlockError
 from moec.ir import MoESpec, MoEWeights
 
-__all__ = ["HFExpertsAdapter", "top_k_of"]
+__all__ = ["HFExpertsAdapter", "probe_plain_activation", "top_k_of"]
 
 TOP_K_KEYS = (
     "num_experts_per_tok",
@@ -125,29 +125,44 @@ def _swiglu(gate, up, alpha: float, beta: float, limit: float | None):
     return gate * torch.sigmoid(alpha * gate) * (up + beta)
 
 
-def _probe_activation(m: nn.Module, size: int) -> dict[str, Any]:
-    """MoESpec activation fields reproducing the module's own gating, found by probing it."""
+def _probe_values(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random gate and up values [N, size], wide enough to cross any clamp limit."""
     g = torch.Generator().manual_seed(0)
     gate = torch.randn(PROBE_TOKENS, size, generator=g) * 6
-    up = torch.randn(PROBE_TOKENS, size, generator=g) * 6
-    with torch.no_grad():
-        if not m.has_gate:
-            ref = m.act_fn(up)
-            candidates = {name: ({"activation": name}, f(up)) for name, f in _PLAIN.items()}
-        else:
-            if getattr(m, "is_concatenated", True):
-                packed = torch.cat([gate, up], dim=-1)
-            else:
-                packed = torch.stack([gate, up], dim=-1).flatten(-2)
-            ref = m._apply_gate(packed)
-            candidates = _gated_candidates(m, gate, up)
+    return gate, torch.randn(PROBE_TOKENS, size, generator=g) * 6
+
+
+def _first_match(ref: torch.Tensor, candidates: dict, what: str) -> dict[str, Any]:
     for fields, value in candidates.values():
         if value.shape == ref.shape and torch.allclose(value, ref, rtol=PROBE_RTOL, atol=1e-5):
             return fields
     raise UnsupportedBlockError(
-        f"its gating ({type(m).__name__}._apply_gate / act_fn) matches none of moec's "
-        f"activations ({', '.join(candidates)}); register an adapter for it"
+        f"{what} matches none of moec's activations ({', '.join(candidates)}); "
+        "register an adapter for it (docs/adapters.md)"
     )
+
+
+def probe_plain_activation(fn, size: int) -> str:
+    """The name of moec's activation that ``fn`` computes (found on random values)."""
+    _, up = _probe_values(size)
+    with torch.no_grad():
+        candidates = {name: ({"activation": name}, f(up)) for name, f in _PLAIN.items()}
+        return _first_match(fn(up), candidates, f"its activation {type(fn).__name__}")["activation"]
+
+
+def _probe_activation(m: nn.Module, size: int) -> dict[str, Any]:
+    """MoESpec activation fields reproducing the module's own gating, found by probing it."""
+    if not m.has_gate:
+        return {"activation": probe_plain_activation(m.act_fn, size)}
+    gate, up = _probe_values(size)
+    if getattr(m, "is_concatenated", True):
+        packed = torch.cat([gate, up], dim=-1)
+    else:
+        packed = torch.stack([gate, up], dim=-1).flatten(-2)
+    with torch.no_grad():
+        ref = m._apply_gate(packed)
+        candidates = _gated_candidates(m, gate, up)
+    return _first_match(ref, candidates, f"its gating {type(m).__name__}._apply_gate")
 
 
 def _gated_candidates(m: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> dict:

@@ -104,10 +104,11 @@ def _auto_class(config):
     from transformers import (
         AutoModel,
         AutoModelForCausalLM,
+        AutoModelForImageTextToText,
         AutoModelForSeq2SeqLM,
     )
 
-    for auto in (AutoModelForCausalLM, AutoModelForSeq2SeqLM):
+    for auto in (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForImageTextToText):
         if type(config) in auto._model_mapping:
             return auto
     return AutoModel

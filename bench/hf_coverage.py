@@ -1,0 +1,173 @@
+"""Coverage of transformers' MoE families: compile a tiny random model of each for `ort` and
+`onnx` from ``hf:DIR``, verify its logits against eager transformers, and tabulate.
+
+Every family of the installed transformers whose modeling code mentions experts is listed; one
+without a tiny configuration in tests/hf_families.json says so. Each (family, target) runs in its
+own process. Writes bench/results/hf_coverage.json and, with --readme, the table between the
+coverage markers in README.md.
+
+    python bench/hf_coverage.py [--families mixtral qwen2_moe] [--jobs 2] [--readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from hf_families import FAMILIES, NOT_MOE, save_tiny  # noqa: E402
+
+TARGETS = ("ort", "onnx")
+MOE_CODE = re.compile(
+    r"use_experts_implementation|num_local_experts|n_routed_experts|num_experts_per_tok"
+    r"|moe_num_experts|num_experts\b"
+)
+README_START, README_END = "<!-- hf-coverage:start -->", "<!-- hf-coverage:end -->"
+TIMEOUT_S = 900
+
+
+def installed_moe_families() -> list[str]:
+    import transformers
+
+    models = Path(transformers.__file__).parent / "models"
+    found = []
+    for directory in sorted(p for p in models.iterdir() if p.is_dir()):
+        code = "".join(f.read_text(errors="ignore") for f in directory.glob("modeling_*.py"))
+        if MOE_CODE.search(code):
+            found.append(directory.name)
+    return found
+
+
+def check_one(family: str, target: str) -> dict:
+    """Compile and verify one family for one target (runs in a child process)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    import moec
+
+    row = {"family": family, "target": target}
+    with tempfile.TemporaryDirectory(prefix=f"moec-{family}-") as tmp:
+        try:
+            src = save_tiny(family, Path(tmp) / "model")
+            result = moec.compile(f"hf:{src}", target=target, output=Path(tmp) / "out")
+            row["model"] = FAMILIES[family]["model"]
+            row["lowerings"] = sorted({b.lowering for b in result.blocks})
+            row["blocks"] = len(result.blocks)
+            row["adapters"] = sorted({b.adapter for b in result.blocks})
+            row["notes"] = result.notes
+            report = moec.verify(result.path)
+            row["rel_l2"] = max(o.rel_l2 for o in report.outputs)
+            row["agreement"] = min((r.agreement for r in report.routing), default=None)
+            row["passed"] = bool(report)
+        except Exception as e:  # every failure is a row in the table, with its reason
+            row["passed"] = False
+            row["error"] = f"{type(e).__name__}: {e}"
+    return row
+
+
+def run_child(family: str, target: str) -> dict:
+    cmd = [sys.executable, __file__, "--one", family, target]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"family": family, "target": target, "passed": False, "error": "timed out"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"family": family, "target": target, "passed": False, "error": f"crashed: {tail}"}
+    return json.loads(lines[-1])
+
+
+def reason_of(rows: list[dict]) -> str:
+    errors = [r["error"] for r in rows if r.get("error")]
+    if errors:
+        text = errors[0].replace("|", "/").replace("\n", " ")
+        return text if len(text) <= 300 else text[:297] + "..."
+    failed = [r for r in rows if not r.get("passed")]
+    if failed:
+        r = failed[0]
+        return f"verify out of tolerance on {r['target']}: rel L2 {r.get('rel_l2'):.1e}"
+    notes = sorted({n for r in rows for n in r.get("notes", [])})
+    return "; ".join(notes)
+
+
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    if row.get("rel_l2") is None:
+        return "fail"
+    mark = "pass" if row.get("passed") else "FAIL"
+    return f"{mark} {row['rel_l2']:.1e}"
+
+
+def table(families: list[str], results: dict) -> str:
+    lines = [
+        "| family | model class | ort (rel L2) | onnx (rel L2) | lowering (ort / onnx) | notes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for family in families:
+        if family in NOT_MOE:
+            lines.append(f"| {family} | - | - | - | - | not MoE: {NOT_MOE[family]} |")
+            continue
+        if family not in FAMILIES:
+            lines.append(f"| {family} | - | - | - | - | no tiny config in tests/hf_families.json |")
+            continue
+        rows = [results.get((family, t)) for t in TARGETS]
+        lowering = " / ".join(",".join(r.get("lowerings", [])) or "-" for r in rows if r)
+        reason = reason_of([r for r in rows if r])
+        model = FAMILIES[family]["model"]
+        lines.append(
+            f"| {family} | {model} | {cell(rows[0])} | {cell(rows[1])} | {lowering} | {reason} |"
+        )
+    return "\n".join(lines)
+
+
+def write_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    start, end = content.index(README_START), content.index(README_END)
+    readme.write_text(content[: start + len(README_START)] + "\n" + text + "\n" + content[end:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench/results/hf_coverage.json")
+    parser.add_argument("--one", nargs=2, metavar=("FAMILY", "TARGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(check_one(*args.one)))
+        return
+    families = args.families or sorted(set(installed_moe_families()) | set(FAMILIES))
+    jobs = [(f, t) for f in families if f in FAMILIES and f not in NOT_MOE for t in TARGETS]
+
+    def run(job: tuple[str, str]) -> dict:
+        row = run_child(*job)
+        print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(run, jobs))
+    results = {(r["family"], r["target"]): r for r in rows}
+    text = table(families, results)
+    print(text)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"families": families, "rows": rows}, indent=1))
+    if args.readme:
+        write_readme(text)
+
+
+if __name__ == "__main__":
+    main()

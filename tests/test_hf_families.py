@@ -1,0 +1,123 @@
+"""Hugging Face MoE families: tiny random models built here, saved with save_pretrained,
+compiled from hf:DIR for `ort` and `onnx`, and verified against eager transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_families import FAMILIES, build_tiny, save_tiny
+
+import moec
+from moec.errors import SourceError, UnsupportedBlockError
+
+# The families the issue names; the rest are covered by bench/hf_coverage.py (README table).
+REQUIRED = [
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "olmoe",
+    "granitemoe",
+    "gpt_oss",
+    "phimoe",
+    "jetmoe",
+    "switch_transformers",
+    "dbrx",
+]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = save_tiny(family, tmp_path_factory.mktemp(family) / "model")
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+@pytest.mark.parametrize("family", REQUIRED)
+def test_family_compiles_and_verifies(saved, tmp_path, family, target):
+    result = moec.compile(f"hf:{saved(family)}", target=target, output=tmp_path / "out")
+    assert len(result.blocks) >= 2, [b.name for b in result.blocks]  # both layers are MoE
+    assert not any("looks like an MoE block" in n for n in result.notes), result.notes
+    report = moec.verify(result.path)
+    assert report, report.to_dict()
+    shapes = [s["input_ids"] for s in report.shapes]
+    assert len(shapes) >= 3 and [1, 1] in shapes
+    assert report.outputs[0].name == "logits" and report.outputs[0].rel_l2 <= 1e-4
+    assert len(report.routing) == len(result.blocks)
+    assert all(r.agreement >= 0.999 for r in report.routing)
+    if target == "onnx":
+        assert {b.lowering for b in result.blocks} <= {"dense", "subgraph"}
+
+
+def test_in_memory_transformers_model(tmp_path):
+    model = build_tiny("qwen3_moe")
+    result = moec.compile(model, target="ort", output=tmp_path / "out")
+    assert [i.name for i in result.manifest.inputs] == ["input_ids", "attention_mask"]
+    assert {b.lowering for b in result.blocks} == {"fused"}
+    assert moec.verify(result.path, source=model)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(SourceError, match=r"has no config\.json"):
+        moec.compile(f"hf:{tmp_path}", output=tmp_path / "out")
+
+
+def test_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_moe"}))
+    with pytest.raises(SourceError, match="does not know model_type 'no_such_moe'"):
+        moec.compile(f"hf:{tmp_path}", output=tmp_path / "out")
+
+
+def test_weights_that_do_not_match_the_config(saved, tmp_path):
+    import shutil
+
+    directory = tmp_path / "model"
+    shutil.copytree(saved("mixtral"), directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SourceError, match="cannot load its weights"):
+        moec.compile(f"hf:{directory}", output=tmp_path / "out")
+
+
+def test_family_moec_cannot_convert_is_named(tmp_path):
+    model = build_tiny("mixtral")
+    for layer in model.model.layers:  # an activation moec has no name for
+        layer.mlp.experts._apply_gate = lambda gate_up: torch.sin(gate_up).chunk(2, dim=-1)[0]
+    with pytest.raises(UnsupportedBlockError) as info:
+        moec.compile(model, output=tmp_path / "out")
+    message = str(info.value)
+    assert "model.model.layers.0.mlp.experts (MixtralExperts)" in message
+    assert "matches none of moec's activations" in message
+
+
+def test_model_that_is_not_moe(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "dense")
+    result = moec.compile(f"hf:{tmp_path / 'dense'}", target="onnx", output=tmp_path / "out")
+    assert result.blocks == [] and "no MoE block found" in result.notes[0]
+    assert moec.verify(result.path)
+
+
+def test_catalog_covers_the_required_families():
+    assert set(REQUIRED) <= set(FAMILIES)
