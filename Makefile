@@ -31,7 +31,7 @@ lint: install
 	$(VENV)/bin/ruff format --check moec tests bench
 
 test: lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n auto
 
 bench: install
 	$(PY) bench/moe_layer.py

@@ -65,8 +65,17 @@ def check_one(family: str, target: str) -> dict:
             row["blocks"] = len(result.blocks)
             row["adapters"] = sorted({b.adapter for b in result.blocks})
             row["notes"] = result.notes
+            unfused = [b.reason for b in result.blocks if target == "ort" and b.lowering == "dense"]
+            if unfused:
+                row["not_fused"] = unfused[0]
             report = moec.verify(result.path)
             row["rel_l2"] = max(o.rel_l2 for o in report.outputs)
+            tolerance = report.outputs[0].tolerance
+            row["failing_shapes"] = [
+                shape["input_ids"]
+                for shape, err in zip(report.shapes, report.outputs[0].per_run, strict=True)
+                if err > tolerance
+            ]
             row["agreement"] = min((r.agreement for r in report.routing), default=None)
             row["passed"] = bool(report)
         except Exception as e:  # every failure is a row in the table, with its reason
@@ -88,17 +97,28 @@ def run_child(family: str, target: str) -> dict:
     return json.loads(lines[-1])
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m|\[9\dm|\[0m")
+TMP_PATH = re.compile(r"hf:/\S*?/model: ")
+
+
+def _clean(text: str, limit: int = 260) -> str:
+    text = TMP_PATH.sub("", ANSI.sub("", text)).replace("|", "/").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def reason_of(rows: list[dict]) -> str:
     errors = [r["error"] for r in rows if r.get("error")]
     if errors:
-        text = errors[0].replace("|", "/").replace("\n", " ")
-        return text if len(text) <= 300 else text[:297] + "..."
+        return _clean(errors[0])
     failed = [r for r in rows if not r.get("passed")]
     if failed:
         r = failed[0]
-        return f"verify out of tolerance on {r['target']}: rel L2 {r.get('rel_l2'):.1e}"
+        shapes = ", ".join("x".join(map(str, s)) for s in r.get("failing_shapes", []))
+        where = f" for input_ids {shapes}" if shapes else " (routing agreement)"
+        return f"logits differ from eager{where}: rel L2 {r.get('rel_l2'):.1e}"
     notes = sorted({n for r in rows for n in r.get("notes", [])})
-    return "; ".join(notes)
+    notes += sorted({f"not fused: {r['not_fused']}" for r in rows if r.get("not_fused")})
+    return _clean("; ".join(notes), limit=400)
 
 
 def cell(row: dict | None) -> str:

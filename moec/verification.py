@@ -94,25 +94,24 @@ def make_inputs(
     specs: list[TensorSpec], schedule: tuple[tuple[int, ...], ...], seed: int
 ) -> list[dict[str, np.ndarray]]:
     """One feed dict per schedule entry, with seeded random values in each input's range."""
-    names: list[str] = []
+    bounds: dict[str, tuple[int, int | None]] = {}  # a dim shared by inputs: the tightest range
     for spec in specs:
         for d in spec.shape:
-            if isinstance(d, DynamicDim) and d.name not in names:
-                names.append(d.name)
+            if isinstance(d, DynamicDim):
+                low, high = bounds.get(d.name, (d.min, d.max))
+                highs = [h for h in (high, d.max) if h is not None]
+                bounds[d.name] = (max(low, d.min), min(highs) if highs else None)
     rng = np.random.default_rng(seed)
     sets = []
     for values in schedule:
-        sizes = {n: values[i] if i < len(values) else 3 for i, n in enumerate(names)}
+        sizes = {}
+        for i, (name, (low, high)) in enumerate(bounds.items()):
+            size = max(values[i] if i < len(values) else 3, low)
+            sizes[name] = size if high is None else min(size, high)
         feeds = {}
         for spec in specs:
-            shape = []
-            for d in spec.shape:
-                if isinstance(d, int):
-                    shape.append(d)
-                else:
-                    high = d.max if d.max is not None else sizes[d.name]
-                    shape.append(min(max(sizes[d.name], d.min), high))
-            feeds[spec.name] = _random(spec, tuple(shape), rng)
+            shape = tuple(d if isinstance(d, int) else sizes[d.name] for d in spec.shape)
+            feeds[spec.name] = _random(spec, shape, rng)
         sets.append(feeds)
     return sets
 

@@ -4,6 +4,10 @@
 class, model class and config kwargs: 2 layers, hidden <= 64, a few experts, vocab 128. Each was
 checked to build and run a forward on CPU. ``NOT_MOE`` lists families that look like MoE to a
 text search but do not route tokens to experts.
+
+Families with a DSA-style sparse-attention indexer use ``index_topk = 64`` (every token, at these
+lengths): with random weights the indexer's ReLU scores tie exactly, and PyTorch and ONNX Runtime
+break top-k ties differently, which has nothing to do with their MoE blocks.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ FAMILIES: dict[str, dict[str, Any]] = json.loads(
 
 NOT_MOE = {
     "bamba": "no router: num_experts is fixed at 1, a dense SwiGLU MLP",
-    "granite_docling": "not MoE: its 'density router' picks a connector path per image",
+    "granite_docling": "its 'density router' picks a connector path per image",
     "vitpose_backbone": "a vision backbone whose experts are heads chosen per sample by "
     "dataset_index, not routed per token",
 }

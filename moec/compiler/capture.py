@@ -22,6 +22,7 @@ from moec.compiler.moe_block import MoEBlock, op_block
 from moec.errors import MoecError, SourceError
 from moec.ir import MoESpec
 from moec.models import BlockMatch, ModelSource, find_moe_blocks
+from moec.models.hf_patches import export_patches
 from moec.runtime.manifest import DynamicDim, TensorSpec
 
 __all__ = ["CaptureError", "CapturedBlock", "CapturedProgram", "capture", "moe_nodes"]
@@ -67,12 +68,18 @@ def moe_nodes(program: ExportedProgram) -> list[torch.fx.Node]:
 
 
 class _RoutingTap(nn.Module):
-    """Returns the model's outputs followed by each MoE block's routing mask."""
+    """Returns the model's outputs followed by the routing mask of each MoE block that ran.
 
-    def __init__(self, model: nn.Module, blocks: list[MoEBlock]):
+    ``ran`` receives the indices of those blocks while tracing (the caller keeps a reference:
+    torch.export restores module attributes afterwards); a block the example inputs do not reach
+    (a vision block in a text-only call) has no output.
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[MoEBlock], ran: list[int]):
         super().__init__()
         self.model = model
         self.blocks = blocks
+        self.ran = ran
 
     def forward(self, *inputs):
         for block in self.blocks:
@@ -80,12 +87,13 @@ class _RoutingTap(nn.Module):
         out = self.model(*inputs)
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         for block in self.blocks:
-            if len(block.routing_sink) != 1:
+            if len(block.routing_sink) > 1:
                 raise CaptureError(
                     f"an MoE block ran {len(block.routing_sink)} times in one forward; moec "
-                    "captures blocks that run exactly once per call"
+                    "captures blocks that run at most once per call"
                 )
-        routing = [block.routing_sink.pop() for block in self.blocks]
+        self.ran[:] = [i for i, block in enumerate(self.blocks) if block.routing_sink]
+        routing = [self.blocks[i].routing_sink[0] for i in self.ran]
         for block in self.blocks:
             block.routing_sink = None
         return (*outs, *routing)
@@ -124,18 +132,21 @@ def capture(source: ModelSource) -> CapturedProgram:
     unconverted = unconverted_moe_modules(model, matches)
     inputs = tuple(source.example_inputs)
     input_names = source.input_names or _forward_parameter_names(model, len(inputs))
-    with _swapped(model, matches) as swapped:
+    with _swapped(model, matches) as swapped, export_patches(model) as patches:
         op_blocks = (
             [swapped]
             if matches and matches[0].name == ""
             else [swapped.get_submodule(m.name) for m in matches]
         )
-        tap = _RoutingTap(swapped, op_blocks)
+        ran: list[int] = []
+        tap = _RoutingTap(swapped, op_blocks, ran)
         dynamic = _dynamic_shapes(source, inputs)
         try:
             program, export_notes = _export(tap, inputs, dynamic, input_names)
         except Exception as e:  # torch.export raises many types; all mean "cannot trace"
             raise CaptureError(_export_failure(e, model, matches, unconverted)) from e
+    skipped = [m for i, m in enumerate(matches) if i not in ran]
+    matches = [matches[i] for i in ran]
     num_outputs = len(program.graph_signature.user_outputs) - len(matches)
     output_names = source.output_names or _default_output_names(num_outputs)
     if len(output_names) != num_outputs:
@@ -147,6 +158,12 @@ def capture(source: ModelSource) -> CapturedProgram:
     blocks = _blocks(program, matches)
     notes = [] if blocks else ["no MoE block found; compiled as a plain export"]
     notes += export_notes
+    notes += [
+        f"{m.name} ({type(m.module).__name__}) did not run on the example inputs and is not in "
+        "the artifact"
+        for m in skipped
+    ]
+    notes += [f"rewritten for export: {patch}" for patch in patches]
     notes += [
         f"{name} ({cls}) looks like an MoE block but no adapter converts it; it runs as the "
         "model's own ops"

@@ -9,6 +9,7 @@ gate/up interleaving) are folded into the initializers instead of running at eve
 from __future__ import annotations
 
 import logging
+import re
 
 import onnx_ir as ir
 import onnxscript.optimizer
@@ -55,7 +56,7 @@ def lower_to_onnx(captured: CapturedProgram, target: str) -> ir.Model:
             verbose=False,
         )
     except Exception as e:  # the exporter wraps everything in its own error types
-        raise LoweringError(_describe_failure(e, captured)) from e
+        raise LoweringError(_describe_failure(e)) from e
     model = exported.model
     for value, spec in zip(model.graph.inputs, captured.inputs, strict=True):
         value.name = spec.name
@@ -103,37 +104,32 @@ def _check_standard_domains(model: ir.Model) -> None:
         )
 
 
-def _describe_failure(error: Exception, captured: CapturedProgram) -> str:
+NODE_RE = re.compile(r"Error when translating node %(\w+) .*?target=([\w.:]+)", re.S)
+DISPATCH_RE = re.compile(
+    r"No ONNX function found for <OpOverload\(op='([\w.:]+)'.*?Failure message: (.*)"
+)
+
+
+def _describe_failure(error: Exception) -> str:
     """Name the op and node that could not be lowered, when the exporter says which."""
     chain, e = [], error
     while e is not None:
-        chain.append(e)
+        chain.append(str(e).strip())
         e = e.__cause__ or e.__context__
-    unsupported = _unsupported_nodes(captured)
-    if unsupported:
-        listed = "; ".join(f"node {node} ({target})" for node, target in unsupported)
+    node = next((m for text in chain if (m := NODE_RE.search(text))), None)
+    dispatch = next((m for text in chain if (m := DISPATCH_RE.search(text))), None)
+    if node and dispatch:
+        why = dispatch.group(2).splitlines()[0]
         return (
-            f"cannot lower to ONNX: no ONNX translation for {listed}. Replace the op in the "
-            "model, or register a translation for it with torch.onnx"
+            f"cannot lower to ONNX: no ONNX translation for node {node.group(1)} "
+            f"({node.group(2).removeprefix('torch.ops.')}): {why}. Replace the op in the model, "
+            "or register a translation for it with torch.onnx"
         )
-    messages = [str(c).strip().splitlines()[0] for c in chain if str(c).strip()]
+    if node:
+        last = chain[-1].splitlines()[0] if chain[-1] else type(error).__name__
+        return f"cannot lower node {node.group(1)} ({node.group(2)}) to ONNX: {last}"
+    messages = [text.splitlines()[0] for text in chain if text]
     return "cannot lower to ONNX: " + " <- ".join(messages[-3:])
-
-
-def _unsupported_nodes(captured: CapturedProgram) -> list[tuple[str, str]]:
-    from torch.onnx._internal.exporter import _registration
-
-    registry = _registration.ONNXRegistry.from_torchlib()
-    program = captured.program.run_decompositions()
-    missing = []
-    for node in program.graph.nodes:
-        if node.op != "call_function" or node.target is torch.ops.moec.moe.default:
-            continue
-        if not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        if not registry.get_decomps(node.target):
-            missing.append((node.name, str(node.target)))
-    return missing
 
 
 def _quiet_exporter_logs() -> None:

@@ -16,6 +16,7 @@ The KV cache is not an input or output (``use_cache=False``). Verification draws
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -32,12 +33,21 @@ EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
 
 
 class CausalLMLogits(nn.Module):
+    """Causal LMs, and any other head that returns ``logits`` from token ids (classifiers)."""
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.takes_cache = "use_cache" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        kwargs = {"use_cache": False} if self.takes_cache else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if getattr(out, "logits", None) is None:
+            raise SourceError(
+                f"{type(self.model).__name__} returns no logits; moec compiles models with a "
+                "head (…ForCausalLM, …ForConditionalGeneration, …ForTokenClassification)"
+            )
         return out.logits
 
 
@@ -89,6 +99,12 @@ def load_hf_dir(directory: str) -> nn.Module:
             f"model_type {model_type!r} ({str(e).splitlines()[0]})"
         ) from e
     auto = _auto_class(config)
+    if auto is None:
+        raise SourceError(
+            f"hf:{directory}: {type(config).__name__} ({model_type}) is a sub-model configuration "
+            "that transformers' Auto classes cannot build on its own; save the whole model "
+            "(...ForCausalLM or ...ForConditionalGeneration)"
+        )
     try:
         model = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (RuntimeError, ValueError, OSError) as e:
@@ -101,6 +117,13 @@ def load_hf_dir(directory: str) -> nn.Module:
 
 
 def _auto_class(config):
+    """The class config.json names (``architectures``), else the Auto class that maps it."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None and cls.config_class is type(config):
+            return cls
     from transformers import (
         AutoModel,
         AutoModelForCausalLM,
@@ -108,17 +131,23 @@ def _auto_class(config):
         AutoModelForSeq2SeqLM,
     )
 
-    for auto in (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForImageTextToText):
+    for auto in (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForImageTextToText,
+        AutoModel,
+    ):
         if type(config) in auto._model_mapping:
             return auto
-    return AutoModel
+    return None
 
 
 def hf_model_source(model: nn.Module) -> ModelSource:
     """A capturable source for a transformers model (see module docstring)."""
     config = model.config
-    vocab = int(config.vocab_size)
-    max_seq = getattr(config, "max_position_embeddings", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = int(text_config.vocab_size)
+    max_seq = getattr(text_config, "max_position_embeddings", None)
     seq = Dim("seq", max=max_seq) if isinstance(max_seq, int) and max_seq > 1 else Dim("seq")
     batch = Dim("batch")
     g = torch.Generator().manual_seed(0)
@@ -142,11 +171,6 @@ def hf_model_source(model: nn.Module) -> ModelSource:
                 "attention_mask": (1, 2),
                 "decoder_input_ids": (0, vocab),
             },
-        )
-    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-        raise SourceError(
-            f"{type(model).__name__} has no language-model head; moec compiles causal LMs "
-            "(…ForCausalLM) and encoder-decoders (…ForConditionalGeneration)"
         )
     return ModelSource(
         model=CausalLMLogits(model).eval(),

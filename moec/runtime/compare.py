@@ -28,6 +28,7 @@ class OutputStats:
     rel_l2: float = 0.0
     abs_sum: float = 0.0
     count: int = 0
+    per_run: list[float] = field(default_factory=list)  # relative L2 of each run (input shape)
 
     @property
     def mean_abs(self) -> float:
@@ -52,6 +53,7 @@ class OutputStats:
         norm = float(np.linalg.norm(ref64))
         rel_l2 = float(np.linalg.norm(diff)) / norm if norm > 0 else float(np.linalg.norm(diff))
         self.rel_l2 = max(self.rel_l2, rel_l2)
+        self.per_run.append(rel_l2)
         self.abs_sum += float(diff.sum())
         self.count += diff.size
 
@@ -113,6 +115,7 @@ class VerifyReport:
                     "mean_abs": o.mean_abs,
                     "max_rel": o.max_rel,
                     "rel_l2": o.rel_l2,
+                    "rel_l2_per_shape": o.per_run,
                     "tolerance": o.tolerance,
                     "passed": o.passed,
                 }

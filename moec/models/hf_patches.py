@@ -1,0 +1,66 @@
+"""Export-time rewrites of transformers code that ONNX cannot express, applied only while moec
+captures a model (the eager model verification compares against runs the original code).
+
+DeepSeek-V2 and Llama 4 compute rotary embeddings with complex tensors (``torch.polar``,
+``view_as_complex``); ONNX has no complex type. The rewrite carries each frequency as a real
+(cos, sin) pair in a trailing dimension of 2 and does the complex product by hand:
+``(a + ib)(c + id) = (ac - bd) + i(ad + bc)``, the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from unittest import mock
+
+import torch
+from torch import nn
+
+__all__ = ["export_patches"]
+
+
+def _rotary_forward(self, x, position_ids):
+    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    return torch.stack([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling
+
+
+def _rotate_pairs(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """x [..., D] as D/2 complex numbers (re, im interleaved) times cis [..., D/2, 2]."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = cis[..., 0], cis[..., 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
+
+
+def _deepseek_v2_apply_rotary_emb(xq, xk, freqs_cis):
+    cis = freqs_cis.unsqueeze(1)  # [B, 1, S, D/2, 2] against q/k [B, heads, S, D]
+    return _rotate_pairs(xq, cis).type_as(xq), _rotate_pairs(xk, cis).type_as(xk)
+
+
+def _llama4_apply_rotary_emb(xq, xk, freqs_cis):
+    cis = freqs_cis[:, :, None]  # [B, S, 1, D/2, 2] against q/k [B, S, heads, D]
+    return _rotate_pairs(xq, cis).type_as(xq), _rotate_pairs(xk, cis).type_as(xk)
+
+
+# rotary-embedding class -> the function of its module that consumes its output
+COMPLEX_ROTARY = {
+    "DeepseekV2RotaryEmbedding": _deepseek_v2_apply_rotary_emb,
+    "Llama4TextRotaryEmbedding": _llama4_apply_rotary_emb,
+}
+
+
+@contextmanager
+def export_patches(model: nn.Module) -> Iterator[list[str]]:
+    """Apply the rewrites this model needs; yields the names of those applied."""
+    applied: list[str] = []
+    with ExitStack() as stack:
+        for cls in {type(m) for m in model.modules()}:
+            apply = COMPLEX_ROTARY.get(cls.__name__)
+            module = sys.modules.get(cls.__module__)
+            if apply is None or not hasattr(module, "apply_rotary_emb"):
+                continue
+            stack.enter_context(mock.patch.object(cls, "forward", _rotary_forward))
+            stack.enter_context(mock.patch.object(module, "apply_rotary_emb", apply))
+            applied.append(f"{cls.__name__}: complex rotary embedding as real (cos, sin) pairs")
+        yield applied
