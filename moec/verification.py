@@ -131,7 +131,7 @@ PERTURBATION = 1e-5  # relative noise that marks an external routing decision as
 def _mark_fragile_external_routing(model, manifest, blocks, feeds, routing) -> None:
     """Near-ties of routing the family's own router made (where moec knows no margin): the
     tokens whose choice flips when every such block's input gets ``PERTURBATION`` noise."""
-    external = {n: m for n, m in blocks.items() if m.spec.routing == "external"}
+    external = {n: m for n, m in blocks.items() if m.spec.routing == "external" and n in routing}
     if not external:
         return
     generator = torch.Generator().manual_seed(0)
