@@ -25,6 +25,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 TARGET_CHOICE = click.Choice(["ort", "onnx", "trt", "torch"])
+LOWERINGS = ["fused", "gather", "capacity", "dense", "kernel"]
 
 
 def _friendly_errors(command):
@@ -58,17 +59,37 @@ def main(verbose: bool) -> None:
 @click.option(
     "--example-inputs", type=click.Path(), help="A .npz of inputs, for a pickled bare module."
 )
+@click.option(
+    "--lowering",
+    type=click.Choice(LOWERINGS),
+    help="Lower every MoE block this way instead of the target's fastest exact one.",
+)
+@click.option(
+    "--capacity-factor", type=float, help="Capacity lowering with C = ceil(F * T * k / E) slots."
+)
+@click.option(
+    "--capacity",
+    type=click.Choice(["auto"]),
+    help="Capacity lowering sized by the largest expert load on calibration data.",
+)
 @click.option("--list-passes", is_flag=True, help="Print the pass pipeline for --target and exit.")
 @_friendly_errors
-def compile_command(src, target, out, force, trust_pickle, example_inputs, list_passes):
-    """Compile SRC (zoo:NAME, FILE.pt2, pkg.module:factory, or a pickle) into OUT."""
-    from moec.passes import default_passes
-
+def compile_command(
+    src,
+    target,
+    out,
+    force,
+    trust_pickle,
+    example_inputs,
+    lowering,
+    capacity_factor,
+    capacity,
+    list_passes,
+):
+    """Compile SRC (zoo:NAME, hf:DIR, FILE.pt2, pkg.module:factory, or a pickle) into OUT."""
+    capacity = capacity_factor if capacity_factor is not None else capacity
     if list_passes:
-        table = Table("#", "pass", "lossy", "what it does", title=f"passes for --target {target}")
-        for i, p in enumerate(default_passes(target), 1):
-            table.add_row(str(i), p.name, "yes" if p.lossy else "no", p.description)
-        console.print(table)
+        _print_passes(target, lowering, capacity)
         return
     if src is None or out is None:
         raise click.UsageError("moec compile needs SRC and -o OUT")
@@ -88,6 +109,8 @@ def compile_command(src, target, out, force, trust_pickle, example_inputs, list_
             src,
             target=target,
             output=out,
+            lowering=lowering,
+            capacity=capacity,
             force=force,
             trust_pickle=trust_pickle,
             on_stage=on_stage,
@@ -97,6 +120,20 @@ def compile_command(src, target, out, force, trust_pickle, example_inputs, list_
     _print_compile_summary(result)
 
 
+def _print_passes(target: str, lowering: str | None, capacity) -> None:
+    from moec.passes import default_passes
+
+    passes = default_passes(target, lowering, capacity, calibration=[{}])
+    table = Table("#", "pass", "lossy", "what it does", title=f"passes for --target {target}")
+    for i, p in enumerate(passes, 1):
+        table.add_row(str(i), p.name, "yes" if p.lossy else "no", p.description)
+    console.print(table)
+    console.print(
+        "--lowering NAME runs select-lowering instead; --capacity-factor F or --capacity auto "
+        "run the capacity pass instead (drops past capacity, reports the drop rate)"
+    )
+
+
 def _print_compile_summary(result) -> None:
     blocks = Table("block", "class", "routing and experts", "lowering", "why", title="MoE blocks")
     for b in result.blocks:
@@ -104,6 +141,12 @@ def _print_compile_summary(result) -> None:
     console.print(blocks)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
+    for record in result.manifest.passes:
+        if "drop_rate" in record["report"]:
+            console.print(
+                f"capacity: drop rate {record['report']['drop_rate']:.2%} of routed (token, "
+                f"expert) pairs on {record['report']['calibration_calls']} calibration calls"
+            )
     stages = Table("stage", "seconds", title="compile")
     for name, seconds in result.stage_seconds.items():
         stages.add_row(name, f"{seconds:.2f}")

@@ -22,10 +22,11 @@ from moec.ir import near_tie_margin, route, router_logits
 from moec.models import BlockMatch, find_moe_blocks
 from moec.models.hf_models import hf_model_source, is_hf_model
 from moec.runtime.compare import OutputStats, RoutingStats, VerifyReport
+from moec.runtime.inputs import make_inputs
 from moec.runtime.load import load
-from moec.runtime.manifest import DynamicDim, Manifest, TensorSpec
+from moec.runtime.manifest import Manifest
 
-__all__ = ["DEFAULT_DIM_SCHEDULE", "make_inputs", "verify"]
+__all__ = ["DEFAULT_DIM_SCHEDULE", "verify"]
 
 # Values of the first, second, ... dynamic dim per input set (clipped to each dim's range).
 DEFAULT_DIM_SCHEDULE = ((1, 1), (1, 13), (2, 8), (4, 32))
@@ -88,41 +89,6 @@ def _eager_model(manifest: Manifest, source, trust_pickle: bool) -> nn.Module:
             "the original model as the source"
         )
     return model
-
-
-def make_inputs(
-    specs: list[TensorSpec], schedule: tuple[tuple[int, ...], ...], seed: int
-) -> list[dict[str, np.ndarray]]:
-    """One feed dict per schedule entry, with seeded random values in each input's range."""
-    bounds: dict[str, tuple[int, int | None]] = {}  # a dim shared by inputs: the tightest range
-    for spec in specs:
-        for d in spec.shape:
-            if isinstance(d, DynamicDim):
-                low, high = bounds.get(d.name, (d.min, d.max))
-                highs = [h for h in (high, d.max) if h is not None]
-                bounds[d.name] = (max(low, d.min), min(highs) if highs else None)
-    rng = np.random.default_rng(seed)
-    sets = []
-    for values in schedule:
-        sizes = {}
-        for i, (name, (low, high)) in enumerate(bounds.items()):
-            size = max(values[i] if i < len(values) else 3, low)
-            sizes[name] = size if high is None else min(size, high)
-        feeds = {}
-        for spec in specs:
-            shape = tuple(d if isinstance(d, int) else sizes[d.name] for d in spec.shape)
-            feeds[spec.name] = _random(spec, shape, rng)
-        sets.append(feeds)
-    return sets
-
-
-def _random(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    if spec.dtype == "bool":
-        return rng.random(shape) < 0.5
-    if spec.dtype.startswith("int"):
-        low, high = spec.value_range or (0, 2)
-        return rng.integers(low, high, size=shape, dtype=spec.dtype)
-    return rng.standard_normal(shape).astype(spec.dtype)
 
 
 PERTURBATION = 1e-5  # relative noise that marks an external routing decision as a near-tie

@@ -136,7 +136,7 @@ def test_op_without_lowering_is_named(tmp_path):
     )
 
 
-@pytest.mark.parametrize("target", ["trt", "torch"])
+@pytest.mark.parametrize("target", ["trt"])
 def test_targets_not_built_yet(tmp_path, target):
     with pytest.raises(TargetNotBuiltError, match="not built"):
         moec.compile("zoo:mixtral", target=target, output=tmp_path / "out")
@@ -252,3 +252,20 @@ def test_static_dim_mismatch(tmp_path, zoo_artifact):
 def test_verify_refuses_a_different_source(artifact):
     result = run_cli("verify", artifact, "--source", "zoo:qwen-moe-lm")
     assert_clean_failure(result, "not the model this artifact was compiled from")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--capacity-factor", "0"], "--capacity-factor must be a number > 0"),
+        (["--capacity-factor", "-1.5"], "--capacity-factor must be a number > 0"),
+        (["--capacity-factor", "lots"], "'lots' is not a valid float"),
+        (["-t", "onnx", "--lowering", "fused"], "it can run: gather, capacity, dense"),
+        (["-t", "torch", "--lowering", "capacity"], "it can run: kernel"),
+        (["--lowering", "gather", "--capacity", "auto"], "cannot be combined with --lowering"),
+    ],
+)
+def test_bad_lowering_options(tmp_path, args, message):
+    result = run_cli("compile", "zoo:mixtral", "-o", tmp_path / "out", *args)
+    assert_clean_failure(result, message)
+    assert not (tmp_path / "out").exists()

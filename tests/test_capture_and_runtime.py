@@ -50,9 +50,10 @@ def test_manifest_records_what_the_design_asks_for(zoo_artifact):
     assert {"moec", "torch", "onnx", "onnxruntime"} <= set(data["versions"])
     assert data["source"]["spec"] == "zoo:qwen-moe-lm" and len(data["source"]["sha256"]) == 64
     assert data["tolerances"] == {"rel_l2": 1e-5, "routing_agreement": 0.999}
-    assert [p["name"] for p in data["passes"]] == ["select-lowering"]
+    assert [p["name"] for p in data["passes"]] == ["grouped-gemm"]
     assert data["inputs"][0]["shape"][1] == {"name": "seq", "min": 1, "max": 64}
-    assert all(b["lowering"] == "fused" and "top-4 softmax" in b["summary"] for b in data["blocks"])
+    assert all(b["lowering"] in ("fused", "gather") for b in data["blocks"])
+    assert all("top-4 softmax" in b["summary"] for b in data["blocks"])
     assert set(data["files"]) == {"model", "weights"}
 
 
@@ -76,7 +77,7 @@ def test_cli_compile_run_verify_inspect(tmp_path):
     out = tmp_path / "art"
     result = runner.invoke(main, ["compile", "zoo:switch-lm", "-t", "onnx", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "MoE blocks" in result.output and "dense" in result.output
+    assert "MoE blocks" in result.output and "gather" in result.output
     assert "2 MoE block(s)" in result.output
     np.savez(tmp_path / "in.npz", input_ids=np.ones((2, 5), np.int64))
     result = runner.invoke(
@@ -112,4 +113,6 @@ def test_verify_fails_with_exit_1_when_out_of_tolerance(tmp_path, zoo_artifact):
 
 def test_list_passes():
     result = CliRunner().invoke(main, ["compile", "--list-passes", "-t", "onnx"])
-    assert result.exit_code == 0 and "select-lowering" in result.output
+    assert result.exit_code == 0 and "grouped-gemm" in result.output
+    result = CliRunner().invoke(main, ["compile", "--list-passes", "--capacity", "auto"])
+    assert result.exit_code == 0 and "capacity" in result.output

@@ -1,22 +1,33 @@
-"""Every zoo block and LM, and every routing family, lowered for `ort` and `onnx` and verified
-against eager PyTorch on several shapes (batch 1 and seq 1 included)."""
+"""Every lowering of every zoo block and zoo LM, and of every routing family, verified against
+eager PyTorch on several shapes (batch 1 and seq 1 included)."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from moe_cases import CASES, H, random_weights
 
 import moec
-from moec.compiler.lower_moe_fused import fused_unsupported_reasons
+from moec.compiler.lowering_support import unsupported_reasons
 from moec.compiler.moe_block import MoEBlock
 from moec.compiler.onnx_ops import register_ort_schemas
-from moec.models import zoo_names
+from moec.errors import LoweringError
+from moec.models import build_zoo, find_moe_blocks, zoo_names
 
-TARGETS = ("ort", "onnx")
-# zoo blocks whose configuration com.microsoft.MoE cannot express exactly
-NOT_FUSED = {"expert-choice"}
+DROPLESS = 1000.0  # a capacity factor that gives every expert T slots
+# (target, lowering, capacity factor); lowering None is the target's default pipeline
+COMBOS = [
+    ("ort", None, None),
+    ("ort", "fused", None),
+    ("ort", "gather", None),
+    ("ort", "dense", None),
+    ("onnx", None, None),
+    ("onnx", "dense", None),
+    ("onnx", "capacity", DROPLESS),
+    ("torch", None, None),
+]
 
 
 def assert_verified(report, blocks: int):
@@ -28,45 +39,118 @@ def assert_verified(report, blocks: int):
     assert all(r.agreement >= 0.999 and r.tokens > 0 for r in report.routing)
 
 
-def load_onnx(path):
-    register_ort_schemas()
-    return onnx.load(str(path / "model.onnx"))
+def compile_zoo(name, target, lowering, capacity, out):
+    return moec.compile(
+        f"zoo:{name}", target=target, lowering=lowering, capacity=capacity, output=out
+    )
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize(("target", "lowering", "capacity"), COMBOS, ids=lambda v: str(v))
 @pytest.mark.parametrize("name", zoo_names())
-def test_zoo_model_compiles_and_verifies(zoo_artifact, name, target):
-    result = zoo_artifact(name, target)
-    report = moec.verify(result.path)
-    assert_verified(report, blocks=len(result.blocks))
-
-    model = load_onnx(result.path)
+def test_every_lowering_of_every_zoo_model(tmp_path, name, target, lowering, capacity):
+    spec = find_moe_blocks(build_zoo(name).model)[0].spec
+    why_not = unsupported_reasons(spec, lowering) if lowering else []
+    if why_not and lowering == "capacity":  # the capacity pass keeps such blocks exact
+        result = compile_zoo(name, target, lowering, capacity, tmp_path / "a")
+        assert {b.lowering for b in result.blocks} == {"gather"}
+        assert all("no capacity" in b.reason for b in result.blocks)
+        return
+    if why_not:
+        with pytest.raises(LoweringError, match="cannot compute MoE block"):
+            compile_zoo(name, target, lowering, capacity, tmp_path / "a")
+        return
+    result = compile_zoo(name, target, lowering, capacity, tmp_path / "a")
+    if lowering:
+        assert {b.lowering for b in result.blocks} == {lowering}
+    assert_verified(moec.verify(result.path), blocks=len(result.blocks))
+    if target == "torch":
+        assert (result.path / "model.pt2").is_file()
+        return
+    register_ort_schemas()
+    model = onnx.load(str(result.path / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)
-    domains = {n.domain for n in model.graph.node}
-    fused_nodes = sum(n.op_type == "MoE" for n in model.graph.node)
-    if target == "onnx" or name.removesuffix("-lm") in NOT_FUSED:
-        assert {b.lowering for b in result.blocks} == {"dense"}
-        assert fused_nodes == 0
-    else:
-        assert {b.lowering for b in result.blocks} == {"fused"}
-        assert fused_nodes == len(result.blocks)
+    fused = sum(b.lowering == "fused" for b in result.blocks)
+    assert sum(n.op_type == "MoE" for n in model.graph.node) == fused
     if target == "onnx":
-        assert domains <= {"", "ai.onnx"}
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("lowering", ["fused", "gather", "dense", "capacity"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_routing_family_lowers_exactly(tmp_path, case, target):
+def test_every_routing_family_lowers_exactly(tmp_path, case, lowering):
     spec, weights = CASES[case], random_weights(case, seed=1)
     block = MoEBlock(spec, weights)
-    result = moec.compile(block, (torch.randn(2, 8, H),), target=target, output=tmp_path / "a")
-    fused = target == "ort" and not fused_unsupported_reasons(spec)
-    assert result.blocks[0].lowering == ("fused" if fused else "dense")
+    compile_args = dict(target="ort", lowering=lowering, output=tmp_path / "a")
+    if lowering == "capacity":
+        compile_args["capacity"] = DROPLESS
+    if unsupported_reasons(spec, lowering) and lowering != "capacity":
+        with pytest.raises(LoweringError):
+            moec.compile(block, (torch.randn(2, 8, H),), **compile_args)
+        return
+    result = moec.compile(block, (torch.randn(2, 8, H),), **compile_args)
+    exact = lowering if not unsupported_reasons(spec, lowering) else "gather"
+    assert result.blocks[0].lowering == exact
     assert_verified(moec.verify(result.path, source=block), blocks=1)
 
 
-def test_why_a_block_was_not_fused_is_recorded(zoo_artifact):
-    result = zoo_artifact("expert-choice", "ort")
+def test_capacity_without_overflow_is_bit_for_bit_dropless(tmp_path):
+    source = build_zoo("mixtral-lm")
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 256, (2, 16))}
+    arts = {
+        factor: moec.compile(
+            "zoo:mixtral-lm",
+            target="onnx",
+            capacity=factor,
+            calibration=[feeds],
+            output=tmp_path / str(factor),
+        )
+        for factor in ("auto", DROPLESS)
+    }
+    report = arts["auto"].manifest.passes[0]["report"]
+    assert report["drop_rate"] == 0.0
+    outs = {f: moec.load(a.path)(feeds["input_ids"]) for f, a in arts.items()}
+    assert np.array_equal(outs["auto"], outs[DROPLESS])
+    with torch.no_grad():
+        ref = source.model(torch.from_numpy(feeds["input_ids"])).numpy()
+    assert np.linalg.norm(outs["auto"] - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_reported_drop_rate_equals_a_direct_count(tmp_path):
+    """The first block's inputs do not depend on any drop, so what the artifact actually
+    served there can be counted against what the model routed, pair by pair."""
+    feeds = [{"input_ids": np.random.default_rng(i).integers(0, 256, (2, 24))} for i in range(3)]
+    art = moec.compile(
+        "zoo:mixtral-lm", target="onnx", capacity=0.75, calibration=feeds, output=tmp_path / "a"
+    )
+    first = art.manifest.passes[0]["report"]["blocks"][0]
+    reference = moec.compile("zoo:mixtral-lm", target="torch", output=tmp_path / "ref")
+    dropped = routed = 0
+    with moec.load(art.path) as runner, moec.load(reference.path) as dropless:
+        for feed in feeds:
+            served, wanted = runner.infer(feed)["routing.0"], dropless.infer(feed)["routing.0"]
+            assert not (served & ~wanted).any()  # nothing served that was not routed
+            routed += int(wanted.sum())
+            dropped += int((wanted & ~served).sum())
+    assert dropped > 0
+    assert (first["dropped_pairs"], first["routed_pairs"]) == (dropped, routed)
+    assert first["drop_rate"] == dropped / routed
+
+
+def test_why_a_block_was_not_fused_is_recorded(tmp_path):
+    result = moec.compile("zoo:expert-choice", target="ort", output=tmp_path / "a")
     (block,) = result.manifest.blocks
-    assert block["lowering"] == "dense"
+    assert block["lowering"] == "gather"
     assert "variable number of experts" in block["reason"]
+
+
+@pytest.mark.parametrize(
+    ("target", "lowering", "message"),
+    [
+        ("onnx", "fused", "cannot run on target onnx; it can run: gather, capacity, dense"),
+        ("torch", "gather", "it can run: kernel"),
+    ],
+)
+def test_lowering_the_target_cannot_run_is_refused(tmp_path, target, lowering, message):
+    with pytest.raises(LoweringError) as info:
+        moec.compile("zoo:mixtral", target=target, lowering=lowering, output=tmp_path / "a")
+    assert message in str(info.value)

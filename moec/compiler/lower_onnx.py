@@ -16,8 +16,10 @@ import onnxscript.optimizer
 import torch
 
 from moec.compiler.capture import CapturedProgram
+from moec.compiler.lower_moe_capacity import lower_moe_capacity
 from moec.compiler.lower_moe_dense import lower_moe_dense
 from moec.compiler.lower_moe_fused import lower_moe_fused
+from moec.compiler.lower_moe_gather import lower_moe_gather
 from moec.compiler.onnx_ops import register_ort_schemas
 from moec.errors import LoweringError
 from moec.ir import WEIGHT_NAMES, MoESpec
@@ -27,6 +29,12 @@ __all__ = ["lower_to_onnx"]
 log = logging.getLogger(__name__)
 ONNX_STANDARD_DOMAINS = {"", "ai.onnx"}
 NO_SIZE_LIMIT = 1 << 62
+LOWERING_FUNCTIONS = {
+    "fused": lower_moe_fused,
+    "dense": lower_moe_dense,
+    "gather": lower_moe_gather,
+    "capacity": lower_moe_capacity,
+}
 
 
 def translate_moe(x, routed_ids, routed_weights, *args):
@@ -36,9 +44,7 @@ def translate_moe(x, routed_ids, routed_weights, *args):
     weights = {name: t for name, t in zip(WEIGHT_NAMES, tensors, strict=True) if t is not None}
     if spec.routing == "external":
         weights.update(routed_ids=routed_ids, routed_weights=routed_weights)
-    if spec.lowering == "fused":
-        return lower_moe_fused(spec, x, weights)
-    return lower_moe_dense(spec, x, weights)
+    return LOWERING_FUNCTIONS[spec.lowering or "dense"](spec, x, weights)
 
 
 def lower_to_onnx(captured: CapturedProgram, target: str) -> ir.Model:

@@ -7,10 +7,17 @@ external routing the shapes follow the given ids ([..., k] -> [..., E]) instead.
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
-
-from moec.compiler.onnx_ops import DOUBLE, FLOAT, INT64, const_f, const_i, linear, ones_like, op
+from moec.compiler.onnx_ops import (
+    DOUBLE,
+    FLOAT,
+    INT64,
+    const_d,
+    const_f,
+    const_i,
+    linear,
+    ones_like,
+    op,
+)
 from moec.ir import MoESpec
 
 __all__ = ["lower_router_logits", "lower_routing", "scatter_chosen"]
@@ -109,13 +116,9 @@ def _capacity(spec: MoESpec, tokens):
     factor = 1.0 if spec.capacity_factor is None else spec.capacity_factor
     n = op.Cast(tokens, to=DOUBLE)
     value = op.Div(
-        op.Mul(op.Mul(_double(factor), n), _double(spec.top_k)), _double(spec.num_experts)
+        op.Mul(op.Mul(const_d(factor), n), const_d(spec.top_k)), const_d(spec.num_experts)
     )
     return op.Cast(op.Ceil(value), to=INT64)
-
-
-def _double(value: float):
-    return op.Constant(value=onnx.numpy_helper.from_array(np.array(value, dtype=np.float64)))
 
 
 def _scalar_i(value: int):

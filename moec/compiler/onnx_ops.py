@@ -20,6 +20,7 @@ __all__ = [
     "ORT_DOMAIN",
     "activation",
     "add_shared_and_bias",
+    "const_d",
     "const_f",
     "const_i",
     "gated_activation",
@@ -89,6 +90,11 @@ def const_f(value: float, like=None):
     """A float scalar constant, cast like ``like`` when given (else float32)."""
     c = op.Constant(value_float=float(value))
     return c if like is None else op.CastLike(c, like)
+
+
+def const_d(value: float):
+    """A float64 scalar constant (capacity arithmetic is done in double, as Python does)."""
+    return op.Constant(value=onnx.numpy_helper.from_array(np.array(value, dtype=np.float64)))
 
 
 def const_i(values: list[int]):

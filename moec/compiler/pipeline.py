@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import tempfile
@@ -12,19 +13,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
 
 import moec
 from moec.compiler.artifact_writer import check_destination, write_artifact
-from moec.compiler.capture import CapturedBlock, capture
+from moec.compiler.capture import CapturedBlock, CapturedProgram, capture
 from moec.compiler.lower_onnx import lower_to_onnx
 from moec.compiler.sources import LoadedSource, load_source, source_from_module
 from moec.errors import MoecError, TargetNotBuiltError
 from moec.models import ModelSource
 from moec.models.hf_models import hf_model_source, is_hf_model
-from moec.passes import Pass, PassManager, default_passes
+from moec.passes import (
+    CALIBRATION_SCHEDULE,
+    Pass,
+    PassManager,
+    check_capacity,
+    check_lowering,
+    default_passes,
+)
+from moec.runtime.inputs import make_inputs
 from moec.runtime.manifest import Manifest
 
 __all__ = ["DEFAULT_TOLERANCES", "STAGES", "TARGETS", "CompileResult", "compile_model"]
@@ -35,6 +45,7 @@ TARGETS = ("ort", "onnx", "trt", "torch")
 STAGES = ("load", "capture", "passes", "lower", "write")
 DEFAULT_TOLERANCES = {"rel_l2": 1e-5, "routing_agreement": 0.999}
 MODEL_FILE = "model.onnx"
+PT2_FILE = "model.pt2"
 WEIGHTS_FILE = "model.onnx.data"
 
 
@@ -68,6 +79,9 @@ def compile_model(
     target: str = "ort",
     output: str | Path | None = None,
     passes: list[Pass] | None = None,
+    lowering: str | None = None,
+    capacity: float | str | None = None,
+    calibration: list[dict[str, np.ndarray]] | None = None,
     force: bool = False,
     trust_pickle: bool = False,
     on_stage: StageCallback | None = None,
@@ -76,11 +90,17 @@ def compile_model(
     """Compile ``model`` (an nn.Module with ``example_inputs``, or a SRC string) for ``target``.
 
     ``output``: the artifact directory (default: a new temporary directory). ``passes``: the
-    pass pipeline (default: `default_passes(target)`). ``source_options``: further
+    pass pipeline (default: `default_passes(target, lowering, capacity, calibration)`; the
+    calibration inputs default to seeded random inputs of the model's declared shapes).
+    ``source_options``: further
     `ModelSource` fields for an nn.Module (input_names, output_names, dynamic_shapes,
     input_ranges) or ``example_inputs_file`` (a .npz) for a pickled bare module.
     """
     _check_target(target)
+    if lowering is not None:
+        check_lowering(target, lowering)
+    if capacity is not None:
+        check_capacity(capacity)
     out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="moec-")) / "out"
     check_destination(out, force)
     timings: dict[str, float] = {}
@@ -98,10 +118,17 @@ def compile_model(
     with stage("capture"):
         captured = capture(loaded.model_source)
     with stage("passes"):
-        pipeline = PassManager(default_passes(target) if passes is None else passes)
-        captured, pass_records = pipeline.run(captured)
+        if passes is None:
+            wants_capacity = capacity is not None or lowering == "capacity"
+            if calibration is None and wants_capacity:
+                calibration = make_inputs(captured.inputs, CALIBRATION_SCHEDULE, seed=1)
+            passes = default_passes(target, lowering, capacity, calibration)
+        captured, pass_records = PassManager(passes).run(captured)
     with stage("lower"):
-        onnx_model = lower_to_onnx(captured, target)
+        if target == "torch":
+            files = functools.partial(_write_pt2, captured)
+        else:
+            files = functools.partial(_write_onnx, lower_to_onnx(captured, target))
     with stage("write"):
         manifest = Manifest(
             target=target,
@@ -115,7 +142,7 @@ def compile_model(
             versions=_versions(),
             notes=captured.notes,
         )
-        path = write_artifact(out, manifest, lambda d: _write_onnx(onnx_model, d), force)
+        path = write_artifact(out, manifest, files, force)
     log.info("compiled %s for %s into %s", loaded.record["spec"], target, path)
     return CompileResult(path, manifest, captured.blocks, timings, captured.notes)
 
@@ -125,10 +152,6 @@ def _check_target(target: str) -> None:
         raise TargetNotBuiltError(
             "--target trt is not built in this version of moec; compile --target onnx and build "
             "the engine on the deployment machine with TensorRT (trtexec --onnx=OUT/model.onnx)"
-        )
-    if target == "torch":
-        raise TargetNotBuiltError(
-            "--target torch is not built in this version of moec; use --target ort or onnx"
         )
     if target not in TARGETS:
         raise MoecError(f"unknown target {target!r}; choose one of {TARGETS}")
@@ -158,6 +181,12 @@ def _block_record(block: CapturedBlock) -> dict[str, Any]:
         "lowering": block.lowering,
         "reason": block.reason,
     }
+
+
+def _write_pt2(captured: CapturedProgram, directory: Path) -> dict[str, str]:
+    """The program itself: its moec::moe nodes run moec's kernel wherever moec.ir is imported."""
+    torch.export.save(captured.program, directory / PT2_FILE)
+    return {"model": PT2_FILE}
 
 
 def _write_onnx(model: ir.Model, directory: Path) -> dict[str, str]:

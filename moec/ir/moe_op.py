@@ -67,19 +67,21 @@ class MoEWeights:
     def items(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, t) for n in WEIGHT_NAMES if (t := getattr(self, n)) is not None]
 
-    def check(self, spec: MoESpec) -> None:
-        """Raise SpecError unless every tensor has the shape ``spec`` implies."""
+    @staticmethod
+    def expected_shapes(spec: MoESpec) -> dict[str, tuple[int, ...] | None]:
+        """The shape ``spec`` implies for each tensor (None: the block has no use for it)."""
         e, h, i, s = spec.num_experts, spec.hidden_size, spec.expert_size, spec.shared_expert_size
         routed = spec.routing != "external"
         ffn = spec.expert_kind != "module"
-        expected: dict[str, tuple[int, ...] | None] = {
+        gated = spec.expert_kind == "gated"
+        return {
             "router_weight": (e, h) if routed else None,
             "router_bias": (e,) if routed else None,
             "selection_bias": (e,) if routed else None,
-            "w_gate": (e, i, h) if spec.expert_kind == "gated" else None,
+            "w_gate": (e, i, h) if gated else None,
             "w_up": (e, i, h) if ffn else None,
             "w_down": (e, h, i) if ffn else None,
-            "b_gate": (e, i) if spec.expert_kind == "gated" else None,
+            "b_gate": (e, i) if gated else None,
             "b_up": (e, i) if ffn else None,
             "b_down": (e, h) if ffn else None,
             "shared_gate": (s, h) if s else None,
@@ -88,15 +90,24 @@ class MoEWeights:
             "shared_expert_gate": (1, h) if spec.shared_expert_gated else None,
             "output_bias": (h,),
         }
-        required = {"router_weight"} if routed else set()
-        if ffn:
+
+    @staticmethod
+    def required(spec: MoESpec) -> set[str]:
+        """The tensors ``spec`` cannot do without."""
+        required = {"router_weight"} if spec.routing != "external" else set()
+        if spec.expert_kind != "module":
             required |= {"w_up", "w_down"}
         if spec.expert_kind == "gated":
             required.add("w_gate")
-        if s:
+        if spec.shared_expert_size:
             required |= {"shared_gate", "shared_up", "shared_down"}
         if spec.shared_expert_gated:
             required.add("shared_expert_gate")
+        return required
+
+    def check(self, spec: MoESpec) -> None:
+        """Raise SpecError unless every tensor has the shape ``spec`` implies."""
+        expected, required = self.expected_shapes(spec), self.required(spec)
         for name in WEIGHT_NAMES:
             tensor, shape = getattr(self, name), expected[name]
             if tensor is None:
@@ -110,7 +121,7 @@ class MoEWeights:
             if tuple(tensor.shape) != shape:
                 raise SpecError(
                     f"MoE weights: {name} has shape {tuple(tensor.shape)}, expected {shape} "
-                    f"for {spec.summary()} (hidden {h})"
+                    f"for {spec.summary()} (hidden {spec.hidden_size})"
                 )
 
 

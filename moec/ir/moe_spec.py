@@ -31,8 +31,9 @@ Experts, stacked with the expert index first:
 Shared experts: a gated FFN of width ``shared_expert_size`` applied to every token, scaled by
 ``sigmoid(x @ shared_expert_gate.T)`` when ``shared_expert_gated``.
 
-``lowering`` is not part of the model: the lowering pass fills it in to tell the exporter which
-strategy a block gets.
+``lowering`` and ``lowering_capacity_factor`` are not part of the model: the lowering passes fill
+them in to tell the exporter which strategy a block gets (for ``capacity``: the factor F of
+``C = min(T, ceil(F * T * k / E))`` slots per expert).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ CAPACITY_SCOPES = ("sequence", "batch")
 EXPERT_KINDS = ("gated", "plain", "module")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu")
 PLAIN_ACTIVATIONS = ACTIVATIONS[:5]
-LOWERINGS = ("fused", "dense")
+LOWERINGS = ("fused", "dense", "gather", "capacity", "kernel")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class MoESpec:
     shared_expert_gated: bool = False
     shared_activation: str = "silu"
     lowering: str | None = None
+    lowering_capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -99,6 +101,11 @@ class MoESpec:
     @property
     def experts_per_group(self) -> int:
         return self.num_experts // self.n_group
+
+    def lowering_capacity(self, tokens: int) -> int:
+        """Slots per expert of the ``capacity`` lowering for a call of ``tokens`` tokens."""
+        factor = self.lowering_capacity_factor or 1.0
+        return min(tokens, math.ceil(factor * tokens * self.top_k / self.num_experts))
 
     def capacity(self, tokens: int) -> int:
         """Tokens (or, for top-k, token-slot pairs) each expert serves among ``tokens``."""
@@ -137,8 +144,10 @@ class MoESpec:
             raise SpecError(f"MoESpec is not valid JSON ({e}): {text[:200]!r}") from e
         return cls.from_dict(data)
 
-    def with_lowering(self, lowering: str) -> MoESpec:
-        return dataclasses.replace(self, lowering=lowering)
+    def with_lowering(self, lowering: str, capacity_factor: float | None = None) -> MoESpec:
+        return dataclasses.replace(
+            self, lowering=lowering, lowering_capacity_factor=capacity_factor
+        )
 
     def summary(self) -> str:
         """One line for tables: routing and expert shape."""
@@ -181,6 +190,10 @@ class MoESpec:
         need(self.shared_activation in PLAIN_ACTIVATIONS, "shared_activation must be a plain one")
         need(self.swiglu_limit is None or self.swiglu_limit > 0, "swiglu_limit must be > 0")
         need(self.lowering is None or self.lowering in LOWERINGS, f"lowering={self.lowering!r}")
+        need(
+            self.lowering_capacity_factor is None or self.lowering_capacity_factor > 0,
+            "lowering_capacity_factor must be > 0",
+        )
         for name in ("num_experts", "top_k", "hidden_size", "expert_size", "n_group", "topk_group"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1")
         need(self.top_k <= self.num_experts, f"top_k={self.top_k} > num_experts")

@@ -16,12 +16,16 @@ __all__ = ["load"]
 def load(path: str | Path, **runner_options: Any) -> Runner:
     """An activated runner for the artifact at ``path``.
 
-    ``runner_options`` go to the backend's runner (for ONNX Runtime: ``providers``,
-    ``intra_op_threads``).
+    ``runner_options`` go to the backend's runner (ONNX Runtime: ``providers``,
+    ``intra_op_threads``; torch: ``threads``).
     """
     manifest = Manifest.read(path)
     if manifest.target in ("ort", "onnx"):
         return OrtRunner(manifest, Path(path), **runner_options).activate()
+    if manifest.target == "torch":
+        from moec.runtime.torch_runner import TorchRunner
+
+        return TorchRunner(manifest, Path(path), **runner_options).activate()
     raise TargetNotBuiltError(
         f"{path} is a {manifest.target!r} artifact, which this version of moec cannot run"
     )

@@ -1,0 +1,90 @@
+"""Time a block's candidate ONNX lowerings on ONNX Runtime, for picking the fastest.
+
+The timing model is a single block with random weights of the block's shapes (speed does not
+depend on the values) and, for external routing, a softmax top-k router in front; it is captured
+and lowered once per candidate, then run at a few token counts (median of a few runs each).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import onnx_ir as ir
+import torch
+from torch import nn
+from torch.export import Dim
+
+from moec.compiler.capture import capture, moe_nodes
+from moec.compiler.lower_onnx import lower_to_onnx
+from moec.compiler.moe_block import MoEBlock, MoEExpertsBlock
+from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights
+from moec.models import ModelSource
+
+__all__ = ["TIMED_TOKENS", "time_lowerings"]
+
+TIMED_TOKENS = (16, 256)
+REPEAT = 5
+
+
+class _RoutedExperts(nn.Module):
+    """A softmax top-k router feeding an experts-only block, for timing external routing."""
+
+    def __init__(self, spec: MoESpec, weights: MoEWeights):
+        super().__init__()
+        self.router = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.experts = MoEExpertsBlock(spec, weights)
+        self.top_k = spec.top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.router(x).softmax(-1).topk(self.top_k, dim=-1)
+        return self.experts(x, ids, weights)
+
+
+def _timing_model(spec: MoESpec, present: set[str]) -> ModelSource:
+    g = torch.Generator().manual_seed(0)
+    shapes = MoEWeights.expected_shapes(spec)
+    tensors = {
+        name: torch.randn(*shapes[name], generator=g) * 0.02
+        for name in WEIGHT_NAMES
+        if name in present and shapes[name] is not None
+    }
+    weights = MoEWeights(**{name: tensors.get(name) for name in WEIGHT_NAMES})
+    if spec.routing == "external":
+        x = torch.randn(8, spec.hidden_size, generator=g)
+        return ModelSource(_RoutedExperts(spec, weights), (x,), ["x"], ({0: Dim("tokens")},))
+    x = torch.randn(1, 8, spec.hidden_size, generator=g)
+    return ModelSource(MoEBlock(spec, weights), (x,), ["x"], ({1: Dim("tokens")},))
+
+
+def time_lowerings(
+    spec: MoESpec, present: set[str], lowerings: list[str], tokens=TIMED_TOKENS
+) -> dict[str, float]:
+    """Milliseconds (summed over ``tokens``) of each lowering of a block like this one."""
+    import onnxruntime as ort
+
+    source = _timing_model(spec, present)
+    captured = capture(source)
+    g = torch.Generator().manual_seed(1)
+    feeds = []
+    for t in tokens:
+        shape = (t, spec.hidden_size) if spec.routing == "external" else (1, t, spec.hidden_size)
+        feeds.append({"x": torch.randn(*shape, generator=g).numpy()})
+    results = {}
+    for lowering in lowerings:
+        (node,) = moe_nodes(captured.program)
+        node.args = (*node.args[:-1], spec.with_lowering(lowering).to_json())
+        model = ir.serde.serialize_model(lower_to_onnx(captured, "ort")).SerializeToString()
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        total = 0.0
+        for feed in feeds:
+            for _ in range(2):
+                session.run(None, feed)
+            times = []
+            for _ in range(REPEAT):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times.append(time.perf_counter() - start)
+            total += statistics.median(times) * 1e3
+        results[lowering] = total
+    return results

@@ -1,0 +1,44 @@
+"""Seeded random inputs for an artifact's (or a captured program's) declared inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moec.runtime.manifest import DynamicDim, TensorSpec
+
+__all__ = ["make_inputs"]
+
+
+def make_inputs(
+    specs: list[TensorSpec], schedule: tuple[tuple[int, ...], ...], seed: int
+) -> list[dict[str, np.ndarray]]:
+    """One feed dict per schedule entry, with seeded random values in each input's range."""
+    bounds: dict[str, tuple[int, int | None]] = {}  # a dim shared by inputs: the tightest range
+    for spec in specs:
+        for d in spec.shape:
+            if isinstance(d, DynamicDim):
+                low, high = bounds.get(d.name, (d.min, d.max))
+                highs = [h for h in (high, d.max) if h is not None]
+                bounds[d.name] = (max(low, d.min), min(highs) if highs else None)
+    rng = np.random.default_rng(seed)
+    sets = []
+    for values in schedule:
+        sizes = {}
+        for i, (name, (low, high)) in enumerate(bounds.items()):
+            size = max(values[i] if i < len(values) else 3, low)
+            sizes[name] = size if high is None else min(size, high)
+        feeds = {}
+        for spec in specs:
+            shape = tuple(d if isinstance(d, int) else sizes[d.name] for d in spec.shape)
+            feeds[spec.name] = _random(spec, shape, rng)
+        sets.append(feeds)
+    return sets
+
+
+def _random(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if spec.dtype == "bool":
+        return rng.random(shape) < 0.5
+    if spec.dtype.startswith("int"):
+        low, high = spec.value_range or (0, 2)
+        return rng.integers(low, high, size=shape, dtype=spec.dtype)
+    return rng.standard_normal(shape).astype(spec.dtype)

@@ -1,0 +1,43 @@
+"""`TorchRunner`: runs ``torch`` artifacts, a ``model.pt2`` ExportedProgram whose MoE blocks are
+``moec::moe`` nodes executed by moec's kernel (importing `moec.ir` registers the op)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import moec.ir  # noqa: F401  (registers torch.ops.moec.moe, which the program calls)
+from moec.errors import ArtifactError
+from moec.runtime.manifest import Manifest
+from moec.runtime.runner import Runner
+
+__all__ = ["TorchRunner"]
+
+
+class TorchRunner(Runner):
+    def __init__(self, manifest: Manifest, directory: Path, threads: int | None = None):
+        super().__init__(manifest, directory)
+        self.threads = threads
+        self.module = None
+
+    def activate_impl(self) -> None:
+        path = self.directory / self.manifest.files["model"].path
+        try:
+            self.module = torch.export.load(path).module()
+        except Exception as e:  # torch raises many types for a bad archive
+            raise ArtifactError(f"torch cannot load {path}: {e}") from e
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(feeds[spec.name]) for spec in self.manifest.inputs]
+        with torch.no_grad():
+            values = self.module(*args)
+        values = values if isinstance(values, (tuple, list)) else (values,)
+        names = [spec.name for spec in self.manifest.outputs]
+        return {name: v.numpy() for name, v in zip(names, values, strict=True)}
+
+    def deactivate_impl(self) -> None:
+        self.module = None
