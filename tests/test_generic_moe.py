@@ -81,7 +81,7 @@ def test_routing_and_ffn_experts_are_found_by_probing():
 def test_user_ffn_moe_compiles_and_verifies(tmp_path, target):
     model = UserLM().eval()
     art = moec.compile(model, (torch.randn(2, 8, H),), target=target, output=tmp_path / "o")
-    assert art.blocks[0].lowering == ("fused" if target == "ort" else "dense")
+    assert art.blocks[0].lowering in (("fused", "gather") if target == "ort" else ("gather",))
     report = moec.verify(art.path, source=model)
     assert report and report.outputs[0].rel_l2 < 1e-5 and report.routing[0].agreement == 1.0
 

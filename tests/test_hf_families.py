@@ -62,7 +62,7 @@ def test_in_memory_transformers_model(tmp_path):
     model = build_tiny("qwen3_moe")
     result = moec.compile(model, target="ort", output=tmp_path / "out")
     assert [i.name for i in result.manifest.inputs] == ["input_ids", "attention_mask"]
-    assert {b.lowering for b in result.blocks} == {"fused"}
+    assert {b.lowering for b in result.blocks} <= {"fused", "gather"}
     assert moec.verify(result.path, source=model)
 
 
