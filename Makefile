@@ -34,6 +34,7 @@ test: lint
 	$(VENV)/bin/pytest -n auto
 
 bench: install
+	$(PIP) install -q -e '.[dev,bench]'
 	$(PY) bench/moe_layer.py
 
 clean:

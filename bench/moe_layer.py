@@ -1,12 +1,24 @@
-"""MoE layer latency: eager PyTorch (the zoo module) vs moec's `ort` and `onnx` artifacts.
+"""One MoE layer, every way users run it today and every moec lowering, in one run.
 
-Configs at a realistic size (hidden 1024): ``mixtral`` (8 experts of 3584, top-2) and
-``deepseek`` (64 experts of 512, top-6 in 4 of 8 groups, one shared expert of 1024). For each
-T in 1, 16, 512 tokens (input [1, T, 1024], fp32, 2 threads) it first checks each artifact
-against eager on that input (relative L2), then reports the median of ``--repeat`` runs after
-warm-up, and the ratio to eager measured in the same run.
+Configs (fp32, 2 threads, input [1, T, 1024]):
+  A  Mixtral-like: 8 experts of 3584, top-2 (transformers' MixtralSparseMoeBlock);
+  B  DeepSeek-like: 64 experts of 512, top-6 in 4 of 8 groups, one shared expert of 1024
+     (transformers' DeepseekV3MoE).
+Rows: eager transformers with its default experts implementation (grouped_mm), the eager loop,
+torch.compile of the eager block, ONNX Runtime on a plain torch.onnx.export of the batched_mm
+implementation (where its per-token weight copies fit in memory), and moec compiled from the same
+block for each target and lowering (``*`` marks each target's default). Every row is first
+checked against eager transformers (relative L2), then timed: median of --repeat runs.
 
-    python bench/moe_layer.py [--tokens 1 16 512] [--repeat 7] [--json bench/results/moe_layer.json]
+Floors measured in the same run: compute = the same FLOPs as one dense chain of matmuls
+([T*k, H] x [H, I] twice, then [T*k, I] x [I, H], plus the shared expert on T rows), timed in
+both PyTorch and ONNX Runtime, the faster counting; memory =
+bytes of the weights the tokens touch (chosen experts, router, shared expert) over the bandwidth
+of a large copy (bytes read + written, as STREAM counts it), measured again for every T.
+Peak memory: the most the process grows during a row's first call (sampled), plus the layer's
+weights, over weights + activations.
+
+    python bench/moe_layer.py [--configs A B] [--tokens 1 16 512 2048] [--repeat 7]
 """
 
 from __future__ import annotations
@@ -14,34 +26,70 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch.export import Dim
 
 import moec
-from moec.models import build_zoo
 
-CONFIGS = {
-    "mixtral": dict(hidden=1024, num_experts=8, expert_size=3584, top_k=2),
-    "deepseek": dict(
-        hidden=1024,
-        num_experts=64,
-        expert_size=512,
-        top_k=6,
-        n_group=8,
-        topk_group=4,
-        shared_size=1024,
-    ),
-}
-TARGETS = ("ort", "onnx")
 THREADS = 2
+BATCHED_MM_BUDGET = 4 << 30  # bytes of per-token weight copies the batched_mm export may make
+MOEC_ROWS = [  # (target, lowering or None for the target's default)
+    ("ort", None),
+    ("ort", "fused"),
+    ("ort", "gather"),
+    ("ort", "dense"),
+    ("ort", "capacity"),
+    ("onnx", None),
+    ("onnx", "dense"),
+    ("onnx", "capacity"),
+    ("torch", None),
+]
+
+
+def build_block(config: str) -> tuple[torch.nn.Module, dict]:
+    """The transformers block of the config, weights N(0, 0.02), default experts implementation."""
+    if config == "A":
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        cfg = MixtralConfig(
+            hidden_size=1024, intermediate_size=3584, num_local_experts=8, num_experts_per_tok=2
+        )
+        block, shape = MixtralSparseMoeBlock(cfg), dict(E=8, k=2, I=3584, Is=0)
+    else:
+        from transformers import DeepseekV3Config
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+        cfg = DeepseekV3Config(
+            hidden_size=1024,
+            moe_intermediate_size=512,
+            n_routed_experts=64,
+            num_experts_per_tok=6,
+            n_shared_experts=2,
+            n_group=8,
+            topk_group=4,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        )
+        block, shape = DeepseekV3MoE(cfg), dict(E=64, k=6, I=512, Is=1024)
+    cfg._experts_implementation = "grouped_mm"  # what a full model gets by default
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        for b in block.buffers():
+            b.copy_(torch.randn(b.shape, generator=g) * 0.01)
+    return block.eval(), {**shape, "H": 1024}
 
 
 def median_ms(fn, repeat: int, warmup: int = 2) -> float:
@@ -55,86 +103,322 @@ def median_ms(fn, repeat: int, warmup: int = 2) -> float:
     return statistics.median(times) * 1e3
 
 
-def rel_l2(out: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+class PeakRss:
+    """Highest resident set size while the block runs, sampled every millisecond."""
+
+    def __enter__(self):
+        self.process = psutil.Process()
+        self.base = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+    @property
+    def grown(self) -> int:
+        return self.peak - self.base
 
 
-def bench_config(name: str, tokens: list[int], repeat: int, workdir: Path) -> list[dict]:
-    source = build_zoo(name, **CONFIGS[name])
-    model = source.model
-    runners = {}
-    for target in TARGETS:
-        result = moec.compile(
-            model,
-            source.example_inputs,
-            target=target,
-            output=workdir / f"{name}-{target}",
-            input_names=source.input_names,
-            dynamic_shapes=source.dynamic_shapes,
-            output_names=source.output_names,
+def copy_bandwidth() -> float:
+    """Bytes per second moved (read + written) by a 512 MiB tensor copy."""
+    src = torch.empty(128 << 20)
+    src.normal_()
+    dst = torch.empty_like(src)
+    seconds = median_ms(lambda: dst.copy_(src), 7) / 1e3
+    return 2 * src.numel() * 4 / seconds
+
+
+def compute_floor_ms(shape: dict, tokens: int, repeat: int) -> float:
+    """The layer's FLOPs as one dense chain (routed pairs, then the shared expert on T rows),
+    in PyTorch and in ONNX Runtime; the faster of the two is this machine's floor."""
+    h, i, k, shared = shape["H"], shape["I"], shape["k"], shape["Is"]
+    g = torch.Generator().manual_seed(3)
+    chains = [(tokens * k, i)] + ([(tokens, shared)] if shared else [])
+    tensors = [
+        (
+            torch.randn(rows, h, generator=g),
+            torch.randn(h, width, generator=g),
+            torch.randn(h, width, generator=g),
+            torch.randn(width, h, generator=g),
         )
-        runners[target] = (moec.load(result.path, intra_op_threads=THREADS), result)
+        for rows, width in chains
+    ]
+
+    def torch_chain():
+        for x, w1, w2, w3 in tensors:
+            (torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3
+
+    with torch.no_grad():
+        torch_ms = median_ms(torch_chain, repeat)
+    session, feeds = _ort_chain(tensors)
+    ort_ms = median_ms(lambda: session.run(None, feeds), repeat)
+    return min(torch_ms, ort_ms)
+
+
+def _ort_chain(tensors):
+    """An ONNX Runtime session computing silu(x @ w1) * (x @ w2) @ w3 for each chain."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inputs, outputs, weights, feeds = [], [], [], [], {}
+    for n, (x, w1, w2, w3) in enumerate(tensors):
+        names = [f"{p}{n}" for p in ("x", "w1", "w2", "w3", "a", "b", "s", "h", "y")]
+        xn, w1n, w2n, w3n, a, b, sg, hid, y = names
+        inputs.append(helper.make_tensor_value_info(xn, TensorProto.FLOAT, list(x.shape)))
+        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
+        weights += [
+            numpy_helper.from_array(t.numpy(), nm) for t, nm in ((w1, w1n), (w2, w2n), (w3, w3n))
+        ]
+        nodes += [
+            helper.make_node("MatMul", [xn, w1n], [a]),
+            helper.make_node("MatMul", [xn, w2n], [b]),
+            helper.make_node("Sigmoid", [a], [sg]),
+            helper.make_node("Mul", [a, sg], [hid + "0"]),
+            helper.make_node("Mul", [hid + "0", b], [hid]),
+            helper.make_node("MatMul", [hid, w3n], [y]),
+        ]
+        feeds[xn] = x.numpy()
+    graph = helper.make_graph(nodes, "floor", inputs, outputs, initializer=weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    session = ort.InferenceSession(model.SerializeToString(), options)
+    return session, feeds
+
+
+def touched_bytes(block, shape: dict, x: torch.Tensor) -> int:
+    """Bytes of weights one call reads: router, the distinct chosen experts, shared expert."""
+    chosen: set[int] = set()
+
+    def record(module, args):
+        chosen.update(args[1].reshape(-1).tolist())
+
+    handle = block.experts.register_forward_pre_hook(record)
+    with torch.no_grad():
+        block(x)
+    handle.remove()
+    h, i, e = shape["H"], shape["I"], shape["E"]
+    per_expert = 3 * h * i * 4
+    return len(chosen) * per_expert + e * h * 4 + 3 * h * shape["Is"] * 4
+
+
+def transformers_rows(block, x: torch.Tensor):
+    """(name, callable) for what users run today, built on ``block``."""
+    experts_config = block.experts.config
+
+    def with_impl(impl):
+        def run():
+            experts_config._experts_implementation = impl
+            try:
+                return block(x)
+            finally:
+                experts_config._experts_implementation = "grouped_mm"
+
+        return run
+
+    yield "eager transformers (grouped_mm)", with_impl("grouped_mm")
+    yield "eager loop (experts_implementation=eager)", with_impl("eager")
+    compiled = torch.compile(with_impl("eager"), dynamic=True)
+    yield "torch.compile (eager block)", compiled
+
+
+def batched_mm_session(block, shape: dict, workdir: Path):
+    """ONNX Runtime on torch.onnx.export of transformers' batched_mm implementation."""
+    import onnxruntime as ort
+
+    block.experts.config._experts_implementation = "batched_mm"
+    try:
+        x = torch.randn(1, 8, shape["H"])
+        path = workdir / "batched_mm.onnx"
+        torch.onnx.export(
+            block,
+            (x,),
+            str(path),
+            dynamo=True,
+            input_names=["x"],
+            dynamic_shapes=({1: Dim("tokens")},),
+            verbose=False,
+        )
+    finally:
+        block.experts.config._experts_implementation = "grouped_mm"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def moec_artifacts(block, shape: dict, workdir: Path) -> dict:
+    x = torch.randn(1, 16, shape["H"])
+    artifacts = {}
+    for target, lowering in MOEC_ROWS:
+        result = moec.compile(
+            block,
+            (x,),
+            target=target,
+            lowering=lowering,
+            output=workdir / f"{target}-{lowering}",
+            input_names=["x"],
+            dynamic_shapes=({1: Dim("tokens")},),
+        )
+        chosen = sorted({b.lowering for b in result.blocks})
+        label = f"moec {target}/{','.join(chosen)}" + ("" if lowering else " *")
+        options = {"intra_op_threads": THREADS} if target != "torch" else {"threads": THREADS}
+        artifacts[label] = moec.load(result.path, **options)
+    return artifacts
+
+
+def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path):
+    block, shape = build_block(config)
+    weight_bytes = sum(p.numel() * 4 for p in block.parameters())
     rows = []
+    workdir = workdir / config
+    artifacts = moec_artifacts(block, shape, workdir)
+    session = batched_mm_session(block, shape, workdir)
     for t in tokens:
-        x = torch.randn(1, t, CONFIGS[name]["hidden"], generator=torch.Generator().manual_seed(t))
+        x = torch.randn(1, t, shape["H"], generator=torch.Generator().manual_seed(t))
         with torch.no_grad():
-            ref = model(x).numpy()
-            eager_ms = median_ms(functools.partial(model, x), repeat)
-        rows.append(dict(config=name, tokens=t, row="eager (zoo module)", ms=eager_ms, rel_l2=0.0))
-        feeds = {"x": x.numpy()}
-        for target, (runner, result) in runners.items():
-            err = rel_l2(runner(x.numpy()), ref)
-            ms = median_ms(functools.partial(runner.infer, feeds), repeat)
-            lowering = "/".join(sorted({b.lowering for b in result.blocks}))
+            ref = block(x).numpy()
+        floor_c = compute_floor_ms(shape, t, repeat)
+        floor_m = touched_bytes(block, shape, x) / copy_bandwidth() * 1e3
+        activations = (2 * t * shape["H"] + 3 * t * shape["k"] * shape["I"]) * 4
+        candidates = list(transformers_rows(block, x))
+        batched_copy = t * shape["k"] * 3 * shape["H"] * shape["I"] * 4
+        if batched_copy <= BATCHED_MM_BUDGET:
+            run_session = functools.partial(session.run, None, {"x": x.numpy()})
+            candidates.append(("ORT on plain export (batched_mm)", run_session))
+        else:
             rows.append(
-                dict(config=name, tokens=t, row=f"moec {target} ({lowering})", ms=ms, rel_l2=err)
+                dict(
+                    config=config,
+                    tokens=t,
+                    row="ORT on plain export (batched_mm)",
+                    skipped=f"needs {batched_copy / 2**30:.0f} GiB of weight copies",
+                )
             )
-        for row in rows[-1 - len(runners) :]:
-            row["vs_eager"] = eager_ms / row["ms"]
+        for label, runner in artifacts.items():
+            candidates.append((label, functools.partial(runner, x.numpy())))
+        checked = {}
+        for label, fn in candidates:
+            with PeakRss() as peak, torch.no_grad():  # the first call: arenas keep memory
+                out = fn()
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            out = out.numpy() if isinstance(out, torch.Tensor) else out
+            err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+            checked[label] = (err, (weight_bytes + peak.grown) / (weight_bytes + activations))
+        # back to back, not interleaved: ONNX Runtime's worker threads spin after a run and
+        # would steal the cores from whichever candidate ran next
+        timings = {label: median_ms(fn, repeat) for label, fn in candidates}
+        for label, (err, peak_ratio) in checked.items():
+            rows.append(
+                dict(
+                    config=config,
+                    tokens=t,
+                    row=label,
+                    ms=timings[label],
+                    rel_l2=err,
+                    compute_floor_ms=floor_c,
+                    memory_floor_ms=floor_m,
+                    peak_ratio=peak_ratio,
+                )
+            )
+    eager = {r["tokens"]: r["ms"] for r in rows if r["row"].startswith("eager transformers")}
+    for r in rows:
+        if "ms" in r:
+            r["vs_compute_floor"] = r["ms"] / r["compute_floor_ms"]
+            r["vs_memory_floor"] = r["ms"] / r["memory_floor_ms"]
+            r["vs_floor"] = r["ms"] / max(r["compute_floor_ms"], r["memory_floor_ms"])
+            r["speedup_vs_transformers"] = eager[r["tokens"]] / r["ms"]
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 512])
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--json", type=Path, default=Path("bench/results/moe_layer.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="moec-bench-") as workdir:
-        for name in args.configs:
-            rows += bench_config(name, args.tokens, args.repeat, Path(workdir))
+def print_table(rows: list[dict], repeat: int) -> None:
     table = Table(
-        "config",
+        "cfg",
         "T",
         "row",
-        "ms (median)",
-        "speed-up vs eager",
-        "rel L2 vs eager",
-        title=f"MoE layer, fp32, {THREADS} threads, median of {args.repeat}",
+        "ms",
+        "/ compute floor",
+        "/ memory floor",
+        "vs transformers",
+        "peak mem",
+        "rel L2",
+        title=f"MoE layer, fp32, {THREADS} threads, median of {repeat} (* = target default)",
     )
     for r in rows:
+        if "skipped" in r:
+            table.add_row(
+                r["config"], str(r["tokens"]), r["row"], "-", "-", "-", "-", "-", r["skipped"]
+            )
+            continue
         table.add_row(
             r["config"],
             str(r["tokens"]),
             r["row"],
-            f"{r['ms']:.3f}",
-            f"{r['vs_eager']:.2f}x",
+            f"{r['ms']:.2f}",
+            f"{r['vs_compute_floor']:.2f}",
+            f"{r['vs_memory_floor']:.2f}",
+            f"{r['speedup_vs_transformers']:.2f}x",
+            f"{r['peak_ratio']:.2f}",
             f"{r['rel_l2']:.1e}",
         )
-    Console(width=120).print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
+    Console(width=160).print(table)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = sorted({r["config"] for r in rows})
+    fig, axes = plt.subplots(1, len(configs), figsize=(7 * len(configs), 5), squeeze=False)
+    for ax, config in zip(axes[0], configs, strict=True):
+        timed = [r for r in rows if r["config"] == config and "ms" in r]
+        for label in dict.fromkeys(r["row"] for r in timed):
+            pts = sorted((r["tokens"], r["vs_floor"]) for r in timed if r["row"] == label)
+            style = "-" if label.startswith("moec") else "--"
+            ax.plot(*zip(*pts, strict=True), style, marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("time / max(compute floor, memory floor)")
+        ax.set_title(f"config {config}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["A", "B"], choices=["A", "B"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 512, 2048])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moec-bench-") as workdir:
+        for config in args.configs:
+            rows += bench_config(config, args.tokens, args.repeat, Path(workdir))
+    print_table(rows, args.repeat)
+    args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "threads": THREADS,
         "repeat": args.repeat,
-        "machine": platform.machine(),
         "torch": torch.__version__,
-        "configs": CONFIGS,
     }
-    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {args.json}")
+    (args.out / "moe_layer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, args.out / "moe_layer.png")
+    print(f"wrote {args.out}/moe_layer.json and .png")
 
 
 if __name__ == "__main__":

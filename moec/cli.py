@@ -222,6 +222,28 @@ def verify_command(out, source, trust_pickle, seed, json_path):
     sys.exit(0 if report else 1)
 
 
+@main.command("bench")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--source", help="Use this SRC as the eager model instead of the recorded one.")
+@click.option("--trust-pickle", is_flag=True, help="Allow the source to be a pickle.")
+@click.option("--repeat", type=click.IntRange(min=1), default=7, show_default=True)
+@_friendly_errors
+def bench_command(out, source, trust_pickle, repeat):
+    """Time OUT against its eager source on a few input shapes (median ms)."""
+    from moec.benchmark import bench_artifact
+
+    rows = bench_artifact(out, source=source, repeat=repeat, trust_pickle=trust_pickle)
+    table = Table(
+        "inputs", "eager ms", "artifact ms", "speed-up", title=f"{out} (median of {repeat})"
+    )
+    for r in rows:
+        shapes = " ".join(f"{k}{v}" for k, v in r.shapes.items())
+        table.add_row(
+            escape(shapes), f"{r.eager_ms:.3f}", f"{r.artifact_ms:.3f}", f"{r.speedup:.2f}x"
+        )
+    console.print(table)
+
+
 @main.command("run")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option(

@@ -26,7 +26,7 @@ from moec.runtime.inputs import make_inputs
 from moec.runtime.load import load
 from moec.runtime.manifest import Manifest
 
-__all__ = ["DEFAULT_DIM_SCHEDULE", "verify"]
+__all__ = ["DEFAULT_DIM_SCHEDULE", "eager_model", "verify"]
 
 # Values of the first, second, ... dynamic dim per input set (clipped to each dim's range).
 DEFAULT_DIM_SCHEDULE = ((1, 1), (1, 13), (2, 8), (4, 32))
@@ -46,7 +46,7 @@ def verify(
     compiled from an in-memory model.
     """
     manifest = Manifest.read(path)
-    model = _eager_model(manifest, source, trust_pickle)
+    model = eager_model(manifest, source, trust_pickle)
     blocks = {m.name: m for m in find_moe_blocks(model)}
     tolerances = manifest.tolerances
     outputs = [OutputStats(o.name, tolerances.get("rel_l2", 1e-5)) for o in manifest.main_outputs]
@@ -74,7 +74,8 @@ def verify(
     return report
 
 
-def _eager_model(manifest: Manifest, source, trust_pickle: bool) -> nn.Module:
+def eager_model(manifest: Manifest, source, trust_pickle: bool) -> nn.Module:
+    """The eager model an artifact was compiled from (its weights' sha256 checked)."""
     if isinstance(source, nn.Module):
         if is_hf_model(source):
             source = hf_model_source(source.eval()).model

@@ -116,3 +116,11 @@ def test_list_passes():
     assert result.exit_code == 0 and "grouped-gemm" in result.output
     result = CliRunner().invoke(main, ["compile", "--list-passes", "--capacity", "auto"])
     assert result.exit_code == 0 and "capacity" in result.output
+
+
+def test_cli_bench(zoo_artifact):
+    result = CliRunner().invoke(
+        main, ["bench", str(zoo_artifact("mixtral", "ort").path), "--repeat", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "speed-up" in result.output and result.output.count("x[1, ") == 3

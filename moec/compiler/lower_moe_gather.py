@@ -1,17 +1,27 @@
 """The ``gather`` lowering: each expert runs on its own tokens only. Standard ops only.
 
-Per expert e: ``NonZero`` of its column of the routing mask gives its tokens, ``Gather`` picks
-them, the FFN runs on [n_e, H] with expert e's own weight slices (folded into initializers by the
-optimizer), and one ``ScatterND(reduction="add")`` adds every expert's weighted output back to its
-tokens. Exact, no padding, FLOPs of the experts actually chosen; shapes are data-dependent.
+Per expert e: ``NonZero`` of its column of the routing mask gives its tokens (ascending), ``Gather``
+picks them, and the FFN runs on [n_e, H] with expert e's own weight slices (folded into
+initializers by the optimizer). The outputs are concatenated, expert by expert, into Y [P, H].
+Combining them back does not scatter: token t's output from expert e sits in Y at
+``offset_e + (number of tokens before t routed to e)``, so every token gathers its k rows of Y
+and sums them with its routing weights. (ONNX Runtime 1.32's CPU ``ScatterND`` with
+``reduction="add"`` races when indices repeat and more than one thread runs it; measured here.)
+Expert-choice routing, with no fixed k per token, adds each expert's rows with its own
+``ScatterND``, whose indices never repeat.
+
+Exact, no padding, the FLOPs of the experts actually chosen; shapes are data-dependent.
 """
 
 from __future__ import annotations
 
 from moec.compiler.lower_routing import lower_routing
 from moec.compiler.onnx_ops import (
+    BOOL,
+    INT64,
     activation,
     add_shared_and_bias,
+    const_f,
     const_i,
     gated_activation,
     op,
@@ -48,17 +58,51 @@ def lower_moe_gather(spec: MoESpec, x, w: dict):
     weights, chosen = lower_routing(spec, to_3d(x), w)
     x2 = op.Reshape(x, const_i([-1, h]))
     combine = op.CastLike(op.Reshape(weights, const_i([-1, e_count])), x)  # [T, E]
-    mask = op.Cast(op.Reshape(chosen, const_i([-1, e_count])), to=9)  # BOOL [T, E]
-    rows, updates = [], []
+    chosen2 = op.Reshape(chosen, const_i([-1, e_count]))  # [T, E] float 0/1
+    mask = op.Cast(chosen2, to=BOOL)
+    token_lists, outputs = [], []
     for e in range(e_count):
         column = op.Gather(mask, op.Constant(value_int=e), axis=1)  # [T]
-        tokens = op.Reshape(op.NonZero(column), const_i([-1]))  # [n_e]
-        y = expert_ffn_onnx(spec, w, e, op.Gather(x2, tokens, axis=0))
-        gate = op.Gather(op.Gather(combine, op.Constant(value_int=e), axis=1), tokens, axis=0)
-        rows.append(tokens)
-        updates.append(op.Mul(y, op.Unsqueeze(gate, const_i([-1]))))
-    indices = op.Unsqueeze(op.Concat(*rows, axis=0), const_i([-1]))  # [P, 1]
-    zeros = op.CastLike(op.ConstantOfShape(op.Shape(x2)), x2)
-    y = op.ScatterND(zeros, indices, op.Concat(*updates, axis=0), reduction="add")
+        tokens = op.Reshape(op.NonZero(column), const_i([-1]))  # [n_e], ascending
+        token_lists.append(tokens)
+        outputs.append(expert_ffn_onnx(spec, w, e, op.Gather(x2, tokens, axis=0)))
+    if spec.routing == "expert_choice":
+        y = _scatter_per_expert(x2, combine, token_lists, outputs)
+    else:
+        y = _gather_back(spec, w, x2, combine, chosen2, outputs)
     y = add_shared_and_bias(spec, y, x2, w)
     return op.Reshape(y, op.Shape(x)), reshape_chosen(chosen, x, e_count)
+
+
+def _gather_back(spec: MoESpec, w: dict, x2, combine, chosen2, outputs):
+    """Sum each token's k expert outputs, found in the concatenated outputs by position."""
+    if spec.routing == "external":
+        top_k = int(w["routed_ids"].shape[-1])
+        ids = op.Reshape(w["routed_ids"], const_i([-1, top_k]))
+    else:
+        _, ids = op.TopK(chosen2, const_i([spec.top_k]), axis=-1)  # [T, k]
+    counts = op.ReduceSum(chosen2, const_i([0]), keepdims=1)  # [1, E]
+    offsets = op.Sub(op.CumSum(counts, op.Constant(value_int=1)), counts)  # exclusive
+    rank = op.Sub(op.CumSum(chosen2, op.Constant(value_int=0)), const_f(1.0))  # [T, E]
+    position = op.Cast(op.Add(rank, offsets), to=INT64)  # row of Y holding (t, e)
+    pair_chosen = op.Cast(op.GatherElements(chosen2, ids, axis=1), to=BOOL)  # [T, k]
+    spare = op.Cast(op.ReduceSum(counts, keepdims=0), to=INT64)  # index of a zero row
+    rows = op.Where(pair_chosen, op.GatherElements(position, ids, axis=1), spare)
+    zero_row = op.CastLike(op.ConstantOfShape(const_i([1, spec.hidden_size])), x2)
+    everything = op.Concat(*outputs, zero_row, axis=0)  # [P + 1, H]
+    gathered = op.Gather(everything, rows, axis=0)  # [T, k, H]
+    pair_weight = op.Mul(
+        op.GatherElements(combine, ids, axis=1), op.CastLike(pair_chosen, x2)
+    )  # [T, k]
+    return op.ReduceSum(
+        op.Mul(gathered, op.Unsqueeze(pair_weight, const_i([-1]))), const_i([1]), keepdims=0
+    )
+
+
+def _scatter_per_expert(x2, combine, token_lists, outputs):
+    y = op.CastLike(op.ConstantOfShape(op.Shape(x2)), x2)
+    for e, (tokens, out) in enumerate(zip(token_lists, outputs, strict=True)):
+        gate = op.Gather(op.Gather(combine, op.Constant(value_int=e), axis=1), tokens, axis=0)
+        update = op.Mul(out, op.Unsqueeze(gate, const_i([-1])))
+        y = op.ScatterND(y, op.Unsqueeze(tokens, const_i([-1])), update, reduction="add")
+    return y

@@ -8,7 +8,9 @@ and lowered once per candidate, then run at a few token counts (median of a few 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import onnx_ir as ir
 import torch
@@ -74,8 +76,11 @@ def time_lowerings(
     for lowering in lowerings:
         (node,) = moe_nodes(captured.program)
         node.args = (*node.args[:-1], spec.with_lowering(lowering).to_json())
-        model = ir.serde.serialize_model(lower_to_onnx(captured, "ort")).SerializeToString()
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="moec-timing-") as tmp:
+            # a file with external data: a large layer's weights exceed protobuf's 2 GB
+            path = Path(tmp) / "block.onnx"
+            ir.save(lower_to_onnx(captured, "ort"), path, external_data="block.onnx.data")
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         total = 0.0
         for feed in feeds:
             for _ in range(2):

@@ -27,7 +27,10 @@ class TorchRunner(Runner):
         try:
             self.module = torch.export.load(path).module()
         except Exception as e:  # torch raises many types for a bad archive
-            raise ArtifactError(f"torch cannot load {path}: {e}") from e
+            hint = ""
+            if "moec" in str(e):
+                hint = " (its moec::moe op is registered by importing moec; load it with moec.load)"
+            raise ArtifactError(f"torch cannot load {path}: {e}{hint}") from e
         if self.threads is not None:
             torch.set_num_threads(self.threads)
 

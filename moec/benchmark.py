@@ -1,0 +1,69 @@
+"""``moec bench OUT``: latency of an artifact against the eager model it came from.
+
+For each input shape (the dynamic dims take the values of ``schedule``), the artifact and the
+eager source run on the same seeded inputs: warm-up, then the median of ``repeat`` runs each.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moec.runtime.inputs import make_inputs
+from moec.runtime.load import load
+from moec.runtime.manifest import Manifest
+from moec.verification import eager_model
+
+__all__ = ["BENCH_SCHEDULE", "BenchRow", "bench_artifact"]
+
+BENCH_SCHEDULE = ((1, 1), (1, 16), (1, 512))
+
+
+@dataclass
+class BenchRow:
+    shapes: dict[str, list[int]]
+    eager_ms: float
+    artifact_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.eager_ms / self.artifact_ms
+
+
+def _median_ms(fn, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def bench_artifact(
+    path: str | Path,
+    *,
+    source: str | nn.Module | None = None,
+    schedule=BENCH_SCHEDULE,
+    repeat: int = 7,
+    trust_pickle: bool = False,
+) -> list[BenchRow]:
+    manifest = Manifest.read(path)
+    model = eager_model(manifest, source, trust_pickle)
+    rows = []
+    with load(path) as runner:
+        for feeds in make_inputs(manifest.inputs, schedule, seed=0):
+            args = [torch.from_numpy(feeds[s.name]) for s in manifest.inputs]
+            with torch.no_grad():
+                eager_ms = _median_ms(lambda args=args: model(*args), repeat)
+            artifact_ms = _median_ms(lambda feeds=feeds: runner.infer(feeds), repeat)
+            rows.append(
+                BenchRow({k: list(v.shape) for k, v in feeds.items()}, eager_ms, artifact_ms)
+            )
+    return rows
