@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 import moec
+from moec.benchmark import median_ms
 
 THREADS = 2
 COMMON = dict(
@@ -61,17 +60,6 @@ def qwen2_moe_like():
 
 
 MODELS = {"mixtral-like": mixtral_like, "qwen2-moe-like": qwen2_moe_like}
-
-
-def median_ms(fn, repeat: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def bench_model(name: str, tokens: list[int], repeat: int, workdir: Path) -> list[dict]:

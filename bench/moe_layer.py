@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import tempfile
 import threading
 import time
@@ -40,8 +39,10 @@ from rich.table import Table
 from torch.export import Dim
 
 import moec
+from moec.benchmark import median_ms
 
 THREADS = 2
+SETTLE_S = 0.3
 BATCHED_MM_BUDGET = 4 << 30  # bytes of per-token weight copies the batched_mm export may make
 MOEC_ROWS = [  # (target, lowering or None for the target's default)
     ("ort", None),
@@ -92,15 +93,11 @@ def build_block(config: str) -> tuple[torch.nn.Module, dict]:
     return block.eval(), {**shape, "H": 1024}
 
 
-def median_ms(fn, repeat: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def _settled_median_ms(fn, repeat: int) -> float:
+    """Candidates run back to back, each after a pause: ONNX Runtime's worker threads spin for
+    a while after a run and would otherwise steal the two cores from the next candidate."""
+    time.sleep(SETTLE_S)
+    return median_ms(fn, repeat)
 
 
 class PeakRss:
@@ -313,9 +310,7 @@ def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path):
             out = out.numpy() if isinstance(out, torch.Tensor) else out
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
             checked[label] = (err, (weight_bytes + peak.grown) / (weight_bytes + activations))
-        # back to back, not interleaved: ONNX Runtime's worker threads spin after a run and
-        # would steal the cores from whichever candidate ran next
-        timings = {label: median_ms(fn, repeat) for label, fn in candidates}
+        timings = {label: _settled_median_ms(fn, repeat) for label, fn in candidates}
         for label, (err, peak_ratio) in checked.items():
             rows.append(
                 dict(

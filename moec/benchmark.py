@@ -19,7 +19,7 @@ from moec.runtime.load import load
 from moec.runtime.manifest import Manifest
 from moec.verification import eager_model
 
-__all__ = ["BENCH_SCHEDULE", "BenchRow", "bench_artifact"]
+__all__ = ["BENCH_SCHEDULE", "BenchRow", "bench_artifact", "median_ms"]
 
 BENCH_SCHEDULE = ((1, 1), (1, 16), (1, 512))
 
@@ -35,7 +35,8 @@ class BenchRow:
         return self.eager_ms / self.artifact_ms
 
 
-def _median_ms(fn, repeat: int, warmup: int = 2) -> float:
+def median_ms(fn, repeat: int, warmup: int = 2) -> float:
+    """Median wall time of ``repeat`` calls of ``fn`` after ``warmup`` calls, in ms."""
     for _ in range(warmup):
         fn()
     times = []
@@ -61,8 +62,8 @@ def bench_artifact(
         for feeds in make_inputs(manifest.inputs, schedule, seed=0):
             args = [torch.from_numpy(feeds[s.name]) for s in manifest.inputs]
             with torch.no_grad():
-                eager_ms = _median_ms(lambda args=args: model(*args), repeat)
-            artifact_ms = _median_ms(lambda feeds=feeds: runner.infer(feeds), repeat)
+                eager_ms = median_ms(lambda args=args: model(*args), repeat)
+            artifact_ms = median_ms(lambda feeds=feeds: runner.infer(feeds), repeat)
             rows.append(
                 BenchRow({k: list(v.shape) for k, v in feeds.items()}, eager_ms, artifact_ms)
             )

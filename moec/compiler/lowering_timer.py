@@ -7,6 +7,7 @@ and lowered once per candidate, then run at a few token counts (median of a few 
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -25,8 +26,8 @@ from moec.models import ModelSource
 
 __all__ = ["TIMED_TOKENS", "time_lowerings"]
 
-TIMED_TOKENS = (16, 256)
-REPEAT = 5
+TIMED_TOKENS = (1, 16, 256)
+REPEAT = 9
 
 
 class _RoutedExperts(nn.Module):
@@ -62,7 +63,8 @@ def _timing_model(spec: MoESpec, present: set[str]) -> ModelSource:
 def time_lowerings(
     spec: MoESpec, present: set[str], lowerings: list[str], tokens=TIMED_TOKENS
 ) -> dict[str, float]:
-    """Milliseconds (summed over ``tokens``) of each lowering of a block like this one."""
+    """Per lowering, its time relative to the fastest, as the geometric mean over ``tokens``
+    (1.0: fastest at every size); each size weighs alike, whatever its absolute time."""
     import onnxruntime as ort
 
     source = _timing_model(spec, present)
@@ -72,7 +74,7 @@ def time_lowerings(
     for t in tokens:
         shape = (t, spec.hidden_size) if spec.routing == "external" else (1, t, spec.hidden_size)
         feeds.append({"x": torch.randn(*shape, generator=g).numpy()})
-    results = {}
+    per_size: dict[str, list[float]] = {}
     for lowering in lowerings:
         (node,) = moe_nodes(captured.program)
         node.args = (*node.args[:-1], spec.with_lowering(lowering).to_json())
@@ -81,7 +83,7 @@ def time_lowerings(
             path = Path(tmp) / "block.onnx"
             ir.save(lower_to_onnx(captured, "ort"), path, external_data="block.onnx.data")
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        total = 0.0
+        per_size[lowering] = []
         for feed in feeds:
             for _ in range(2):
                 session.run(None, feed)
@@ -90,6 +92,13 @@ def time_lowerings(
                 start = time.perf_counter()
                 session.run(None, feed)
                 times.append(time.perf_counter() - start)
-            total += statistics.median(times) * 1e3
-        results[lowering] = total
-    return results
+            per_size[lowering].append(statistics.median(times))
+        del session
+        time.sleep(0.1)  # let the session's spinning threads stop before the next one runs
+    best = [min(times[i] for times in per_size.values()) for i in range(len(tokens))]
+    return {
+        lowering: math.exp(
+            sum(math.log(t / b) for t, b in zip(times, best, strict=True)) / len(best)
+        )
+        for lowering, times in per_size.items()
+    }

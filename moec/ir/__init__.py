@@ -7,11 +7,12 @@ Importing this package registers ``torch.ops.moec.moe``. It depends on nothing e
 
 from __future__ import annotations
 
-from moec.ir.moe_op import WEIGHT_NAMES, MoEWeights, moe_eager
+from moec.ir.moe_op import PLAIN_ACTIVATION_FUNCTIONS, WEIGHT_NAMES, MoEWeights, moe_eager
 from moec.ir.moe_spec import MoESpec
 from moec.ir.routing import near_tie_margin, route, router_logits
 
 __all__ = [
+    "PLAIN_ACTIVATION_FUNCTIONS",
     "WEIGHT_NAMES",
     "MoESpec",
     "MoEWeights",

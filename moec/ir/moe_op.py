@@ -33,6 +33,7 @@ from moec.ir.moe_spec import MoESpec
 from moec.ir.routing import route, router_logits
 
 __all__ = [
+    "PLAIN_ACTIVATION_FUNCTIONS",
     "WEIGHT_NAMES",
     "MoEWeights",
     "expert_ffn",
@@ -144,16 +145,17 @@ WEIGHT_NAMES: tuple[str, ...] = (
 assert set(WEIGHT_NAMES) == {f.name for f in fields(MoEWeights)}
 
 
+PLAIN_ACTIVATION_FUNCTIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),
+}
+
+
 def _act(name: str, x: torch.Tensor) -> torch.Tensor:
-    if name == "silu":
-        return F.silu(x)
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if name == "relu2":
-        return F.relu(x).square()
-    return F.relu(x)
+    return PLAIN_ACTIVATION_FUNCTIONS[name](x)
 
 
 ONEDNN_MIN_ROWS = 16  # from here on oneDNN's GEMM beats streaming the weights (measured)

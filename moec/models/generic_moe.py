@@ -20,24 +20,23 @@ import itertools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moec.errors import UnsupportedBlockError
-from moec.ir import MoESpec, MoEWeights, moe_eager, route, router_logits
+from moec.ir import (
+    PLAIN_ACTIVATION_FUNCTIONS,
+    MoESpec,
+    MoEWeights,
+    moe_eager,
+    route,
+    router_logits,
+)
 
 __all__ = ["GenericMoEAdapter", "module_experts_forward"]
 
 PROBE_TOKENS = 48
 MAX_PROBED_TOP_K = 8
 PROBE_RTOL = 1e-5
-_ACTS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
-    "relu": F.relu,
-    "relu2": lambda v: F.relu(v).square(),
-}
 
 
 class GenericMoEAdapter:
@@ -104,7 +103,7 @@ def _ffn_candidates(expert: nn.Module, hidden: int):
     outs = [lin for lin in lins if lin.out_features == hidden and lin.in_features != hidden]
     if len(lins) == 2 and len(ins) == 1 and len(outs) == 1:
         up, down = ins[0], outs[0]
-        for name, act in _ACTS.items():
+        for name, act in PLAIN_ACTIVATION_FUNCTIONS.items():
             yield (
                 {"expert_kind": "plain", "activation": name},
                 (None, up, down),
@@ -113,7 +112,7 @@ def _ffn_candidates(expert: nn.Module, hidden: int):
     if len(lins) == 3 and len(ins) == 2 and len(outs) == 1:
         down = outs[0]
         for gate, up in itertools.permutations(ins):
-            for name, act in _ACTS.items():
+            for name, act in PLAIN_ACTIVATION_FUNCTIONS.items():
                 yield (
                     {"expert_kind": "gated", "activation": name},
                     (gate, up, down),

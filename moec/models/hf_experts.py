@@ -18,11 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moec.errors import UnsupportedBlockError
-from moec.ir import MoESpec, MoEWeights
+from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, MoESpec, MoEWeights
 
 __all__ = ["HFExpertsAdapter", "probe_plain_activation", "top_k_of"]
 
@@ -110,15 +109,6 @@ def _stacked_weights(m: nn.Module) -> MoEWeights:
     )
 
 
-_PLAIN = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
-    "relu": F.relu,
-    "relu2": lambda v: F.relu(v).square(),
-}
-
-
 def _swiglu(gate, up, alpha: float, beta: float, limit: float | None):
     if limit is not None:
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
@@ -146,7 +136,9 @@ def probe_plain_activation(fn, size: int) -> str:
     """The name of moec's activation that ``fn`` computes (found on random values)."""
     _, up = _probe_values(size)
     with torch.no_grad():
-        candidates = {name: ({"activation": name}, f(up)) for name, f in _PLAIN.items()}
+        candidates = {
+            name: ({"activation": name}, f(up)) for name, f in PLAIN_ACTIVATION_FUNCTIONS.items()
+        }
         return _first_match(fn(up), candidates, f"its activation {type(fn).__name__}")["activation"]
 
 
@@ -166,7 +158,9 @@ def _probe_activation(m: nn.Module, size: int) -> dict[str, Any]:
 
 
 def _gated_candidates(m: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> dict:
-    found = {name: ({"activation": name}, f(gate) * up) for name, f in _PLAIN.items()}
+    found = {
+        name: ({"activation": name}, f(gate) * up) for name, f in PLAIN_ACTIVATION_FUNCTIONS.items()
+    }
     alphas = {1.0, *(_attr_floats(m, "alpha", "swiglu_alpha", "activation_alpha"))}
     limits = {None, *(_attr_floats(m, "limit", "swiglu_limit"))}
     for alpha in sorted(alphas):
