@@ -86,8 +86,13 @@ def load_hf_dir(directory: str) -> nn.Module:
         model_type = json.loads(config_path.read_text()).get("model_type")
     except json.JSONDecodeError as e:
         raise SourceError(f"hf:{directory}: config.json is not valid JSON ({e})") from e
-    import transformers
-    from transformers import AutoConfig
+    try:
+        import transformers
+        from transformers import AutoConfig
+    except ImportError as e:
+        raise SourceError(
+            f"hf:{directory} needs transformers, which is not installed; pip install 'moec[hf]'"
+        ) from e
 
     transformers.utils.logging.disable_progress_bar()
 
