@@ -25,6 +25,28 @@ console = Console()
 err_console = Console(stderr=True)
 
 TARGET_CHOICE = click.Choice(["ort", "onnx", "trt", "torch"])
+MERGE_METHODS = ["hc", "router-logits", "random"]
+PRUNE_METHODS = ["frequency", "reap", "reconstruction"]
+DISTILL_INITS = ["concat", "average"]
+
+
+class KeepType(click.ParamType):
+    """KEEP: a fraction of experts (0.5, 1.0) or a count (8)."""
+
+    name = "KEEP"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return value
+        try:
+            return int(value) if value.strip().isdigit() else float(value)
+        except ValueError:
+            self.fail(
+                f"{value!r} is neither a fraction in (0, 1] nor a count of experts", param, ctx
+            )
+
+
+KEEP = KeepType()
 LOWERINGS = ["fused", "gather", "capacity", "dense", "kernel"]
 
 
@@ -73,6 +95,34 @@ def main(verbose: bool) -> None:
     help="Capacity lowering sized by the largest expert load on calibration data.",
 )
 @click.option("--list-passes", is_flag=True, help="Print the pass pipeline for --target and exit.")
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    help="Calibration data for lossy passes: token ids .npy [N, S], or text for the tokenizer.",
+)
+@click.option(
+    "--calib-samples", type=int, help="Use at most this many calibration sequences (rows)."
+)
+@click.option(
+    "--merge-experts", type=KEEP, help="Merge experts down to KEEP per block (fraction or count)."
+)
+@click.option("--merge-method", type=click.Choice(MERGE_METHODS), default="hc", show_default=True)
+@click.option("--merge-lstsq", is_flag=True, help="Refit merged down projections by least squares.")
+@click.option("--prune-experts", type=KEEP, help="Keep the KEEP most valuable experts per block.")
+@click.option(
+    "--prune-method", type=click.Choice(PRUNE_METHODS), default="frequency", show_default=True
+)
+@click.option(
+    "--distill-dense", is_flag=True, help="Replace MoE blocks by dense FFNs fitted to them."
+)
+@click.option("--dense-width", type=int, help="Neurons of each dense FFN [top_k x expert size].")
+@click.option(
+    "--distill-steps", type=int, default=0, show_default=True, help="Adam steps after the fit."
+)
+@click.option("--distill-blocks", help="Comma-separated MoE block paths to distil [all].")
+@click.option(
+    "--distill-init", type=click.Choice(DISTILL_INITS), default="concat", show_default=True
+)
 @_friendly_errors
 def compile_command(
     src,
@@ -85,11 +135,37 @@ def compile_command(
     capacity_factor,
     capacity,
     list_passes,
+    calib,
+    calib_samples,
+    merge_experts,
+    merge_method,
+    merge_lstsq,
+    prune_experts,
+    prune_method,
+    distill_dense,
+    dense_width,
+    distill_steps,
+    distill_blocks,
+    distill_init,
 ):
     """Compile SRC (zoo:NAME, hf:DIR, FILE.pt2, pkg.module:factory, or a pickle) into OUT."""
+    from moec.passes import lossy_passes
+
     capacity = capacity_factor if capacity_factor is not None else capacity
+    lossy = lossy_passes(
+        merge_experts=merge_experts,
+        merge_method=merge_method,
+        merge_lstsq=merge_lstsq,
+        prune_experts=prune_experts,
+        prune_method=prune_method,
+        distill_dense=distill_dense,
+        dense_width=dense_width,
+        distill_steps=distill_steps,
+        distill_blocks=distill_blocks.split(",") if distill_blocks else None,
+        distill_init=distill_init,
+    )
     if list_passes:
-        _print_passes(target, lowering, capacity)
+        _print_passes(target, lowering, capacity, lossy)
         return
     if src is None or out is None:
         raise click.UsageError("moec compile needs SRC and -o OUT")
@@ -105,12 +181,23 @@ def compile_command(
             done = STAGES.index(name)
             progress.update(task, completed=done, description=f"[{done + 1}/{len(STAGES)}] {name}")
 
+        def on_step(step: int, steps: int) -> None:
+            done = STAGES.index("compress")
+            progress.update(task, description=f"[{done + 1}/{len(STAGES)}] distil {step}/{steps}")
+
+        for p in lossy:
+            if hasattr(p, "on_step"):
+                p.on_step = on_step
+
         result = compile_model(
             src,
             target=target,
             output=out,
             lowering=lowering,
             capacity=capacity,
+            lossy=lossy,
+            calib=calib,
+            calib_samples=calib_samples,
             force=force,
             trust_pickle=trust_pickle,
             on_stage=on_stage,
@@ -120,18 +207,38 @@ def compile_command(
     _print_compile_summary(result)
 
 
-def _print_passes(target: str, lowering: str | None, capacity) -> None:
+def _print_passes(target: str, lowering: str | None, capacity, lossy) -> None:
     from moec.passes import default_passes
 
-    passes = default_passes(target, lowering, capacity, calibration=[{}])
+    passes = lossy + default_passes(target, lowering, capacity, calibration=[{}])
     table = Table("#", "pass", "lossy", "what it does", title=f"passes for --target {target}")
     for i, p in enumerate(passes, 1):
         table.add_row(str(i), p.name, "yes" if p.lossy else "no", p.description)
     console.print(table)
     console.print(
         "--lowering NAME runs select-lowering instead; --capacity-factor F or --capacity auto "
-        "run the capacity pass instead (drops past capacity, reports the drop rate)"
+        "run the capacity pass instead (drops past capacity, reports the drop rate); lossy "
+        "passes (--merge-experts, --prune-experts) run first, on the eager model"
     )
+
+
+def _print_quality(quality: dict, title: str) -> None:
+    table = Table("block", "rel. output error (held out)", title=title)
+    for b in quality["blocks"]:
+        table.add_row(b["block"] or "(model)", f"{b['rel_error']:.3e}")
+    console.print(table)
+    if "perplexity" in quality:
+        ppl = quality["perplexity"]
+        console.print(
+            f"perplexity {ppl['before']:.3f} -> {ppl['after']:.3f}; next-token top-1 agreement "
+            f"{quality['top1_agreement']:.2%} ({quality['held_out_rows']} held-out rows)"
+        )
+    for key, what in (("parameters", "model"), ("moe_parameters", "MoE blocks")):
+        size = quality[key]
+        console.print(
+            f"{what}: {size['before']:,} -> {size['after']:,} parameters "
+            f"({size['reduction']:.1%} fewer; {_human_bytes(size['bytes_after'])})"
+        )
 
 
 def _print_compile_summary(result) -> None:
@@ -141,6 +248,8 @@ def _print_compile_summary(result) -> None:
     console.print(blocks)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
+    if result.manifest.compression:
+        _print_quality(result.manifest.compression["quality"], "quality after the lossy passes")
     for record in result.manifest.passes:
         if "drop_rate" in record["report"]:
             console.print(
@@ -216,6 +325,12 @@ def verify_command(out, source, trust_pickle, seed, json_path):
         console.print(routing)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
+    from moec.runtime.manifest import Manifest
+
+    compression = Manifest.read(out).compression
+    if compression:
+        console.print("lossy artifact: checked against the model its passes produced")
+        _print_quality(compression["quality"], "stored quality report of the lossy passes")
     if json_path:
         json_path.write_text(json.dumps(report.to_dict(), indent=2))
     console.print("[bold green]PASS" if report else "[bold red]FAIL")
@@ -287,16 +402,28 @@ def run_command(out, input_path, output_path):
 @main.command("inspect")
 @click.argument("target")
 @click.option("--trust-pickle", is_flag=True, help="Allow SRC to be a pickle.")
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    help="Also show each block's expert load on this calibration data (see compile --calib).",
+)
+@click.option("--calib-samples", type=int, help="Use at most this many calibration rows.")
+@click.option(
+    "--plot", type=click.Path(path_type=Path), help="With --calib: write a PNG of the load."
+)
 @_friendly_errors
-def inspect_command(target, trust_pickle):
+def inspect_command(target, trust_pickle, calib, calib_samples, plot):
     """Show the MoE blocks of a SRC, or what an artifact directory OUT holds."""
     if Path(target).is_dir():
         _inspect_artifact(Path(target))
         return
+    if plot is not None and calib is None:
+        raise click.UsageError("--plot shows the expert load on calibration data: give --calib")
     from moec.compiler.sources import load_source
     from moec.models import find_moe_blocks
 
-    model = load_source(target, trust_pickle=trust_pickle).model_source.model
+    source = load_source(target, trust_pickle=trust_pickle).model_source
+    model = source.model
     blocks = find_moe_blocks(model)
     table = Table(
         "block",
@@ -322,6 +449,40 @@ def inspect_command(target, trust_pickle):
     console.print(table)
     total = sum(p.numel() for p in model.parameters())
     console.print(f"{len(blocks)} MoE block(s); {expert_params:,} of {total:,} parameters in them")
+    if calib is not None:
+        _print_expert_load(source, target, calib, calib_samples, plot)
+
+
+def _print_expert_load(source, target: str, calib: Path, samples: int | None, plot) -> None:
+    from moec.passes.calibration import load_calibration
+    from moec.passes.expert_load import expert_load, plot_expert_load
+
+    loads = expert_load(source, load_calibration(calib, source, samples))
+    table = Table(
+        "block",
+        "tokens",
+        "never used",
+        "busiest (share)",
+        "quietest (share)",
+        "max/mean",
+        "top gate mass",
+        title=escape(f"expert load on {calib}"),
+    )
+    for load in loads:
+        freq, mass = load.frequency, load.gate_mass
+        table.add_row(
+            load.block or "(model)",
+            str(load.tokens),
+            str(int((freq == 0).sum())),
+            f"{freq.argmax()} ({freq.max():.1%})",
+            f"{freq.argmin()} ({freq.min():.1%})",
+            f"{load.imbalance:.2f}",
+            f"{mass.argmax()} ({mass.max():.3f})",
+        )
+    console.print(table)
+    if plot is not None:
+        plot_expert_load(loads, plot, f"expert load of {target} on {calib.name}")
+        console.print(f"plot written to {plot}")
 
 
 def _inspect_artifact(path: Path) -> None:

@@ -18,9 +18,10 @@ from torch import nn
 
 from moec.compiler.sources import reload_source, weights_sha256
 from moec.errors import VerificationError
-from moec.ir import near_tie_margin, route, router_logits
+from moec.ir import map_experts, near_tie_margin, route, router_logits
 from moec.models import BlockMatch, find_moe_blocks
 from moec.models.hf_models import hf_model_source, is_hf_model
+from moec.passes.compress import apply_compressed
 from moec.runtime.compare import OutputStats, RoutingStats, VerifyReport
 from moec.runtime.inputs import make_inputs
 from moec.runtime.load import load
@@ -47,6 +48,8 @@ def verify(
     """
     manifest = Manifest.read(path)
     model = eager_model(manifest, source, trust_pickle)
+    if manifest.compression:  # a lossy artifact is checked against its passes' output
+        model = apply_compressed(model, manifest.compression, Path(path))
     blocks = {m.name: m for m in find_moe_blocks(model)}
     tolerances = manifest.tolerances
     outputs = [OutputStats(o.name, tolerances.get("rel_l2", 1e-5)) for o in manifest.main_outputs]
@@ -162,10 +165,11 @@ def _eager_routing(match: BlockMatch, args: tuple, kwargs: dict) -> tuple[np.nda
     spec, w = match.spec, match.weights
     if spec.routing == "external":
         ids = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
-        chosen = torch.zeros((*ids.shape[:-1], spec.num_experts), dtype=torch.bool)
+        chosen = torch.zeros((*ids.shape[:-1], spec.router_experts), dtype=torch.bool)
         chosen.scatter_(-1, ids, True)
+        _, chosen = map_experts(spec, chosen.float(), chosen)
         return chosen.numpy(), np.full(ids.shape[:-1], np.inf)
     x = args[0] if args else kwargs["hidden_states"]
     logits = router_logits(x, w.router_weight, w.router_bias)
-    _, chosen = route(spec, logits, w.selection_bias)
+    _, chosen = map_experts(spec, *route(spec, logits, w.selection_bias))
     return chosen.numpy(), near_tie_margin(spec, logits, w.selection_bias).numpy()

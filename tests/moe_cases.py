@@ -59,10 +59,34 @@ CASES: dict[str, MoESpec] = {
     "plain-gelu-tanh": spec(expert_kind="plain", activation="gelu_tanh"),
     "plain-silu-scores-none": spec(expert_kind="plain", activation="silu", score="none"),
     "gated-gelu": spec(activation="gelu"),
+    # compressed blocks: 8 router experts onto 5 stored ones (two merged pairs, one pruned)
+    "merged-mixtral": spec(
+        num_experts=5, norm_topk_prob=True, expert_map=(0, 1, 2, 0, 3, -1, 4, 1)
+    ),
+    "merged-deepseek-v3": spec(
+        num_experts=12,
+        top_k=4,
+        score="sigmoid",
+        n_group=4,
+        topk_group=2,
+        group_score="top2_sum",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        shared_expert_size=32,
+        expert_map=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, -1, 11),
+    ),
+    "merged-switch-capacity": spec(
+        num_experts=4,
+        top_k=1,
+        expert_kind="plain",
+        activation="relu",
+        capacity_factor=1.25,
+        expert_map=(0, 1, 2, 3, 3, 2, 1, 0),
+    ),
 }
 # cases whose weights carry biases or a selection bias
 WITH_BIASES = {"gpt-oss", "plain-gelu-tanh"}
-WITH_SELECTION_BIAS = {"deepseek-v3", "softmax-bias"}
+WITH_SELECTION_BIAS = {"deepseek-v3", "merged-deepseek-v3", "softmax-bias"}
 
 
 def random_weights(name: str, seed: int = 0) -> MoEWeights:
@@ -74,15 +98,16 @@ def random_weights(name: str, seed: int = 0) -> MoEWeights:
         return torch.randn(*shape, generator=g) * scale
 
     e, i, h, sh = s.num_experts, s.expert_size, s.hidden_size, s.shared_expert_size
+    r = s.router_experts
     gated = s.expert_kind == "gated"
     biases = name in WITH_BIASES
     w = MoEWeights(
-        router_weight=rand(e, h, scale=1.0),
+        router_weight=rand(r, h, scale=1.0),
         w_gate=rand(e, i, h) if gated else None,
         w_up=rand(e, i, h),
         w_down=rand(e, h, i),
-        router_bias=rand(e, scale=0.5) if biases else None,
-        selection_bias=rand(e, scale=0.3) if name in WITH_SELECTION_BIAS else None,
+        router_bias=rand(r, scale=0.5) if biases else None,
+        selection_bias=rand(r, scale=0.3) if name in WITH_SELECTION_BIAS else None,
         b_gate=rand(e, i, scale=0.1) if biases and gated else None,
         b_up=rand(e, i, scale=0.1) if biases else None,
         b_down=rand(e, h, scale=0.1) if biases else None,

@@ -65,7 +65,7 @@ def _softmax(v):
 def _token_choice(spec, w, x):
     """[(expert, weight), ...] for one token, in slot order."""
     logits = w["router_weight"] @ x + (w["router_bias"] if w["router_bias"] is not None else 0)
-    experts = range(spec.num_experts)
+    experts = range(spec.router_experts)
     if spec.score == "softmax":
         scores = _softmax(logits)
     elif spec.score == "sigmoid":
@@ -77,7 +77,7 @@ def _token_choice(spec, w, x):
         choice = choice + w["selection_bias"]
     allowed = set(experts)
     if spec.n_group > 1:
-        per = spec.num_experts // spec.n_group
+        per = spec.router_experts // spec.n_group
         group_score = []
         for g in range(spec.n_group):
             members = sorted(choice[g * per : (g + 1) * per], reverse=True)
@@ -101,10 +101,12 @@ def oracle_moe(spec: MoESpec, weights: MoEWeights, x) -> np.ndarray:
     b, s, _ = xs.shape
     pairs = {}  # (b, t) -> [(expert, weight)]
     if spec.routing == "expert_choice":
-        cap = min(s, math.ceil((spec.capacity_factor or 1.0) * s * spec.top_k / spec.num_experts))
+        cap = min(
+            s, math.ceil((spec.capacity_factor or 1.0) * s * spec.top_k / spec.router_experts)
+        )
         for bi in range(b):
             probs = [_softmax(w["router_weight"] @ xs[bi, t]) for t in range(s)]
-            for e in range(spec.num_experts):
+            for e in range(spec.router_experts):
                 for t in sorted(range(s), key=lambda t: -probs[t][e])[:cap]:
                     pairs.setdefault((bi, t), []).append((e, probs[t][e]))
     else:
@@ -117,9 +119,9 @@ def oracle_moe(spec: MoESpec, weights: MoEWeights, x) -> np.ndarray:
                 scopes = [[(bi, t) for bi in range(b) for t in range(s)]]
             for scope in scopes:
                 cap = spec.expert_capacity or math.ceil(
-                    spec.capacity_factor * len(scope) * spec.top_k / spec.num_experts
+                    spec.capacity_factor * len(scope) * spec.top_k / spec.router_experts
                 )
-                served = [0] * spec.num_experts
+                served = [0] * spec.router_experts
                 for key in scope:
                     kept = []
                     for e, weight in pairs[key]:
@@ -135,5 +137,7 @@ def oracle_moe(spec: MoESpec, weights: MoEWeights, x) -> np.ndarray:
                 out[bi, t] += w["output_bias"]
     for (bi, t), chosen in pairs.items():
         for e, weight in chosen:
-            out[bi, t] += weight * _expert(spec, w, e, xs[bi, t])
+            stored = spec.expert_map[e] if spec.expert_map is not None else e
+            if stored >= 0:  # merged experts share weights; pruned ones contribute nothing
+                out[bi, t] += weight * _expert(spec, w, stored, xs[bi, t])
     return out

@@ -30,7 +30,12 @@ def test_eager_kernel_matches_float64_oracle(case, shape):
     assert out.shape == x.shape and chosen.shape == (*shape, spec.num_experts)
     assert rel_l2(out, expected) < 1e-5
     if spec.routing == "topk" and not spec.has_capacity:
-        assert (chosen.sum(-1) == spec.top_k).all()
+        served = chosen.sum(-1)  # merged experts: two of a token's k can be one stored expert
+        assert (
+            (served == spec.top_k).all()
+            if spec.expert_map is None
+            else (served <= spec.top_k).all()
+        )
 
 
 def test_capacity_drops_tokens_in_position_order():
@@ -81,9 +86,9 @@ def test_zoo_model_equals_its_op_form(name):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"top_k": 9}, "top_k=9 > num_experts"),
+        ({"top_k": 9}, "top_k=9 > router experts"),
         ({"score": "tanh"}, "score='tanh'"),
-        ({"n_group": 3}, "num_experts must divide"),
+        ({"n_group": 3}, "router experts must split"),
         ({"n_group": 4, "topk_group": 1, "top_k": 3}, "fewer than top_k"),
         ({"expert_capacity": 2, "capacity_factor": 1.0}, "not both"),
         ({"activation": "swiglu", "expert_kind": "plain"}, "gated activation"),

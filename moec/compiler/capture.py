@@ -25,7 +25,14 @@ from moec.models import BlockMatch, ModelSource, find_moe_blocks
 from moec.models.hf_patches import export_patches
 from moec.runtime.manifest import DynamicDim, TensorSpec
 
-__all__ = ["CaptureError", "CapturedBlock", "CapturedProgram", "capture", "moe_nodes"]
+__all__ = [
+    "CaptureError",
+    "CapturedBlock",
+    "CapturedProgram",
+    "capture",
+    "moe_nodes",
+    "swap_blocks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,27 +106,35 @@ class _RoutingTap(nn.Module):
         return (*outs, *routing)
 
 
+def swap_blocks(
+    model: nn.Module, matches: list[BlockMatch], replaced: list | None = None
+) -> nn.Module:
+    """Replace each matched block of ``model`` by its MoEBlock (or stand-in), in place; returns
+    the root (the block itself when the model is one). ``replaced`` collects (parent, attribute,
+    original) to undo it."""
+    root = model
+    for match in matches:
+        stand_in = match.conversion.stand_in
+        block = (
+            stand_in() if stand_in else op_block(match.spec, match.weights, match.expert_modules)
+        )
+        if match.name == "":
+            root = block
+            continue
+        parent_name, _, attr = match.name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if replaced is not None:
+            replaced.append((parent, attr, getattr(parent, attr)))
+        setattr(parent, attr, block)
+    return root
+
+
 @contextmanager
 def _swapped(model: nn.Module, matches: list[BlockMatch]) -> Iterator[nn.Module]:
     """Model with its blocks replaced by MoEBlocks; the originals are put back on exit."""
-    replaced = []
-    root = model
+    replaced: list = []
     try:
-        for match in matches:
-            stand_in = match.conversion.stand_in
-            block = (
-                stand_in()
-                if stand_in
-                else op_block(match.spec, match.weights, match.expert_modules)
-            )
-            if match.name == "":
-                root = block
-                continue
-            parent_name, _, attr = match.name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            replaced.append((parent, attr, getattr(parent, attr)))
-            setattr(parent, attr, block)
-        yield root
+        yield swap_blocks(model, matches, replaced)
     finally:
         for parent, attr, original in reversed(replaced):
             setattr(parent, attr, original)

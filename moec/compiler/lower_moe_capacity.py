@@ -14,7 +14,7 @@ O((E*C + T*k) * H); the expert FLOPs are those of E*C rows.
 
 from __future__ import annotations
 
-from moec.compiler.lower_routing import lower_routing
+from moec.compiler.lower_routing import lower_routing, pair_ids
 from moec.compiler.onnx_ops import (
     DOUBLE,
     FLOAT,
@@ -54,12 +54,7 @@ def lower_moe_capacity(spec: MoESpec, x, w: dict):
     weights, chosen = lower_routing(spec, to_3d(x), w)
     weights = op.Reshape(weights, const_i([-1, e_count]))  # [T, E]
     chosen = op.Reshape(chosen, const_i([-1, e_count]))  # [T, E] float 0/1
-    if spec.routing == "external":
-        top_k = int(w["routed_ids"].shape[-1])
-        ids = op.Reshape(w["routed_ids"], const_i([-1, top_k]))
-    else:
-        top_k = spec.top_k
-        _, ids = op.TopK(chosen, const_i([top_k]), axis=-1)  # [T, k]
+    ids, top_k = pair_ids(spec, w, chosen)  # [T, k]
     x2 = op.Reshape(x, const_i([-1, h]))
     tokens = op.Shape(x2, start=0, end=1)  # [1]
     slots = _slots(spec, tokens, top_k)  # C, [1]

@@ -57,7 +57,8 @@ def fused_unsupported_reasons(spec: MoESpec) -> list[str]:
 
 def _native_routing(spec: MoESpec) -> bool:
     return (
-        spec.score == "softmax"
+        spec.expert_map is None
+        and spec.score == "softmax"
         and spec.n_group == 1
         and not spec.has_capacity
         and spec.routing == "topk"
@@ -65,7 +66,12 @@ def _native_routing(spec: MoESpec) -> bool:
 
 
 def _group_router(spec: MoESpec) -> bool:
-    return spec.score == "sigmoid" and not spec.has_capacity and spec.routing == "topk"
+    return (
+        spec.expert_map is None
+        and spec.score == "sigmoid"
+        and not spec.has_capacity
+        and spec.routing == "topk"
+    )
 
 
 def lower_moe_fused(spec: MoESpec, x, w: dict):
@@ -111,6 +117,7 @@ def lower_moe_fused(spec: MoESpec, x, w: dict):
     top_k = spec.top_k
     if spec.routing == "external":  # the family's router decides k; its output shape says it
         top_k = int(w["routed_ids"].shape[-1])
+    top_k = min(top_k, e)  # merged experts: a token has at most E stored experts
     fc1, fc1_bias, attrs = _first_projection(spec, w)
     y = msft.MoE(
         x2,

@@ -15,7 +15,7 @@ Exact, no padding, the FLOPs of the experts actually chosen; shapes are data-dep
 
 from __future__ import annotations
 
-from moec.compiler.lower_routing import lower_routing
+from moec.compiler.lower_routing import lower_routing, pair_ids
 from moec.compiler.onnx_ops import (
     BOOL,
     INT64,
@@ -76,11 +76,7 @@ def lower_moe_gather(spec: MoESpec, x, w: dict):
 
 def _gather_back(spec: MoESpec, w: dict, x2, combine, chosen2, outputs):
     """Sum each token's k expert outputs, found in the concatenated outputs by position."""
-    if spec.routing == "external":
-        top_k = int(w["routed_ids"].shape[-1])
-        ids = op.Reshape(w["routed_ids"], const_i([-1, top_k]))
-    else:
-        _, ids = op.TopK(chosen2, const_i([spec.top_k]), axis=-1)  # [T, k]
+    ids, _ = pair_ids(spec, w, chosen2)  # [T, k]
     counts = op.ReduceSum(chosen2, const_i([0]), keepdims=1)  # [1, E]
     offsets = op.Sub(op.CumSum(counts, op.Constant(value_int=1)), counts)  # exclusive
     rank = op.Sub(op.CumSum(chosen2, op.Constant(value_int=0)), const_f(1.0))  # [T, E]

@@ -1,11 +1,14 @@
 """Routing of a ``moec::moe`` node in standard ONNX ops (the same math as `moec.ir.routing`).
 
 ``lower_routing(spec, x3, w) -> (weights, chosen)``: x3 [B, S, H]; weights [B, S, E] float32
-dense combine weights (zero where an expert is not chosen), chosen [B, S, E] float32 0/1. For
+dense combine weights (zero where an expert is not chosen), chosen [B, S, E] float32 0/1, over the
+stored experts (routing runs over the router's experts, then ``expert_map`` maps them). For
 external routing the shapes follow the given ids ([..., k] -> [..., E]) instead.
 """
 
 from __future__ import annotations
+
+import onnx
 
 from moec.compiler.onnx_ops import (
     DOUBLE,
@@ -19,8 +22,9 @@ from moec.compiler.onnx_ops import (
     op,
 )
 from moec.ir import MoESpec
+from moec.ir.routing import expert_map_matrix
 
-__all__ = ["lower_router_logits", "lower_routing", "scatter_chosen"]
+__all__ = ["lower_router_logits", "lower_routing", "pair_ids", "scatter_chosen"]
 
 
 def lower_router_logits(x, w: dict):
@@ -35,11 +39,31 @@ def lower_router_logits(x, w: dict):
 
 def lower_routing(spec: MoESpec, x3, w: dict):
     if spec.routing == "external":
-        return _external(spec, w)
-    logits = lower_router_logits(x3, w)
-    if spec.routing == "expert_choice":
-        return _expert_choice(spec, logits)
-    return _topk(spec, logits, w.get("selection_bias"))
+        weights, chosen = _external(spec, w)
+    else:
+        logits = lower_router_logits(x3, w)
+        if spec.routing == "expert_choice":
+            weights, chosen = _expert_choice(spec, logits)
+        else:
+            weights, chosen = _topk(spec, logits, w.get("selection_bias"))
+    if spec.expert_map is None:
+        return weights, chosen
+    # merged / pruned experts: gates of router experts sharing a stored expert add up
+    matrix = op.Constant(value=onnx.numpy_helper.from_array(expert_map_matrix(spec).numpy()))
+    return op.MatMul(weights, matrix), op.Min(op.MatMul(chosen, matrix), const_f(1.0))
+
+
+def pair_ids(spec: MoESpec, w: dict, chosen2):
+    """([T, k] stored-expert ids of each token's pairs, the router's k) for top-k routing.
+
+    The router's own ids where they are the stored experts; otherwise the chosen columns of
+    ``chosen2`` [T, E] (a token of a merged block may have fewer than k: check ``chosen2``).
+    """
+    top_k = int(w["routed_ids"].shape[-1]) if spec.routing == "external" else spec.top_k
+    if spec.routing == "external" and spec.expert_map is None:
+        return op.Reshape(w["routed_ids"], const_i([-1, top_k])), top_k
+    _, ids = op.TopK(chosen2, const_i([min(top_k, spec.num_experts)]), axis=-1)
+    return ids, top_k
 
 
 def scatter_chosen(logits, idx, values):
@@ -90,18 +114,18 @@ def _limit_to_groups(spec: MoESpec, choice):
     allowed = scatter_chosen(group_scores, best, ones_like(best))
     allowed = op.Unsqueeze(op.Greater(allowed, const_f(0.5)), const_i([-1]))
     masked = op.Where(allowed, grouped, const_f(float("-inf")))
-    return op.Reshape(masked, const_i([0, 0, spec.num_experts]))
+    return op.Reshape(masked, const_i([0, 0, spec.router_experts]))
 
 
 def _within_capacity(spec: MoESpec, idx):
     """[B, S, k] float 0/1: whether each (token, slot) pair fits its expert's capacity."""
-    experts = op.Range(_scalar_i(0), _scalar_i(spec.num_experts), _scalar_i(1))
+    experts = op.Range(_scalar_i(0), _scalar_i(spec.router_experts), _scalar_i(1))
     onehot = op.Cast(op.Equal(op.Unsqueeze(idx, const_i([-1])), experts), to=FLOAT)  # [B,S,k,E]
     if spec.capacity_scope == "sequence":
-        queue = op.CumSum(op.Reshape(onehot, const_i([0, -1, spec.num_experts])), _scalar_i(1))
+        queue = op.CumSum(op.Reshape(onehot, const_i([0, -1, spec.router_experts])), _scalar_i(1))
         tokens = op.Shape(idx, start=1, end=2)
     else:
-        queue = op.CumSum(op.Reshape(onehot, const_i([1, -1, spec.num_experts])), _scalar_i(1))
+        queue = op.CumSum(op.Reshape(onehot, const_i([1, -1, spec.router_experts])), _scalar_i(1))
         tokens = op.ReduceProd(op.Shape(idx, start=0, end=2), keepdims=1)
     queue = op.Reshape(queue, op.Shape(onehot))
     position = op.Sub(op.ReduceSum(op.Mul(queue, onehot), const_i([-1]), keepdims=0), const_f(1.0))
@@ -116,7 +140,7 @@ def _capacity(spec: MoESpec, tokens):
     factor = 1.0 if spec.capacity_factor is None else spec.capacity_factor
     n = op.Cast(tokens, to=DOUBLE)
     value = op.Div(
-        op.Mul(op.Mul(const_d(factor), n), const_d(spec.top_k)), const_d(spec.num_experts)
+        op.Mul(op.Mul(const_d(factor), n), const_d(spec.top_k)), const_d(spec.router_experts)
     )
     return op.Cast(op.Ceil(value), to=INT64)
 
@@ -128,7 +152,7 @@ def _scalar_i(value: int):
 def _external(spec: MoESpec, w: dict):
     """Routing the block's own router computed: (ids, weights) [..., k] scattered to [..., E]."""
     ids = w["routed_ids"]
-    shape = op.Concat(op.Shape(ids, end=-1), const_i([spec.num_experts]), axis=0)
+    shape = op.Concat(op.Shape(ids, end=-1), const_i([spec.router_experts]), axis=0)
     zeros = op.ConstantOfShape(shape)
     weights = op.ScatterElements(zeros, ids, op.Cast(w["routed_weights"], to=FLOAT), axis=-1)
     return weights, op.ScatterElements(zeros, ids, ones_like(ids), axis=-1)

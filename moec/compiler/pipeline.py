@@ -34,6 +34,8 @@ from moec.passes import (
     check_lowering,
     default_passes,
 )
+from moec.passes.calibration import load_calibration
+from moec.passes.compress import CompressionResult, compress_model
 from moec.runtime.inputs import make_inputs
 from moec.runtime.manifest import Manifest
 
@@ -42,7 +44,7 @@ __all__ = ["DEFAULT_TOLERANCES", "STAGES", "TARGETS", "CompileResult", "compile_
 log = logging.getLogger(__name__)
 
 TARGETS = ("ort", "onnx", "trt", "torch")
-STAGES = ("load", "capture", "passes", "lower", "write")
+STAGES = ("load", "compress", "capture", "passes", "lower", "write")
 DEFAULT_TOLERANCES = {"rel_l2": 1e-5, "routing_agreement": 0.999}
 MODEL_FILE = "model.onnx"
 PT2_FILE = "model.pt2"
@@ -82,6 +84,9 @@ def compile_model(
     lowering: str | None = None,
     capacity: float | str | None = None,
     calibration: list[dict[str, np.ndarray]] | None = None,
+    lossy: list[Pass] | None = None,
+    calib: str | Path | None = None,
+    calib_samples: int | None = None,
     force: bool = False,
     trust_pickle: bool = False,
     on_stage: StageCallback | None = None,
@@ -92,7 +97,9 @@ def compile_model(
     ``output``: the artifact directory (default: a new temporary directory). ``passes``: the
     pass pipeline (default: `default_passes(target, lowering, capacity, calibration)`; the
     calibration inputs default to seeded random inputs of the model's declared shapes).
-    ``source_options``: further
+    ``lossy``: lossy passes (merge, prune, distil) run on the eager model before capture, driven
+    by the calibration file ``calib`` (see `moec.passes.calibration`; ``calib_samples`` rows at
+    most); their quality report goes into the manifest. ``source_options``: further
     `ModelSource` fields for an nn.Module (input_names, output_names, dynamic_shapes,
     input_ranges) or ``example_inputs_file`` (a .npz) for a pickled bare module.
     """
@@ -115,8 +122,16 @@ def compile_model(
 
     with stage("load"):
         loaded = _load(model, example_inputs, trust_pickle, source_options)
+    compression = None
+    if lossy:
+        if calib is None:
+            names = ", ".join(p.name for p in lossy)
+            raise MoecError(f"{names} need calibration data: give --calib FILE")
+        with stage("compress"):
+            data = load_calibration(calib, loaded.model_source, calib_samples)
+            compression = compress_model(loaded.model_source, lossy, data)
     with stage("capture"):
-        captured = capture(loaded.model_source)
+        captured = capture(compression.source if compression else loaded.model_source)
     with stage("passes"):
         if passes is None:
             wants_capacity = capacity is not None or lowering == "capacity"
@@ -129,6 +144,8 @@ def compile_model(
             files = functools.partial(_write_pt2, captured)
         else:
             files = functools.partial(_write_onnx, lower_to_onnx(captured, target))
+        if compression is not None:
+            files = functools.partial(_with_compressed, files, compression)
     with stage("write"):
         manifest = Manifest(
             target=target,
@@ -137,7 +154,8 @@ def compile_model(
             outputs=captured.outputs,
             files={},
             blocks=[_block_record(b) for b in captured.blocks],
-            passes=pass_records,
+            passes=(compression.records if compression else []) + pass_records,
+            compression=compression.manifest_section() if compression else {},
             tolerances=dict(DEFAULT_TOLERANCES),
             versions=_versions(),
             notes=captured.notes,
@@ -181,6 +199,12 @@ def _block_record(block: CapturedBlock) -> dict[str, Any]:
         "lowering": block.lowering,
         "reason": block.reason,
     }
+
+
+def _with_compressed(write, compression: CompressionResult, directory: Path) -> dict[str, str]:
+    files = write(directory)
+    files["compressed"] = compression.write_tensors(directory)
+    return files
 
 
 def _write_pt2(captured: CapturedProgram, directory: Path) -> dict[str, str]:

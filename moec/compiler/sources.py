@@ -23,7 +23,7 @@ from torch import nn
 
 from moec.errors import SourceError
 from moec.models import ModelSource, build_zoo
-from moec.models.hf_models import hf_model_source, load_hf_dir
+from moec.models.hf_models import hf_model_source, hf_tokenizer, load_hf_dir
 
 __all__ = ["LoadedSource", "load_source", "reload_source", "source_from_module", "weights_sha256"]
 
@@ -71,6 +71,7 @@ def load_source(
     elif src.startswith("hf:"):
         directory = Path(src.removeprefix("hf:")).resolve()
         loaded = hf_model_source(load_hf_dir(str(directory)))
+        loaded.tokenizer = hf_tokenizer(directory)
         record = {"spec": src, "kind": "hf", "path": f"hf:{directory}"}
     elif os.path.exists(src):
         path = Path(src).resolve()

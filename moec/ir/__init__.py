@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from moec.ir.moe_op import PLAIN_ACTIVATION_FUNCTIONS, WEIGHT_NAMES, MoEWeights, moe_eager
 from moec.ir.moe_spec import MoESpec
-from moec.ir.routing import near_tie_margin, route, router_logits
+from moec.ir.routing import map_experts, near_tie_margin, route, router_logits
 
 __all__ = [
     "PLAIN_ACTIVATION_FUNCTIONS",
     "WEIGHT_NAMES",
     "MoESpec",
     "MoEWeights",
+    "map_experts",
     "moe_eager",
     "near_tie_margin",
     "route",

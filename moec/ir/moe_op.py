@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from moec.errors import SpecError
 from moec.ir.moe_spec import MoESpec
-from moec.ir.routing import route, router_logits
+from moec.ir.routing import map_experts, route, router_logits
 
 __all__ = [
     "PLAIN_ACTIVATION_FUNCTIONS",
@@ -72,13 +72,14 @@ class MoEWeights:
     def expected_shapes(spec: MoESpec) -> dict[str, tuple[int, ...] | None]:
         """The shape ``spec`` implies for each tensor (None: the block has no use for it)."""
         e, h, i, s = spec.num_experts, spec.hidden_size, spec.expert_size, spec.shared_expert_size
+        r = spec.router_experts
         routed = spec.routing != "external"
         ffn = spec.expert_kind != "module"
         gated = spec.expert_kind == "gated"
         return {
-            "router_weight": (e, h) if routed else None,
-            "router_bias": (e,) if routed else None,
-            "selection_bias": (e,) if routed else None,
+            "router_weight": (r, h) if routed else None,
+            "router_bias": (r,) if routed else None,
+            "selection_bias": (r,) if routed else None,
             "w_gate": (e, i, h) if gated else None,
             "w_up": (e, i, h) if ffn else None,
             "w_down": (e, h, i) if ffn else None,
@@ -174,14 +175,22 @@ def _gated(spec: MoESpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _act(spec.activation, gate) * up
 
 
-def _ffn(spec: MoESpec, w: MoEWeights, e: int, x: torch.Tensor, project) -> torch.Tensor:
-    """Expert ``e``'s FFN, with ``project(weight [out, in], bias [out] | None, x)``."""
+def _hidden(spec: MoESpec, w: MoEWeights, e: int, x: torch.Tensor, project) -> torch.Tensor:
+    """Expert ``e``'s activations, with ``project(weight [out, in], bias [out] | None, x)``."""
     up = project(w.w_up[e], _at(w.b_up, e), x)
     if spec.expert_kind == "plain":
-        hidden = _act(spec.activation, up)
-    else:
-        hidden = _gated(spec, project(w.w_gate[e], _at(w.b_gate, e), x), up)
-    return project(w.w_down[e], _at(w.b_down, e), hidden)
+        return _act(spec.activation, up)
+    return _gated(spec, project(w.w_gate[e], _at(w.b_gate, e), x), up)
+
+
+def _ffn(spec: MoESpec, w: MoEWeights, e: int, x: torch.Tensor, project) -> torch.Tensor:
+    """Expert ``e``'s FFN, with ``project(weight [out, in], bias [out] | None, x)``."""
+    return project(w.w_down[e], _at(w.b_down, e), _hidden(spec, w, e, x, project))
+
+
+def expert_hidden(spec: MoESpec, w: MoEWeights, e: int, rows: torch.Tensor) -> torch.Tensor:
+    """Expert ``e``'s activations before its down projection: [n, H] -> [n, I]."""
+    return _hidden(spec, w, e, rows, lambda weight, bias, x: F.linear(x, weight, bias))
 
 
 def _project_columns(weight: torch.Tensor, bias: torch.Tensor | None, xt: torch.Tensor):
@@ -222,12 +231,15 @@ def expert_ffn(spec: MoESpec, w: MoEWeights, e: int, rows: torch.Tensor) -> torc
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_linear")
 
 
-def shared_ffn(spec: MoESpec, w: MoEWeights, x: torch.Tensor) -> torch.Tensor:
-    """The shared expert on every token: [n, H] -> [n, H] (zero when the block has none)."""
+def shared_ffn(spec: MoESpec, w: MoEWeights, x: torch.Tensor, linear=None) -> torch.Tensor:
+    """The shared expert on every token: [n, H] -> [n, H] (zero when the block has none).
+
+    ``linear(x, weight)``: the matmul to use (default: the fastest here, not exportable)."""
     if not spec.shared_expert_size:
         return torch.zeros_like(x)
-    hidden = _act(spec.shared_activation, _linear(x, w.shared_gate)) * _linear(x, w.shared_up)
-    out = _linear(hidden, w.shared_down)
+    linear = linear or _linear
+    hidden = _act(spec.shared_activation, linear(x, w.shared_gate)) * linear(x, w.shared_up)
+    out = linear(hidden, w.shared_down)
     if spec.shared_expert_gated:
         out = out * torch.sigmoid(F.linear(x, w.shared_expert_gate))
     return out
@@ -249,6 +261,7 @@ def moe_eager(
     else:
         logits = router_logits(x, w.router_weight, w.router_bias)
         weights, chosen = route(spec, logits, w.selection_bias)
+    weights, chosen = map_experts(spec, weights, chosen)
     flat_x = x.reshape(-1, x.shape[-1])
     out = shared_ffn(spec, w, flat_x)
     # Group the (token, expert) pairs by expert: one gather in, one matmul chain per expert on
@@ -273,7 +286,7 @@ def scatter_routing(
     spec: MoESpec, ids: torch.Tensor, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing given as (ids, weights) [..., k] -> dense weights and chosen mask [..., E]."""
-    shape = (*ids.shape[:-1], spec.num_experts)
+    shape = (*ids.shape[:-1], spec.router_experts)
     dense = torch.zeros(shape, dtype=torch.float32, device=ids.device)
     dense = dense.scatter(-1, ids, weights.float())
     chosen = torch.zeros(shape, dtype=torch.bool, device=ids.device).scatter(-1, ids, True)

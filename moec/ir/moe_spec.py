@@ -31,6 +31,11 @@ Experts, stacked with the expert index first:
 Shared experts: a gated FFN of width ``shared_expert_size`` applied to every token, scaled by
 ``sigmoid(x @ shared_expert_gate.T)`` when ``shared_expert_gated``.
 
+Compressed blocks (merged or pruned experts): ``expert_map[r]`` is the stored expert that router
+expert r's gate goes to (-1: pruned, its pairs contribute nothing). Routing runs over the
+``router_experts = len(expert_map)`` experts the router scores; the gates of router experts that
+share a stored expert add up. ``num_experts`` is the number of stored experts.
+
 ``lowering`` and ``lowering_capacity_factor`` are not part of the model: the lowering passes fill
 them in to tell the exporter which strategy a block gets (for ``capacity``: the factor F of
 ``C = min(T, ceil(F * T * k / E))`` slots per expert).
@@ -85,10 +90,13 @@ class MoESpec:
     shared_expert_size: int = 0
     shared_expert_gated: bool = False
     shared_activation: str = "silu"
+    expert_map: tuple[int, ...] | None = None
     lowering: str | None = None
     lowering_capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
+        if self.expert_map is not None:  # JSON gives a list
+            object.__setattr__(self, "expert_map", tuple(int(i) for i in self.expert_map))
         self._validate()
 
     # -- derived ------------------------------------------------------------------------------
@@ -99,8 +107,13 @@ class MoESpec:
         )
 
     @property
+    def router_experts(self) -> int:
+        """Experts the router scores (more than ``num_experts`` once experts are merged)."""
+        return self.num_experts if self.expert_map is None else len(self.expert_map)
+
+    @property
     def experts_per_group(self) -> int:
-        return self.num_experts // self.n_group
+        return self.router_experts // self.n_group
 
     def lowering_capacity(self, tokens: int) -> int:
         """Slots per expert of the ``capacity`` lowering for a call of ``tokens`` tokens."""
@@ -111,12 +124,12 @@ class MoESpec:
         """Tokens (or, for top-k, token-slot pairs) each expert serves among ``tokens``."""
         if self.routing == "expert_choice":
             factor = 1.0 if self.capacity_factor is None else self.capacity_factor
-            return min(tokens, math.ceil(factor * tokens * self.top_k / self.num_experts))
+            return min(tokens, math.ceil(factor * tokens * self.top_k / self.router_experts))
         if self.expert_capacity is not None:
             return self.expert_capacity
         if self.capacity_factor is None:
             raise SpecError("capacity() asked of a block without capacity")
-        return math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts)
+        return math.ceil(self.capacity_factor * tokens * self.top_k / self.router_experts)
 
     # -- (de)serialisation --------------------------------------------------------------------
     def to_json(self) -> str:
@@ -169,6 +182,8 @@ class MoESpec:
         experts = f"{self.num_experts}x{self.expert_kind} {self.activation} {self.expert_size}"
         if self.expert_kind == "module":
             experts = f"{self.num_experts}x module experts"
+        if self.expert_map is not None:
+            experts += f" (from {self.router_experts} router experts)"
         return f"{route}; {experts}{shared}"
 
     # -- validation ---------------------------------------------------------------------------
@@ -196,13 +211,24 @@ class MoESpec:
         )
         for name in ("num_experts", "top_k", "hidden_size", "expert_size", "n_group", "topk_group"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1")
-        need(self.top_k <= self.num_experts, f"top_k={self.top_k} > num_experts")
+        need(self.top_k <= self.router_experts, f"top_k={self.top_k} > router experts")
+        if self.expert_map is not None:
+            need(
+                all(-1 <= i < self.num_experts for i in self.expert_map),
+                f"expert_map entries must be -1 or stored experts 0..{self.num_experts - 1}",
+            )
+            need(
+                set(range(self.num_experts)) <= set(self.expert_map),
+                "every stored expert needs a router expert mapped to it",
+            )
         need(self.shared_expert_size >= 0, "shared_expert_size must be >= 0")
         need(
             not self.shared_expert_gated or self.shared_expert_size > 0,
             "shared_expert_gated needs a shared expert",
         )
-        need(self.num_experts % self.n_group == 0, "num_experts must divide into n_group groups")
+        need(
+            self.router_experts % self.n_group == 0, "router experts must split into n_group groups"
+        )
         need(self.topk_group <= self.n_group, "topk_group > n_group")
         need(
             self.topk_group * self.experts_per_group >= self.top_k,

@@ -12,7 +12,7 @@ import torch
 
 from moec.ir.moe_spec import MoESpec
 
-__all__ = ["near_tie_margin", "route", "router_logits"]
+__all__ = ["expert_map_matrix", "map_experts", "near_tie_margin", "route", "router_logits"]
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -33,6 +33,27 @@ def route(
     else:
         weights, chosen = _topk(spec, logits, selection_bias)
     return (weights[0], chosen[0]) if squeeze else (weights, chosen)
+
+
+def expert_map_matrix(spec: MoESpec) -> torch.Tensor:
+    """[router experts, stored experts] float32 0/1: row r is one-hot at ``expert_map[r]``
+    (all zero for a pruned router expert)."""
+    matrix = torch.zeros(spec.router_experts, spec.num_experts)
+    for r, e in enumerate(spec.expert_map or range(spec.num_experts)):
+        if e >= 0:
+            matrix[r, e] = 1.0
+    return matrix
+
+
+def map_experts(
+    spec: MoESpec, weights: torch.Tensor, chosen: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense routing over router experts -> over stored experts: the gates of router experts
+    that share a stored expert add up; pruned ones drop out. Unchanged without ``expert_map``."""
+    if spec.expert_map is None:
+        return weights, chosen
+    matrix = expert_map_matrix(spec).to(weights.device)
+    return weights @ matrix, (chosen.float() @ matrix) > 0
 
 
 def _scores(spec: MoESpec, logits: torch.Tensor) -> torch.Tensor:
@@ -98,7 +119,7 @@ def _within_capacity(spec: MoESpec, idx: torch.Tensor) -> torch.Tensor:
     Pairs queue per expert in position order (token, then slot), per sequence or per batch.
     """
     b, s, k = idx.shape
-    onehot = torch.nn.functional.one_hot(idx, spec.num_experts)  # [B, S, k, E]
+    onehot = torch.nn.functional.one_hot(idx, spec.router_experts)  # [B, S, k, E]
     if spec.capacity_scope == "sequence":
         queue = onehot.reshape(b, s * k, -1).cumsum(dim=1).reshape(b, s, k, -1)
         capacity = spec.capacity(s)
@@ -142,7 +163,7 @@ def near_tie_margin(
             margin = 2 * (scores - cut.unsqueeze(1)).abs().amin(dim=-1)
     else:
         choice = _choice_scores(spec, logits, _scores(spec, logits), selection_bias)
-        if spec.top_k >= spec.num_experts:
+        if spec.top_k >= spec.router_experts:
             margin = torch.full(choice.shape[:2], float("inf"))
         else:
             top = choice.topk(spec.top_k + 1, dim=-1).values

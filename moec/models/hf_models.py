@@ -16,8 +16,10 @@ The KV cache is not an input or output (``use_cache=False``). Verification draws
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,7 +29,16 @@ from torch.export import Dim
 from moec.errors import SourceError
 from moec.models.model_source import ModelSource
 
-__all__ = ["CausalLMLogits", "Seq2SeqLMLogits", "hf_model_source", "is_hf_model", "load_hf_dir"]
+__all__ = [
+    "CausalLMLogits",
+    "Seq2SeqLMLogits",
+    "hf_model_source",
+    "hf_tokenizer",
+    "is_hf_model",
+    "load_hf_dir",
+]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
 
@@ -119,6 +130,16 @@ def load_hf_dir(directory: str) -> nn.Module:
             f"config.json ({first}); the safetensors must match the config"
         ) from e
     return model.eval()
+
+
+def hf_tokenizer(directory: Path) -> Callable[[str], list[int]] | None:
+    """The tokenizer saved beside the model (text -> ids, no special tokens), if there is one."""
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return functools.partial(tokenizer.encode, add_special_tokens=False)
 
 
 def _auto_class(config):

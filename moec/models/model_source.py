@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ class ModelSource:
     - ``output_names``: names of the model's outputs (default ``output``, ``output_1``, ...).
     - ``input_ranges``: for integer inputs, the half-open range [low, high) of valid values
       (token ids: [0, vocab)); verification draws random inputs from it.
+    - ``tokenizer``: text -> token ids of the first input, for calibration text files.
     """
 
     model: nn.Module
@@ -29,3 +31,4 @@ class ModelSource:
     dynamic_shapes: Any = None
     output_names: list[str] | None = None
     input_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    tokenizer: Callable[[str], list[int]] | None = None

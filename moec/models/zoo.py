@@ -38,6 +38,11 @@ ZOO_BLOCKS: dict[str, type[torch.nn.Module]] = {
 LM_KEYS = ("vocab_size", "layers", "heads", "max_positions")
 
 
+def utf8_bytes(text: str) -> list[int]:
+    """The zoo LMs' tokenizer: one token per UTF-8 byte."""
+    return list(text.encode("utf-8"))
+
+
 def zoo_names() -> list[str]:
     return [*ZOO_BLOCKS, *(f"{name}-lm" for name in ZOO_BLOCKS)]
 
@@ -63,6 +68,7 @@ def build_zoo(name: str, seed: int = 0, batch: int = 2, seq: int = 8, **sizes: A
                 dynamic_shapes=({0: Dim("batch"), 1: Dim("seq", max=model.max_positions)},),
                 output_names=["logits"],
                 input_ranges={"input_ids": (0, model.vocab_size)},
+                tokenizer=utf8_bytes if model.vocab_size >= 256 else None,
             )
         model = _make_block(block, sizes, hidden).eval()
         x = torch.randn(batch, seq, hidden)

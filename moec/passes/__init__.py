@@ -6,21 +6,31 @@ import numpy as np
 
 from moec.errors import MoecError
 from moec.passes.capacity import CALIBRATION_SCHEDULE, CapacityPass, check_capacity
+from moec.passes.distill_dense import DISTILL_INITS, DistillDensePass
 from moec.passes.grouped_gemm import GroupedGemmPass
+from moec.passes.merge_experts import MERGE_METHODS, MergeExpertsPass
 from moec.passes.pass_base import Pass, PassManager, PassResult
+from moec.passes.prune_experts import PRUNE_METHODS, PruneExpertsPass
 from moec.passes.select_lowering import SelectLoweringPass, check_lowering
 
 __all__ = [
     "CALIBRATION_SCHEDULE",
+    "DISTILL_INITS",
+    "MERGE_METHODS",
+    "PRUNE_METHODS",
     "CapacityPass",
+    "DistillDensePass",
     "GroupedGemmPass",
+    "MergeExpertsPass",
     "Pass",
     "PassManager",
     "PassResult",
+    "PruneExpertsPass",
     "SelectLoweringPass",
     "check_capacity",
     "check_lowering",
     "default_passes",
+    "lossy_passes",
 ]
 
 
@@ -49,3 +59,30 @@ def default_passes(
     if lowering is not None:
         return [SelectLoweringPass(target, lowering)]
     return [GroupedGemmPass(target)]
+
+
+def lossy_passes(
+    merge_experts: float | int | None = None,
+    merge_method: str = "hc",
+    merge_lstsq: bool = False,
+    prune_experts: float | int | None = None,
+    prune_method: str = "frequency",
+    distill_dense: bool = False,
+    dense_width: int | None = None,
+    distill_steps: int = 0,
+    distill_blocks: list[str] | None = None,
+    distill_init: str = "concat",
+) -> list[Pass]:
+    """The lossy passes asked for, in the order they run: merge, prune, distil."""
+    passes: list[Pass] = []
+    if merge_experts is not None:
+        passes.append(MergeExpertsPass(merge_experts, merge_method, merge_lstsq))
+    if prune_experts is not None:
+        passes.append(PruneExpertsPass(prune_experts, prune_method))
+    if distill_dense:
+        passes.append(DistillDensePass(dense_width, distill_steps, distill_blocks, distill_init))
+    elif dense_width is not None or distill_steps or distill_blocks:
+        raise MoecError(
+            "--dense-width, --distill-steps and --distill-blocks go with --distill-dense"
+        )
+    return passes

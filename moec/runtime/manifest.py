@@ -120,6 +120,7 @@ class Manifest:
     tolerances: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    compression: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -201,6 +202,7 @@ class Manifest:
             "tolerances": dict,
             "versions": dict,
             "notes": list,
+            "compression": dict,
         }
         for key, kind in optional.items():
             _expect(
@@ -217,6 +219,7 @@ class Manifest:
             tolerances=data.get("tolerances", {}),
             versions=data.get("versions", {}),
             notes=data.get("notes", []),
+            compression=data.get("compression", {}),
         )
 
     def check_files(self, directory: Path) -> None:
