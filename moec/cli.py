@@ -28,6 +28,7 @@ TARGET_CHOICE = click.Choice(["ort", "onnx", "trt", "torch"])
 MERGE_METHODS = ["hc", "router-logits", "random"]
 PRUNE_METHODS = ["frequency", "reap", "reconstruction"]
 DISTILL_INITS = ["concat", "average"]
+DISTILL_TRAIN = ["all", "ffn"]
 
 
 class KeepType(click.ParamType):
@@ -123,6 +124,13 @@ def main(verbose: bool) -> None:
 @click.option(
     "--distill-init", type=click.Choice(DISTILL_INITS), default="concat", show_default=True
 )
+@click.option(
+    "--distill-train",
+    type=click.Choice(DISTILL_TRAIN),
+    default="all",
+    show_default=True,
+    help="What the distillation steps train: every weight, or only the dense FFNs.",
+)
 @_friendly_errors
 def compile_command(
     src,
@@ -147,6 +155,7 @@ def compile_command(
     distill_steps,
     distill_blocks,
     distill_init,
+    distill_train,
 ):
     """Compile SRC (zoo:NAME, hf:DIR, FILE.pt2, pkg.module:factory, or a pickle) into OUT."""
     from moec.passes import lossy_passes
@@ -163,6 +172,7 @@ def compile_command(
         distill_steps=distill_steps,
         distill_blocks=distill_blocks.split(",") if distill_blocks else None,
         distill_init=distill_init,
+        distill_train=distill_train,
     )
     if list_passes:
         _print_passes(target, lowering, capacity, lossy)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from hf_families import FAMILIES, build_tiny, save_tiny
 
 import moec
 from moec.errors import SourceError, UnsupportedBlockError
+from moec.passes import lossy_passes
 
 # The families the issue names; the rest are covered by bench/hf_coverage.py (README table).
 REQUIRED = [
@@ -121,3 +123,33 @@ def test_model_that_is_not_moe(tmp_path):
 
 def test_catalog_covers_the_required_families():
     assert set(REQUIRED) <= set(FAMILIES)
+
+
+@pytest.mark.parametrize(
+    ("family", "passes"),
+    [
+        ("mixtral", dict(merge_experts=0.5, merge_method="hc", merge_lstsq=True)),
+        ("qwen2_moe", dict(prune_experts=0.5, prune_method="reconstruction")),
+        ("deepseek_v3", dict(merge_experts=0.5, merge_method="router-logits")),
+        ("qwen3_moe", dict(distill_dense=True, distill_steps=3)),
+    ],
+    ids=["mixtral-merge", "qwen2-prune", "deepseek-v3-merge", "qwen3-distill"],
+)
+def test_compressed_family_verifies_against_its_passes(saved, tmp_path, family, passes):
+    """Behind the family's own router: merged experts by expert_map, pruned ones unmapped,
+    distilled experts modules as dense FFNs that ignore the routing they are handed."""
+    calib = tmp_path / "calib.npy"
+    vocab = FAMILIES[family]["kwargs"].get("vocab_size", 128)
+    np.save(calib, np.random.default_rng(0).integers(0, vocab, (12, 16)))
+    result = moec.compile(
+        f"hf:{saved(family)}",
+        target="ort",
+        output=tmp_path / "out",
+        lossy=lossy_passes(**passes),
+        calib=calib,
+    )
+    quality = result.manifest.compression["quality"]
+    assert quality["moe_parameters"]["reduction"] > 0.3
+    assert "perplexity" in quality
+    report = moec.verify(result.path)
+    assert report, report.to_dict()

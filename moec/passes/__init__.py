@@ -6,7 +6,7 @@ import numpy as np
 
 from moec.errors import MoecError
 from moec.passes.capacity import CALIBRATION_SCHEDULE, CapacityPass, check_capacity
-from moec.passes.distill_dense import DISTILL_INITS, DistillDensePass
+from moec.passes.distill_dense import DISTILL_INITS, DISTILL_TRAIN, DistillDensePass
 from moec.passes.grouped_gemm import GroupedGemmPass
 from moec.passes.merge_experts import MERGE_METHODS, MergeExpertsPass
 from moec.passes.pass_base import Pass, PassManager, PassResult
@@ -16,6 +16,7 @@ from moec.passes.select_lowering import SelectLoweringPass, check_lowering
 __all__ = [
     "CALIBRATION_SCHEDULE",
     "DISTILL_INITS",
+    "DISTILL_TRAIN",
     "MERGE_METHODS",
     "PRUNE_METHODS",
     "CapacityPass",
@@ -72,6 +73,7 @@ def lossy_passes(
     distill_steps: int = 0,
     distill_blocks: list[str] | None = None,
     distill_init: str = "concat",
+    distill_train: str = "all",
 ) -> list[Pass]:
     """The lossy passes asked for, in the order they run: merge, prune, distil."""
     passes: list[Pass] = []
@@ -80,7 +82,11 @@ def lossy_passes(
     if prune_experts is not None:
         passes.append(PruneExpertsPass(prune_experts, prune_method))
     if distill_dense:
-        passes.append(DistillDensePass(dense_width, distill_steps, distill_blocks, distill_init))
+        passes.append(
+            DistillDensePass(
+                dense_width, distill_steps, distill_blocks, distill_init, distill_train
+            )
+        )
     elif dense_width is not None or distill_steps or distill_blocks:
         raise MoecError(
             "--dense-width, --distill-steps and --distill-blocks go with --distill-dense"

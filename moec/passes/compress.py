@@ -31,6 +31,7 @@ from moec.passes.quality import quality_report
 __all__ = ["COMPRESSED_FILE", "CompressionResult", "apply_compressed", "compress_model"]
 
 COMPRESSED_FILE = "compressed.safetensors"
+PARAMETERS = "<parameters>"
 
 
 @dataclass
@@ -41,6 +42,7 @@ class CompressionResult:
     blocks: dict[str, nn.Module]
     skipped: dict[str, str]
     calibration: dict[str, Any]
+    parameters: dict[str, torch.Tensor]  # weights outside the blocks that a pass changed
 
     def manifest_section(self) -> dict[str, Any]:
         return {
@@ -48,10 +50,11 @@ class CompressionResult:
             "quality": self.quality,
             "skipped": self.skipped,
             "blocks": [_block_record(name, module) for name, module in self.blocks.items()],
+            "parameters": sorted(self.parameters),
         }
 
     def write_tensors(self, directory: Path) -> str:
-        tensors = {}
+        tensors = {f"{PARAMETERS}::{n}": t.contiguous() for n, t in self.parameters.items()}
         for name, module in self.blocks.items():
             for tensor_name, tensor in module.state_dict().items():
                 tensors[f"{_key(name)}::{tensor_name}"] = tensor.contiguous()
@@ -67,13 +70,9 @@ def compress_model(
             raise MoecError(f"pass {p.name} is not a lossy pass; it runs after capture")
     state = CompressionState(source, calibration)
     if not state.blocks:
+        why = "".join(f"; {name}: {reason}" for name, reason in state.skipped.items())
         raise MoecError(
-            "the lossy passes need MoE blocks with FFN experts, and this model has none"
-            + (
-                f" ({', '.join(state.skipped)}: {next(iter(state.skipped.values()))})"
-                if state.skipped
-                else ""
-            )
+            f"the lossy passes need MoE blocks with FFN experts, and this model has none{why}"
         )
     state, records = PassManager(passes).run(state)
     return CompressionResult(
@@ -83,7 +82,23 @@ def compress_model(
         dict(state.blocks),
         state.skipped,
         calibration.summary(),
+        _changed_parameters(state),
     )
+
+
+def _changed_parameters(state: CompressionState) -> dict[str, torch.Tensor]:
+    """The model's tensors outside its blocks that differ from the model before the passes."""
+    if "" in state.blocks:  # the model is one block: nothing outside it
+        return {}
+    before = state.reference.state_dict()
+    prefixes = tuple(f"{name}." for name in state.blocks)
+    return {
+        name: tensor.detach()
+        for name, tensor in state.model.state_dict().items()
+        if not name.startswith(prefixes)
+        and name in before
+        and not torch.equal(tensor, before[name])
+    }
 
 
 def apply_compressed(model: nn.Module, section: dict[str, Any], directory: Path) -> nn.Module:
@@ -92,22 +107,27 @@ def apply_compressed(model: nn.Module, section: dict[str, Any], directory: Path)
         tensors = load_file(directory / COMPRESSED_FILE)
     except (OSError, RuntimeError) as e:
         raise ArtifactError(f"{directory}: cannot read {COMPRESSED_FILE} ({e})") from e
+    by_block: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        block, _, tensor_name = key.partition("::")
+        by_block.setdefault(block, {})[tensor_name] = tensor
     root = copy.deepcopy(model)
     for record in section.get("blocks", []):
         name = record["name"]
-        module = _rebuild(
-            record,
-            {
-                k.split("::", 1)[1]: v
-                for k, v in tensors.items()
-                if k.split("::", 1)[0] == _key(name)
-            },
-        )
+        module = _rebuild(record, by_block.get(_key(name), {}))
         if name == "":
             root = module
         else:
             parent_name, _, attr = name.rpartition(".")
             setattr(root.get_submodule(parent_name), attr, module)
+    changed = by_block.get(PARAMETERS, {})
+    unknown = set(changed) - set(root.state_dict())
+    if unknown or set(changed) != set(section.get("parameters", [])):
+        raise ArtifactError(
+            f"{directory}: {COMPRESSED_FILE} does not match the manifest's compression section "
+            f"(parameters {sorted(unknown or changed)[:3]}...); compile the artifact again"
+        )
+    root.load_state_dict(changed, strict=False)
     return root
 
 

@@ -8,12 +8,17 @@ the active width, ``top_k`` experts' worth) with the experts' kind and activatio
    the frequency-weighted average expert and fills any remaining width the same way;
 2. a shared expert (ungated, with the experts' activation) is folded in as extra neurons; a
    gated one is kept beside the dense FFN;
-3. fitted to the block's outputs on its calibration inputs: closed-form ridge least squares for
-   the down projection, then ``steps`` Adam steps on all of the FFN's weights (mean squared
-   error on batches of ``batch_tokens`` tokens).
+3. fitted to the block's outputs on its calibration inputs (the inputs it gets once the blocks
+   before it are dense): closed-form ridge least squares for the down projection;
+4. then ``steps`` Adam steps on batches of ``batch_tokens`` calibration tokens: end to end when no
+   MoE block is left, the model before the pass as the teacher (KL divergence of the next-token
+   distributions for a language model, else the mean squared error of its first output),
+   training every weight of the model (``train="all"``, as Switch Transformer's distillation
+   does; the artifact then stores the changed weights too) or only the dense FFNs (``"ffn"``);
+   with MoE blocks left (the MoE op has no gradient), each FFN alone on its block's outputs.
 
-The report gives, per block, the relative error on the fitting tokens after each stage and the
-tokens the fit used.
+The report gives, per block, the relative error on the fitting tokens after each stage; the
+training loss at the start and end; and the tokens the training used.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights
 from moec.ir.moe_op import expert_hidden, shared_ffn
 from moec.models.dense_ffn import DenseFFN
+from moec.passes.calibration import model_inputs
 from moec.passes.compression_state import (
     EXPERT_TENSORS,
     BlockStats,
@@ -35,12 +41,14 @@ from moec.passes.compression_state import (
     ridge_least_squares,
 )
 from moec.passes.pass_base import Pass, PassResult
+from moec.passes.quality import first_output, is_logits
 
-__all__ = ["DISTILL_INITS", "DistillDensePass"]
+__all__ = ["DISTILL_INITS", "DISTILL_TRAIN", "DistillDensePass"]
 
 DISTILL_INITS = ("concat", "average")
+DISTILL_TRAIN = ("all", "ffn")
 RIDGE = 1e-7  # relative to the mean diagonal of the Gram matrix: for stability only
-FIT_TOKENS = 65536
+MAX_FIT_TOKENS = 65536
 
 
 class DistillDensePass(Pass):
@@ -54,6 +62,7 @@ class DistillDensePass(Pass):
         steps: int = 0,
         blocks: list[str] | None = None,
         init: str = "concat",
+        train: str = "all",
         lr: float = 1e-3,
         batch_tokens: int = 1024,
         seed: int = 0,
@@ -64,6 +73,9 @@ class DistillDensePass(Pass):
             raise MoecError(f"--distill-steps must be >= 0, not {steps}")
         if init not in DISTILL_INITS:
             raise MoecError(f"distillation init {init!r}: choose one of {DISTILL_INITS}")
+        if train not in DISTILL_TRAIN:
+            raise MoecError(f"--distill-train {train!r}: choose one of {DISTILL_TRAIN}")
+        self.train = train
         self.width, self.steps, self.blocks, self.init = width, steps, blocks, init
         self.lr, self.batch_tokens, self.seed = lr, batch_tokens, seed
         self.on_step: Callable[[int, int], None] | None = None
@@ -78,20 +90,24 @@ class DistillDensePass(Pass):
                     f"its MoE blocks: {names}"
                 )
             names = [n for n in names if n in self.blocks]
-        stats = state.stats(FIT_TOKENS)
+        # The MoE op has no gradient: with MoE blocks left, each dense FFN trains on its own.
+        end_to_end = self.steps > 0 and not set(state.moe_blocks()) - set(names)
         report = []
         for index, name in enumerate(names):
-            if name not in stats:
-                continue
             spec, weights = state.moe(name)
+            # collected again after each replacement: a block is fitted on the inputs it gets
+            # from the blocks already distilled
+            stats = state.stats(_fit_tokens(spec.hidden_size)).get(name)
+            if stats is None:
+                continue
             width = self.width or spec.expert_size * spec.top_k
-            dense_spec, dense = initial_dense(spec, weights, stats[name], width, self.init)
-            x, target = _fit_data(spec, weights, dense_spec, stats[name])
+            dense_spec, dense = initial_dense(spec, weights, stats, width, self.init)
+            x, target = _fit_data(spec, weights, dense_spec, stats)
             errors = {"init": _rel_error(dense_spec, dense, x, target)}
             dense = _least_squares_down(dense_spec, dense, x, target)
             errors["least_squares"] = _rel_error(dense_spec, dense, x, target)
-            if self.steps:
-                dense = self._train(dense_spec, dense, x, target, index, len(names))
+            if self.steps and not end_to_end:
+                dense = self._train_block(dense_spec, dense, x, target, index, len(names))
                 errors["trained"] = _rel_error(dense_spec, dense, x, target)
             state.replace(name, DenseFFN(dense_spec, dense))
             report.append(
@@ -101,14 +117,19 @@ class DistillDensePass(Pass):
                     "shared": _shared_note(spec, dense_spec),
                     "rel_error": errors,
                     "fit_tokens": int(x.shape[0]),
-                    "train_tokens": self.steps * min(self.batch_tokens, int(x.shape[0])),
                 }
             )
-        summary = {"init": self.init, "steps": self.steps, "blocks": report}
-        summary["train_tokens"] = sum(b["train_tokens"] for b in report)
+        summary: dict = {"init": self.init, "steps": self.steps, "blocks": report}
+        summary["training"] = f"end to end ({self.train})" if end_to_end else "per block"
+        if end_to_end and report:
+            summary.update(self._train_end_to_end(state, [r["block"] for r in report]))
+        else:  # every block trains on batches of the same calibration tokens
+            tokens = min([self.batch_tokens] + [r["fit_tokens"] for r in report])
+            summary["train_tokens"] = self.steps * tokens if report else 0
         return PassResult(state, bool(report), summary)
 
-    def _train(self, spec, weights: MoEWeights, x, target, index: int, count: int) -> MoEWeights:
+    def _train_block(self, spec, weights: MoEWeights, x, target, index, count) -> MoEWeights:
+        """Adam on one dense FFN alone: mean squared error to its block's outputs."""
         params = {
             n: getattr(weights, n).clone().requires_grad_(True)
             for n in EXPERT_TENSORS
@@ -128,6 +149,63 @@ class DistillDensePass(Pass):
             if self.on_step is not None:
                 self.on_step(index * self.steps + step + 1, count * self.steps)
         return dataclasses.replace(weights, **{n: p.detach() for n, p in params.items()})
+
+    def _train_end_to_end(self, state: CompressionState, names: list[str]) -> dict:
+        """Adam on the model's weights (all, or its dense FFNs'), matching the model before the
+        pass: its next-token distribution (KL) for a language model, else its first output."""
+        if self.train == "all":
+            params = [p for p in state.model.parameters() if p.is_floating_point()]
+        else:
+            params = [
+                getattr(state.blocks[n], t)
+                for n in names
+                for t in EXPERT_TENSORS
+                if getattr(state.blocks[n], t) is not None
+            ]
+        flags = {p: p.requires_grad for p in state.model.parameters()}
+        for p in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        optimiser = torch.optim.Adam(params, lr=self.lr)
+        fit = state.calibration.fit
+        rows_per_step = max(1, self.batch_tokens // max(fit.shape[1], 1))
+        g = np.random.default_rng(self.seed)
+        losses = []
+        try:
+            for step in range(self.steps):
+                inputs = model_inputs(state.source, fit[g.integers(0, len(fit), rows_per_step)])
+                with torch.no_grad():
+                    teacher = first_output(state.reference(*inputs))
+                student = first_output(state.model(*inputs))
+                loss = _distillation_loss(teacher, student, inputs[0], state.calibration)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                losses.append(float(loss.detach()))
+                if self.on_step is not None:
+                    self.on_step(step + 1, self.steps)
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+        tail = losses[-10:]
+        return {
+            "loss": {"first": losses[0], "last": sum(tail) / len(tail)},
+            "train_tokens": self.steps * rows_per_step * int(np.prod(fit.shape[1:2])),
+        }
+
+
+def _distillation_loss(teacher, student, first_input, calibration) -> torch.Tensor:
+    if calibration.is_token_ids and is_logits(teacher, first_input):
+        log_t = teacher.float().log_softmax(-1)
+        log_s = student.float().log_softmax(-1)
+        return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    return (student - teacher).square().mean() / teacher.square().mean().clamp_min(1e-12)
+
+
+def _fit_tokens(hidden: int) -> int:
+    """Tokens kept per block for the fit: up to 65,536, at most 256 MiB of inputs."""
+    return max(4096, min(MAX_FIT_TOKENS, (1 << 26) // hidden))
 
 
 def initial_dense(

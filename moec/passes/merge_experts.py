@@ -10,8 +10,11 @@ Clustering (``method``):
 - ``random``: a seeded random partition, the baseline.
 
 Each cluster becomes one expert whose tensors are the members' average weighted by how often
-each served on calibration tokens. The router is kept: its experts are mapped onto the merged
-ones (``MoESpec.expert_map``) so that the gates of a token's experts in one cluster add up.
+each served on calibration tokens, after each member's hidden neurons are permuted to line up
+with those of the cluster's most used member (an assignment problem on the neurons' weights, as
+M-SMoE aligns experts before merging; experts wider than 4096 are merged unaligned). The router
+is kept: its experts are mapped onto the merged ones (``MoESpec.expert_map``) so that the gates
+of a token's experts in one cluster add up.
 With ``correct``, the merged down projection is then refitted by ridge least squares so that on
 the calibration tokens routed to the cluster the merged expert reproduces the members' gate-
 weighted output.
@@ -24,6 +27,7 @@ import dataclasses
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
+from scipy.optimize import linear_sum_assignment
 
 from moec.compiler.moe_block import op_block
 from moec.errors import MoecError
@@ -44,6 +48,7 @@ __all__ = ["MERGE_METHODS", "MergeExpertsPass", "merge_clusters"]
 MERGE_METHODS = ("hc", "router-logits", "random")
 CLUSTER_TOKENS = 512  # tokens whose outputs describe an expert for clustering
 RIDGE = 1e-3
+ALIGN_MAX_WIDTH = 4096
 
 
 class MergeExpertsPass(Pass):
@@ -103,13 +108,15 @@ class MergeExpertsPass(Pass):
 def merge_clusters(
     spec: MoESpec, weights: MoEWeights, labels: np.ndarray, frequency: torch.Tensor
 ) -> tuple[MoESpec, MoEWeights]:
-    """The block with each cluster (``labels`` [E] in 0..K-1) merged into one expert."""
+    """The block with each cluster (``labels`` [E] in 0..K-1) merged into one expert: members'
+    neurons aligned to the most used member's, then averaged weighted by frequency."""
     count = int(labels.max()) + 1
     freq = frequency.double().clamp_min(1e-12)
     mix = torch.zeros(count, spec.num_experts, dtype=torch.float64)
     for c in range(count):
         members = torch.from_numpy(np.flatnonzero(labels == c))
         mix[c, members] = freq[members] / freq[members].sum()
+    weights = _aligned(spec, weights, labels, freq)
     merged = {}
     for name in EXPERT_TENSORS:
         tensor = getattr(weights, name)
@@ -120,6 +127,38 @@ def merge_clusters(
     new_map = tuple(int(labels[e]) if e >= 0 else -1 for e in old_map)
     new_spec = dataclasses.replace(spec, num_experts=count, expert_map=new_map)
     return new_spec, dataclasses.replace(weights, **merged)
+
+
+def _aligned(
+    spec: MoESpec, weights: MoEWeights, labels: np.ndarray, freq: torch.Tensor
+) -> MoEWeights:
+    """Weights with each cluster member's neurons permuted to match its anchor's (the most used
+    member): an expert's hidden neurons can be listed in any order, and averaging two experts is
+    only meaningful neuron by neuron. Matched by the largest total dot product of each neuron's
+    weights (its rows in gate and up, its column in down), solved as an assignment problem.
+    Skipped for experts wider than ``ALIGN_MAX_WIDTH`` (the problem grows as width^2)."""
+    if spec.expert_size > ALIGN_MAX_WIDTH:
+        return weights
+    rows = [n for n in ("w_gate", "w_up", "b_gate", "b_up") if getattr(weights, n) is not None]
+    tensors = {n: getattr(weights, n).clone() for n in (*rows, "w_down")}
+
+    def neurons(e: int) -> torch.Tensor:  # [I, features]
+        parts = [tensors[n][e].reshape(spec.expert_size, -1) for n in rows]
+        return torch.cat([*parts, tensors["w_down"][e].T], dim=1).double()
+
+    for c in range(int(labels.max()) + 1):
+        members = np.flatnonzero(labels == c)
+        anchor = int(members[np.argmax(freq[members].numpy())])
+        for e in members:
+            if e == anchor:
+                continue
+            similarity = (neurons(anchor) @ neurons(int(e)).T).numpy()
+            _, order = linear_sum_assignment(similarity, maximize=True)
+            order = torch.from_numpy(order)
+            for n in rows:
+                tensors[n][e] = tensors[n][e][order]
+            tensors["w_down"][e] = tensors["w_down"][e][:, order]
+    return dataclasses.replace(weights, **tensors)
 
 
 def _router_groups(spec: MoESpec, weights: MoEWeights, stats: BlockStats, count: int) -> np.ndarray:

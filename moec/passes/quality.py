@@ -18,7 +18,7 @@ from torch import nn
 from moec.passes.calibration import model_inputs
 from moec.passes.compression_state import BATCH_ROWS, CompressionState
 
-__all__ = ["quality_report"]
+__all__ = ["first_output", "is_logits", "quality_report"]
 
 
 def quality_report(state: CompressionState) -> dict[str, Any]:
@@ -44,9 +44,9 @@ def quality_report(state: CompressionState) -> dict[str, Any]:
             for start in range(0, len(held), BATCH_ROWS):
                 rows = held[start : start + BATCH_ROWS]
                 inputs = model_inputs(state.source, rows)
-                before = _first(state.reference(*inputs))
-                after = _first(state.model(*inputs))
-                if state.calibration.is_token_ids and _is_logits(before, inputs[0]):
+                before = first_output(state.reference(*inputs))
+                after = first_output(state.model(*inputs))
+                if state.calibration.is_token_ids and is_logits(before, inputs[0]):
                     _add_lm_figures(lm, before, after, inputs[0])
     finally:
         for h in handles:
@@ -76,11 +76,11 @@ def _module(root: nn.Module, name: str) -> nn.Module:
     return root if name == "" else root.get_submodule(name)
 
 
-def _first(out):
+def first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _is_logits(out: torch.Tensor, ids: torch.Tensor) -> bool:
+def is_logits(out: torch.Tensor, ids: torch.Tensor) -> bool:
     return out.dim() == 3 and tuple(out.shape[:2]) == tuple(ids.shape) and ids.shape[1] > 1
 
 
