@@ -172,8 +172,12 @@ def main() -> None:
         {"model": "dense, same active parameters", "ppl": perplexity(dense, held_out)},
     ]
     base_ppl = rows[0]["ppl"]
-    source = ModelSource(moe, (torch.from_numpy(train_rows[:2]),), input_names=["input_ids"])
-    source.input_ranges = {"input_ids": (0, 256)}
+    source = ModelSource(
+        moe,
+        (torch.from_numpy(train_rows[:2]),),
+        input_names=["input_ids"],
+        input_ranges={"input_ids": (0, 256)},
+    )
     calib = train_rows[np.random.default_rng(1).permutation(len(train_rows))[:CALIB_ROWS]]
     calibration = CalibrationData(calib[:-16], calib[-16:], "training text")
     variants = {}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moec.compiler.moe_block import experts_call_args
 from moec.compiler.sources import reload_source, weights_sha256
 from moec.errors import VerificationError
 from moec.ir import map_experts, near_tie_margin, route, router_logits
@@ -163,13 +164,12 @@ def _eager_routing(match: BlockMatch, args: tuple, kwargs: dict) -> tuple[np.nda
     from `_mark_fragile_external_routing`).
     """
     spec, w = match.spec, match.weights
+    x, ids, _ = experts_call_args(args, kwargs)
     if spec.routing == "external":
-        ids = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
         chosen = torch.zeros((*ids.shape[:-1], spec.router_experts), dtype=torch.bool)
         chosen.scatter_(-1, ids, True)
         _, chosen = map_experts(spec, chosen.float(), chosen)
         return chosen.numpy(), np.full(ids.shape[:-1], np.inf)
-    x = args[0] if args else kwargs["hidden_states"]
     logits = router_logits(x, w.router_weight, w.router_bias)
     _, chosen = map_experts(spec, *route(spec, logits, w.selection_bias))
     return chosen.numpy(), near_tie_margin(spec, logits, w.selection_bias).numpy()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moec.ir import MoESpec, MoEWeights
@@ -63,18 +65,6 @@ CASES: dict[str, MoESpec] = {
     "merged-mixtral": spec(
         num_experts=5, norm_topk_prob=True, expert_map=(0, 1, 2, 0, 3, -1, 4, 1)
     ),
-    "merged-deepseek-v3": spec(
-        num_experts=12,
-        top_k=4,
-        score="sigmoid",
-        n_group=4,
-        topk_group=2,
-        group_score="top2_sum",
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-        shared_expert_size=32,
-        expert_map=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, -1, 11),
-    ),
     "merged-switch-capacity": spec(
         num_experts=4,
         top_k=1,
@@ -84,6 +74,10 @@ CASES: dict[str, MoESpec] = {
         expert_map=(0, 1, 2, 3, 3, 2, 1, 0),
     ),
 }
+# the DeepSeek-V3 routing (groups, selection bias) over 16 router experts onto 12 stored ones
+CASES["merged-deepseek-v3"] = dataclasses.replace(
+    CASES["deepseek-v3"], num_experts=12, expert_map=(*range(12), 0, 1, -1, 11)
+)
 # cases whose weights carry biases or a selection bias
 WITH_BIASES = {"gpt-oss", "plain-gelu-tanh"}
 WITH_SELECTION_BIAS = {"deepseek-v3", "merged-deepseek-v3", "softmax-bias"}

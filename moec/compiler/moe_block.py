@@ -15,7 +15,7 @@ from torch import nn
 from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights
 from moec.models.generic_moe import module_experts_forward
 
-__all__ = ["MoEBlock", "MoEExpertsBlock", "ModuleExpertsBlock", "op_block"]
+__all__ = ["MoEBlock", "MoEExpertsBlock", "ModuleExpertsBlock", "experts_call_args", "op_block"]
 
 
 class MoEBlock(nn.Module):
@@ -44,15 +44,28 @@ class MoEBlock(nn.Module):
         return out
 
 
+def experts_call_args(args: tuple, kwargs: dict) -> tuple:
+    """(hidden_states, top_k_index, top_k_weights) of a call to a transformers experts module,
+    positional or by keyword (some families name them ``router_indices``/``routing_weights``)."""
+
+    def pick(i: int, *names: str):
+        if len(args) > i:
+            return args[i]
+        return next((kwargs[n] for n in names if kwargs.get(n) is not None), None)
+
+    return (
+        pick(0, "hidden_states"),
+        pick(1, "top_k_index", "router_indices"),
+        pick(2, "top_k_weights", "routing_weights"),
+    )
+
+
 class MoEExpertsBlock(MoEBlock):
     """Stands in for a transformers experts module: the family's router stays in the graph and
     hands over ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``."""
 
-    def forward(self, hidden_states, top_k_index=None, top_k_weights=None, **kwargs):
-        if top_k_index is None:  # some families name them differently
-            top_k_index = kwargs.pop("router_indices", None)
-        if top_k_weights is None:
-            top_k_weights = kwargs.pop("routing_weights", None)
+    def forward(self, *args, **kwargs):
+        hidden_states, top_k_index, top_k_weights = experts_call_args(args, kwargs)
         args = [getattr(self, name) for name in WEIGHT_NAMES]
         tokens = hidden_states.reshape(*top_k_index.shape[:-1], hidden_states.shape[-1])
         out, chosen = torch.ops.moec.moe(tokens, top_k_index, top_k_weights, *args, self.spec_json)

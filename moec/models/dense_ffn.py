@@ -15,7 +15,7 @@ from torch import nn
 from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights
 from moec.ir.moe_op import expert_hidden, shared_ffn
 
-__all__ = ["DenseFFN"]
+__all__ = ["DenseFFN", "dense_ffn_out"]
 
 
 class DenseFFN(nn.Module):
@@ -37,7 +37,7 @@ class DenseFFN(nn.Module):
     def forward(self, x: torch.Tensor, *routing, **kwargs) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         w = self.weights
-        out = F.linear(expert_hidden(self.spec, w, 0, flat), w.w_down[0], _at0(w.b_down))
+        out = dense_ffn_out(self.spec, w, flat)
         if self.spec.shared_expert_size:  # kept beside the dense FFN (a gated shared expert)
             out = out + shared_ffn(self.spec, w, flat, linear=F.linear)
         if w.output_bias is not None:
@@ -45,5 +45,7 @@ class DenseFFN(nn.Module):
         return out.reshape(x.shape)
 
 
-def _at0(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t[0]
+def dense_ffn_out(spec: MoESpec, w: MoEWeights, x: torch.Tensor) -> torch.Tensor:
+    """The one expert of a one-expert spec on every row of ``x`` [n, H] (no shared, no bias)."""
+    b_down = None if w.b_down is None else w.b_down[0]
+    return F.linear(expert_hidden(spec, w, 0, x), w.w_down[0], b_down)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moec.compiler.capture import swap_blocks
-from moec.compiler.moe_block import MoEBlock
+from moec.compiler.moe_block import MoEBlock, experts_call_args
 from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights, map_experts, route, router_logits
 from moec.ir.moe_op import expert_ffn, scatter_routing
@@ -187,12 +187,8 @@ class CompressionState:
 def _routing_of_call(block: MoEBlock, args: tuple, kwargs: dict, output) -> tuple:
     """(x [T, H], y [T, H], router weights, router chosen, weights, chosen) of one call."""
     spec = block.spec
-    x = args[0] if args else kwargs["hidden_states"]
+    x, ids, gates = experts_call_args(args, kwargs)
     if spec.routing == "external":
-        ids = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
-        gates = (
-            args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
-        )
         router_w, router_c = scatter_routing(spec, ids, gates)
     else:
         x3 = x if x.dim() == 3 else x.unsqueeze(0)

@@ -32,7 +32,7 @@ import torch
 from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights
 from moec.ir.moe_op import expert_hidden, shared_ffn
-from moec.models.dense_ffn import DenseFFN
+from moec.models.dense_ffn import DenseFFN, dense_ffn_out
 from moec.passes.calibration import model_inputs
 from moec.passes.compression_state import (
     EXPERT_TENSORS,
@@ -142,7 +142,7 @@ class DistillDensePass(Pass):
         for step in range(self.steps):
             rows = torch.randint(0, x.shape[0], (batch,), generator=g)
             current = dataclasses.replace(weights, **params)
-            loss = (_dense_out(spec, current, x[rows]) - target[rows]).square().mean() / scale
+            loss = (dense_ffn_out(spec, current, x[rows]) - target[rows]).square().mean() / scale
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -191,7 +191,7 @@ class DistillDensePass(Pass):
         tail = losses[-10:]
         return {
             "loss": {"first": losses[0], "last": sum(tail) / len(tail)},
-            "train_tokens": self.steps * rows_per_step * int(np.prod(fit.shape[1:2])),
+            "train_tokens": self.steps * rows_per_step * fit.shape[1],
         }
 
 
@@ -325,15 +325,9 @@ def _fit_data(spec, weights, dense_spec, stats: BlockStats) -> tuple[torch.Tenso
     return stats.x, target
 
 
-def _dense_out(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> torch.Tensor:
-    hidden = expert_hidden(spec, weights, 0, x)
-    out = hidden @ weights.w_down[0].T
-    return out if weights.b_down is None else out + weights.b_down[0]
-
-
 def _rel_error(spec, weights, x, target) -> float:
     with torch.no_grad():
-        diff = _dense_out(spec, weights, x) - target
+        diff = dense_ffn_out(spec, weights, x) - target
     return float(diff.norm() / target.norm().clamp_min(1e-12))
 
 
