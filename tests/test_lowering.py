@@ -75,12 +75,13 @@ def test_every_lowering_of_every_zoo_model(tmp_path, name, target, lowering, cap
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
 
 
-@pytest.mark.parametrize("lowering", ["fused", "gather", "dense", "capacity"])
+@pytest.mark.parametrize("lowering", ["fused", "gather", "dense", "capacity", "kernel"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_routing_family_lowers_exactly(tmp_path, case, lowering):
     spec, weights = CASES[case], random_weights(case, seed=1)
     block = MoEBlock(spec, weights)
-    compile_args = dict(target="ort", lowering=lowering, output=tmp_path / "a")
+    target = "torch" if lowering == "kernel" else "ort"
+    compile_args = dict(target=target, lowering=lowering, output=tmp_path / "a")
     if lowering == "capacity":
         compile_args["capacity"] = DROPLESS
     if unsupported_reasons(spec, lowering) and lowering != "capacity":

@@ -37,6 +37,9 @@ __all__ = [
     "WEIGHT_NAMES",
     "MoEWeights",
     "expert_ffn",
+    "expert_hidden",
+    "gated_activation",
+    "linear",
     "moe_eager",
     "scatter_routing",
     "shared_ffn",
@@ -159,14 +162,30 @@ def _act(name: str, x: torch.Tensor) -> torch.Tensor:
     return PLAIN_ACTIVATION_FUNCTIONS[name](x)
 
 
-ONEDNN_MIN_ROWS = 16  # from here on oneDNN's GEMM beats streaming the weights (measured)
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x [n, in] @ weight [out, in].T (+ bias [out]).
+
+    Without autograd, float32 runs oneDNN's GEMM on the dense weight in place: 1.5-2.5x
+    ``F.linear`` (MKL) at every row count from 1 to 512 on this AVX-512 CPU, 2 threads
+    (measured). Anything else takes ``F.linear``."""
+    if (
+        ONEDNN
+        and x.dtype == weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def _at(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
     return None if t is None else t[e]
 
 
-def _gated(spec: MoESpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def gated_activation(spec: MoESpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated experts' activation of ``spec`` on gate and up projections of one shape."""
     if spec.activation == "swiglu":
         if spec.swiglu_limit is not None:
             gate = gate.clamp(max=spec.swiglu_limit)
@@ -175,71 +194,29 @@ def _gated(spec: MoESpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _act(spec.activation, gate) * up
 
 
-def _hidden(spec: MoESpec, w: MoEWeights, e: int, x: torch.Tensor, project) -> torch.Tensor:
-    """Expert ``e``'s activations, with ``project(weight [out, in], bias [out] | None, x)``."""
-    up = project(w.w_up[e], _at(w.b_up, e), x)
+def expert_hidden(
+    spec: MoESpec, w: MoEWeights, e: int, rows: torch.Tensor, project=F.linear
+) -> torch.Tensor:
+    """Expert ``e``'s activations before its down projection: [n, H] -> [n, I], with
+    ``project(x, weight [out, in], bias [out] | None)``."""
+    up = project(rows, w.w_up[e], _at(w.b_up, e))
     if spec.expert_kind == "plain":
         return _act(spec.activation, up)
-    return _gated(spec, project(w.w_gate[e], _at(w.b_gate, e), x), up)
-
-
-def _ffn(spec: MoESpec, w: MoEWeights, e: int, x: torch.Tensor, project) -> torch.Tensor:
-    """Expert ``e``'s FFN, with ``project(weight [out, in], bias [out] | None, x)``."""
-    return project(w.w_down[e], _at(w.b_down, e), _hidden(spec, w, e, x, project))
-
-
-def expert_hidden(spec: MoESpec, w: MoEWeights, e: int, rows: torch.Tensor) -> torch.Tensor:
-    """Expert ``e``'s activations before its down projection: [n, H] -> [n, I]."""
-    return _hidden(spec, w, e, rows, lambda weight, bias, x: F.linear(x, weight, bias))
-
-
-def _project_columns(weight: torch.Tensor, bias: torch.Tensor | None, xt: torch.Tensor):
-    """[out, in] @ xt [in, n], xt kept column-major: for few tokens CPU BLAS then streams the
-    weight once without repacking it (2-4x ``F.linear``'s bandwidth at 2-4 tokens, measured)."""
-    if xt.stride(0) != 1:
-        xt = xt.t().contiguous().t()
-    y = weight @ xt
-    return y if bias is None else y + bias.unsqueeze(-1)
-
-
-def _project_rows_onednn(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor):
-    """x [n, in] @ weight.T with oneDNN (about 2x MKL's GEMM for 64+ rows on AVX-512, measured;
-    converting the weight's layout per call costs one pass over it)."""
-    y = torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), weight.to_mkldnn(), None)
-    y = y.to_dense()
-    return y if bias is None else y + bias
-
-
-def _onednn_worth_it(x: torch.Tensor) -> bool:
-    return ONEDNN and x.shape[0] >= ONEDNN_MIN_ROWS and x.dtype == torch.float32
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [n, in] @ weight.T: oneDNN for many rows, else F.linear."""
-    return _project_rows_onednn(weight, None, x) if _onednn_worth_it(x) else F.linear(x, weight)
+    return gated_activation(spec, project(rows, w.w_gate[e], _at(w.b_gate, e)), up)
 
 
 def expert_ffn(spec: MoESpec, w: MoEWeights, e: int, rows: torch.Tensor) -> torch.Tensor:
     """Expert ``e`` on its tokens ``rows`` [n, H] -> [n, H]."""
-    if _onednn_worth_it(rows):
-        return _ffn(spec, w, e, rows, _project_rows_onednn)
-    if rows.shape[0] == 1:  # two identical columns run at twice the speed of one on CPU BLAS
-        return _ffn(spec, w, e, torch.cat([rows, rows]).t(), _project_columns)[:, :1].t()
-    return _ffn(spec, w, e, rows.t(), _project_columns).t()
+    return linear(expert_hidden(spec, w, e, rows, linear), w.w_down[e], _at(w.b_down, e))
 
 
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_linear")
-
-
-def shared_ffn(spec: MoESpec, w: MoEWeights, x: torch.Tensor, linear=None) -> torch.Tensor:
-    """The shared expert on every token: [n, H] -> [n, H] (zero when the block has none).
-
-    ``linear(x, weight)``: the matmul to use (default: the fastest here, not exportable)."""
+def shared_ffn(spec: MoESpec, w: MoEWeights, x: torch.Tensor, project=linear) -> torch.Tensor:
+    """The shared expert on every token: [n, H] -> [n, H] (zero when the block has none), with
+    ``project(x, weight [out, in])`` (default: the fastest here, not exportable)."""
     if not spec.shared_expert_size:
         return torch.zeros_like(x)
-    linear = linear or _linear
-    hidden = _act(spec.shared_activation, linear(x, w.shared_gate)) * linear(x, w.shared_up)
-    out = linear(hidden, w.shared_down)
+    hidden = _act(spec.shared_activation, project(x, w.shared_gate)) * project(x, w.shared_up)
+    out = project(hidden, w.shared_down)
     if spec.shared_expert_gated:
         out = out * torch.sigmoid(F.linear(x, w.shared_expert_gate))
     return out
@@ -251,9 +228,15 @@ def moe_eager(
     x: torch.Tensor,
     routed_ids: torch.Tensor | None = None,
     routed_weights: torch.Tensor | None = None,
+    experts=None,
+    shared=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE block: route in float32, run each expert on its own tokens only (the kernel of
-    the ``torch`` target and the reference every ONNX lowering is checked against)."""
+    the ``torch`` target and the reference every ONNX lowering is checked against).
+
+    ``experts(e, rows [n, H]) -> [n, H]`` and ``shared(x [T, H]) -> [T, H]`` compute expert e
+    and the shared expert (default: `expert_ffn` and `shared_ffn` on ``w``); only the routing
+    tensors of ``w`` are read otherwise."""
     if spec.routing == "external":
         if routed_ids is None or routed_weights is None:
             raise SpecError("moec::moe: external routing needs routed_ids and routed_weights")
@@ -262,19 +245,20 @@ def moe_eager(
         logits = router_logits(x, w.router_weight, w.router_bias)
         weights, chosen = route(spec, logits, w.selection_bias)
     weights, chosen = map_experts(spec, weights, chosen)
+    experts = experts or functools.partial(expert_ffn, spec, w)
     flat_x = x.reshape(-1, x.shape[-1])
-    out = shared_ffn(spec, w, flat_x)
+    out = shared(flat_x) if shared else shared_ffn(spec, w, flat_x)
     # Group the (token, expert) pairs by expert: one gather in, one matmul chain per expert on
     # its own tokens, one scatter-add out.
-    experts, tokens = chosen.reshape(-1, spec.num_experts).t().nonzero().unbind(1)
+    expert_ids, tokens = chosen.reshape(-1, spec.num_experts).t().nonzero().unbind(1)
     if tokens.numel():
-        gates = weights.reshape(-1, spec.num_experts)[tokens, experts].to(x.dtype)
+        gates = weights.reshape(-1, spec.num_experts)[tokens, expert_ids].to(x.dtype)
         rows = flat_x[tokens]  # [P, H], grouped by expert
-        counts = torch.bincount(experts, minlength=spec.num_experts).tolist()
+        counts = torch.bincount(expert_ids, minlength=spec.num_experts).tolist()
         outputs, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                outputs.append(expert_ffn(spec, w, e, rows[start : start + n]))
+                outputs.append(experts(e, rows[start : start + n]))
                 start += n
         out = out.index_add(0, tokens, torch.cat(outputs) * gates.unsqueeze(-1))
     if w.output_bias is not None:

@@ -39,7 +39,7 @@ class DenseFFN(nn.Module):
         w = self.weights
         out = dense_ffn_out(self.spec, w, flat)
         if self.spec.shared_expert_size:  # kept beside the dense FFN (a gated shared expert)
-            out = out + shared_ffn(self.spec, w, flat, linear=F.linear)
+            out = out + shared_ffn(self.spec, w, flat, project=F.linear)
         if w.output_bias is not None:
             out = out + w.output_bias
         return out.reshape(x.shape)

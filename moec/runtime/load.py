@@ -17,7 +17,7 @@ def load(path: str | Path, **runner_options: Any) -> Runner:
     """An activated runner for the artifact at ``path``.
 
     ``runner_options`` go to the backend's runner (ONNX Runtime: ``providers``,
-    ``intra_op_threads``; torch: ``threads``).
+    ``intra_op_threads``; torch: ``threads``, ``pack``).
     """
     manifest = Manifest.read(path)
     if manifest.target in ("ort", "onnx"):

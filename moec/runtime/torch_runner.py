@@ -1,5 +1,8 @@
 """`TorchRunner`: runs ``torch`` artifacts, a ``model.pt2`` ExportedProgram whose MoE blocks are
-``moec::moe`` nodes executed by moec's kernel (importing `moec.ir` registers the op)."""
+``moec::moe`` nodes executed by moec's kernel (importing `moec.ir` registers the op).
+
+On activation the program's GEMM weights (MoE experts, linear layers) are packed once for
+oneDNN (`pack_weights`); ``pack=False`` runs the stored program as it is."""
 
 from __future__ import annotations
 
@@ -12,15 +15,19 @@ import moec.ir  # noqa: F401  (registers torch.ops.moec.moe, which the program c
 from moec.errors import ArtifactError
 from moec.runtime.manifest import Manifest
 from moec.runtime.runner import Runner
+from moec.runtime.weight_packing import PackingReport, pack_weights
 
 __all__ = ["TorchRunner"]
 
 
 class TorchRunner(Runner):
-    def __init__(self, manifest: Manifest, directory: Path, threads: int | None = None):
+    def __init__(
+        self, manifest: Manifest, directory: Path, threads: int | None = None, pack: bool = True
+    ):
         super().__init__(manifest, directory)
-        self.threads = threads
+        self.threads, self.pack = threads, pack
         self.module = None
+        self.packing = PackingReport()
 
     def activate_impl(self) -> None:
         path = self.directory / self.manifest.files["model"].path
@@ -31,6 +38,8 @@ class TorchRunner(Runner):
             if "moec" in str(e):
                 hint = " (its moec::moe op is registered by importing moec; load it with moec.load)"
             raise ArtifactError(f"torch cannot load {path}: {e}{hint}") from e
+        if self.pack:
+            self.packing = pack_weights(self.module)
         if self.threads is not None:
             torch.set_num_threads(self.threads)
 

@@ -1,0 +1,224 @@
+"""Load-time weight packing for ``torch`` artifacts.
+
+`pack_weights` replaces every ``moec::moe`` node of a loaded program by a `PackedMoE` module
+that holds the block's expert weights in oneDNN's blocked GEMM layout, and every
+``aten.linear`` with a stored weight (attention, a family's shared expert, the LM head) by a
+`PackedLinear`. Weights are packed once when the artifact is loaded and the dense copies are
+dropped from the module, so memory stays at one copy of the weights (as ONNX Runtime prepacks its
+MatMul weights at session creation). Gate and up projections are packed as one [2I, H] matrix:
+one GEMM per expert instead of two.
+
+Why: on this AVX-512 CPU with 2 threads, a packed [3584, 1024] float32 weight runs at 33, 265
+and 444 GFLOPS for 1, 16 and 128 rows against 23, 143 and 310 for the same GEMM reading the
+dense weight (measured). Routing, grouping and combining are the eager kernel's own
+(`moec.ir.moe_eager`), so the packed block computes the same function; only float32 blocks on a
+torch built with oneDNN are packed, any other node keeps running the op's kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, WEIGHT_NAMES, MoESpec, MoEWeights, moe_eager
+from moec.ir.moe_op import ONEDNN, gated_activation
+
+__all__ = ["PackedLinear", "PackedMoE", "PackingReport", "pack_weights", "packable"]
+
+# the tensors the routing and combine read as they are stored
+ROUTING_WEIGHTS = ("router_weight", "router_bias", "selection_bias", "shared_expert_gate")
+
+
+def packable(spec: MoESpec, weights: MoEWeights) -> bool:
+    """Whether `PackedMoE` can hold this block: FFN experts, float32, oneDNN built in."""
+    return (
+        ONEDNN
+        and spec.expert_kind != "module"
+        and all(t.dtype == torch.float32 for _, t in weights.items())
+    )
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] float32 -> oneDNN's blocked layout for x @ weight.T (an opaque mkldnn tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+def _gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+def _cat_or_none(*tensors: torch.Tensor | None) -> torch.Tensor | None:
+    if all(t is None for t in tensors):
+        return None
+    like = next(t for t in tensors if t is not None)
+    return torch.cat([torch.zeros_like(like) if t is None else t for t in tensors])
+
+
+class PackedMoE(nn.Module):
+    """One MoE block with packed expert weights: ``forward(x, routed_ids, routed_weights) ->
+    (out, chosen)``, the signature and results of ``torch.ops.moec.moe`` without the weights."""
+
+    def __init__(self, spec: MoESpec, weights: MoEWeights):
+        super().__init__()
+        if not packable(spec, weights):
+            raise ValueError(f"PackedMoE cannot hold {spec.summary()}")
+        self.spec = spec
+        kept = {n: getattr(weights, n) for n in (*ROUTING_WEIGHTS, "output_bias")}
+        for name, tensor in kept.items():  # still the module's tensors, for state_dict()
+            self.register_buffer(name, tensor)
+        self.routing = MoEWeights(w_up=None, w_down=None, **kept)
+        w = weights
+
+        def at(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
+            return None if t is None else t[e]
+
+        self.first, self.first_bias, self.down, self.down_bias = [], [], [], []
+        for e in range(spec.num_experts):
+            if spec.expert_kind == "gated":  # rows gate, then up
+                self.first.append(_pack(torch.cat([w.w_gate[e], w.w_up[e]])))
+                self.first_bias.append(_cat_or_none(at(w.b_gate, e), at(w.b_up, e)))
+            else:
+                self.first.append(_pack(w.w_up[e]))
+                self.first_bias.append(at(w.b_up, e))
+            self.down.append(_pack(w.w_down[e]))
+            self.down_bias.append(at(w.b_down, e))
+        self.shared_first = self.shared_down = None
+        if spec.shared_expert_size:
+            self.shared_first = _pack(torch.cat([w.shared_gate, w.shared_up]))
+            self.shared_down = _pack(w.shared_down)
+
+    def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        first = _gemm(rows, self.first[e], self.first_bias[e])
+        if self.spec.expert_kind == "gated":
+            hidden = gated_activation(
+                self.spec, first[:, : self.spec.expert_size], first[:, self.spec.expert_size :]
+            )
+        else:
+            hidden = PLAIN_ACTIVATION_FUNCTIONS[self.spec.activation](first)
+        return _gemm(hidden, self.down[e], self.down_bias[e])
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_first is None:
+            return torch.zeros_like(x)
+        size = self.spec.shared_expert_size
+        first = _gemm(x, self.shared_first, None)
+        hidden = (
+            PLAIN_ACTIVATION_FUNCTIONS[self.spec.shared_activation](first[:, :size])
+            * first[:, size:]
+        )
+        out = _gemm(hidden, self.shared_down, None)
+        if self.spec.shared_expert_gated:
+            out = out * torch.sigmoid(x @ self.routing.shared_expert_gate.T)
+        return out
+
+    def forward(self, x, routed_ids=None, routed_weights=None):
+        return moe_eager(
+            self.spec,
+            self.routing,
+            x,
+            routed_ids,
+            routed_weights,
+            experts=self._expert,
+            shared=self._shared,
+        )
+
+
+class PackedLinear(nn.Module):
+    """``aten.linear(x [..., in], weight [out, in], bias)`` with the weight packed."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.packed, self.bias = _pack(weight), bias
+        self.out_features = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _gemm(x.reshape(-1, x.shape[-1]), self.packed, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+@dataclass
+class PackingReport:
+    moe_blocks: int = 0
+    linears: int = 0
+
+
+def pack_weights(module: fx.GraphModule) -> PackingReport:
+    """Pack the GEMM weights of ``module`` (from ``ExportedProgram.module()``) in place: each
+    packable ``moec::moe`` call becomes a `PackedMoE`, each float32 ``aten.linear`` with a stored
+    weight a `PackedLinear`, and the dense weights they no longer read are dropped."""
+    report = PackingReport()
+    if not ONEDNN:
+        return report
+    for node in list(module.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.moec.moe.default:
+            report.moe_blocks += _pack_moe(module, node, report.moe_blocks)
+        elif node.target is torch.ops.aten.linear.default:
+            report.linears += _pack_linear(module, node, report.linears)
+    if report.moe_blocks or report.linears:
+        module.graph.lint()
+        module.recompile()
+    return report
+
+
+def _stored(node) -> bool:
+    return node is None or (isinstance(node, fx.Node) and node.op == "get_attr")
+
+
+def _replace(module: fx.GraphModule, node: fx.Node, name: str, packed: nn.Module, args, weights):
+    """Call ``packed`` (a new submodule ``name``) with ``args`` instead of ``node``; drop the
+    stored ``weights`` nothing reads any more."""
+    module.add_submodule(name, packed)
+    with module.graph.inserting_before(node):
+        call = module.graph.call_module(name, tuple(args))
+    node.replace_all_uses_with(call)
+    module.graph.erase_node(node)
+    for w in weights:
+        if w is not None and not w.users:
+            module.graph.erase_node(w)
+            _drop_attribute(module, w.target)
+
+
+def _pack_moe(module: fx.GraphModule, node: fx.Node, index: int) -> int:
+    *tensor_args, spec_json = node.args[3:]
+    if not all(_stored(a) for a in tensor_args):
+        return 0  # a weight computed in the graph: leave the node to the op's kernel
+    tensors = {
+        name: None if a is None else _attribute(module, a.target)
+        for name, a in zip(WEIGHT_NAMES, tensor_args, strict=True)
+    }
+    spec, weights = MoESpec.from_json(spec_json), MoEWeights(**tensors)
+    if not packable(spec, weights):
+        return 0
+    packed = PackedMoE(spec, weights)
+    _replace(module, node, f"moec_packed_moe_{index}", packed, node.args[:3], tensor_args)
+    return 1
+
+
+def _pack_linear(module: fx.GraphModule, node: fx.Node, index: int) -> int:
+    x, weight, bias = (*node.args, None)[:3]
+    if node.kwargs or not (weight is not None and _stored(weight) and _stored(bias)):
+        return 0
+    w = _attribute(module, weight.target)
+    b = None if bias is None else _attribute(module, bias.target)
+    if w.dim() != 2 or w.dtype != torch.float32 or (b is not None and b.dtype != w.dtype):
+        return 0
+    packed = PackedLinear(w, None if b is None else b.detach())
+    _replace(module, node, f"moec_packed_linear_{index}", packed, [x], [weight, bias])
+    return 1
+
+
+def _owner(module: nn.Module, target: str) -> tuple[nn.Module, str]:
+    owner_path, _, attr = target.rpartition(".")
+    return (module.get_submodule(owner_path) if owner_path else module), attr
+
+
+def _attribute(module: nn.Module, target: str) -> torch.Tensor:
+    return getattr(*_owner(module, target))
+
+
+def _drop_attribute(module: nn.Module, target: str) -> None:
+    delattr(*_owner(module, target))

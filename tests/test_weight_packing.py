@@ -1,0 +1,79 @@
+"""Load-time weight packing of ``torch`` artifacts: same numbers as the stored program, the dense
+expert weights gone, and blocks it cannot pack left to the op's kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from moe_cases import CASES, H, random_weights
+from torch.export import Dim
+
+import moec
+from moec.compiler.moe_block import MoEBlock
+from moec.ir import MoEWeights
+from moec.ir.moe_op import ONEDNN
+from moec.runtime.weight_packing import PackedMoE, pack_weights
+
+pytestmark = pytest.mark.skipif(not ONEDNN, reason="this torch is built without oneDNN")
+SHAPES = [(1, 1), (1, 13), (2, 8), (4, 32)]
+
+
+def stored_program(block: MoEBlock, dtype=torch.float32) -> torch.fx.GraphModule:
+    dynamic = ({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)
+    x = torch.randn(2, 8, H, dtype=dtype)
+    return torch.export.export(block, (x,), dynamic_shapes=dynamic).module()
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_packed_block_computes_the_ops_kernel(case):
+    spec, weights = CASES[case], random_weights(case, seed=2)
+    module = stored_program(MoEBlock(spec, weights))
+    x = [torch.randn(b, s, H, generator=torch.Generator().manual_seed(b * s)) for b, s in SHAPES]
+    with torch.no_grad():
+        expected = [module(t) for t in x]
+        report = pack_weights(module)
+        got = [module(t) for t in x]
+    assert report.moe_blocks == 1
+    assert all(rel_l2(g, e) <= 1e-6 for g, e in zip(got, expected, strict=True))
+
+
+def test_packing_drops_the_dense_weights():
+    spec, weights = CASES["qwen-shared-gated"], random_weights("qwen-shared-gated")
+    module = stored_program(MoEBlock(spec, weights))
+    before = {n.rsplit(".", 1)[-1] for n in module.state_dict()}
+    pack_weights(module)
+    after = {n.rsplit(".", 1)[-1] for n in module.state_dict()}
+    dropped = {"w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down"}
+    assert before - after == dropped
+    assert after == {"router_weight", "shared_expert_gate"}
+    (packed,) = [m for m in module.modules() if isinstance(m, PackedMoE)]
+    assert len(packed.first) == len(packed.down) == spec.num_experts
+    assert tuple(packed.first[0].shape) == (2 * spec.expert_size, H)  # gate and up in one GEMM
+
+
+def test_a_bfloat16_block_keeps_the_ops_kernel():
+    spec = CASES["mixtral"]
+    weights = MoEWeights(**{n: t.bfloat16() for n, t in random_weights("mixtral").items()})
+    block = MoEBlock(spec, weights)
+    module = stored_program(block, torch.bfloat16)
+    report = pack_weights(module)
+    assert report.moe_blocks == 0
+    x = torch.randn(1, 5, H, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert rel_l2(module(x).float(), block(x).float()) <= 1e-2
+
+
+def test_torch_artifact_is_packed_when_loaded(tmp_path):
+    result = moec.compile("zoo:qwen-moe-lm", target="torch", output=tmp_path / "a")
+    ids = np.random.default_rng(0).integers(0, 256, (2, 9))
+    with moec.load(result.path) as packed, moec.load(result.path, pack=False) as stored:
+        assert packed.packing.moe_blocks == len(result.blocks)
+        assert packed.packing.linears > 0  # attention and the LM head
+        assert stored.packing.moe_blocks == 0
+        a, b = packed(ids), stored(ids)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-6
