@@ -72,6 +72,7 @@ def lower_to_onnx(captured: CapturedProgram, target: str) -> ir.Model:
         model, input_size_limit=NO_SIZE_LIMIT, output_size_limit=NO_SIZE_LIMIT
     )
     _drop_unused_router_outputs(model)
+    _drop_split_num_outputs(model)
     if target == "onnx":
         _check_standard_domains(model)
     return model
@@ -99,6 +100,15 @@ def _drop_unused_router_outputs(model: ir.Model) -> None:
         model.graph.insert_before(node, slim)
         ir.convenience.replace_all_uses_with(node.outputs[0], slim.outputs[0])
         model.graph.remove(node, safe=True)
+
+
+def _drop_split_num_outputs(model: ir.Model) -> None:
+    """Split with a ``split`` input must not carry ``num_outputs`` (ONNX Runtime refuses the
+    pair), but torch.onnx only learns a Split's output count from that attribute; so the
+    lowerings set it and it is removed here."""
+    for node in model.graph:
+        if node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
+            node.attributes.pop("num_outputs", None)
 
 
 def _check_standard_domains(model: ir.Model) -> None:
