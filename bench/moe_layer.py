@@ -14,7 +14,9 @@ Floors measured in the same run: compute = the same FLOPs as one dense chain of 
 ([T*k, H] x [H, I] twice, then [T*k, I] x [I, H], plus the shared expert on T rows), timed in
 both PyTorch and ONNX Runtime, the faster counting; memory =
 bytes of the weights the tokens touch (chosen experts, router, shared expert) over the bandwidth
-of a large copy (bytes read + written, as STREAM counts it), measured again for every T.
+of a large copy (bytes read + written, as STREAM counts it), measured again right before each
+row is timed (this machine's bandwidth drifts between about 40 and 75 GB/s over minutes, so each
+row is held to the bandwidth of its own moment).
 Peak memory: the most the process grows during a row's first call (sampled), plus the layer's
 weights, over weights + activations.
 
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from moe_layer_targets import check_targets, print_targets
 from rich.console import Console
 from rich.table import Table
 from torch.export import Dim
@@ -284,7 +287,7 @@ def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path):
         with torch.no_grad():
             ref = block(x).numpy()
         floor_c = compute_floor_ms(shape, t, repeat)
-        floor_m = touched_bytes(block, shape, x) / copy_bandwidth() * 1e3
+        touched = touched_bytes(block, shape, x)
         activations = (2 * t * shape["H"] + 3 * t * shape["k"] * shape["I"]) * 4
         candidates = list(transformers_rows(block, x))
         batched_copy = t * shape["k"] * 3 * shape["H"] * shape["I"] * 4
@@ -310,7 +313,10 @@ def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path):
             out = out.numpy() if isinstance(out, torch.Tensor) else out
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
             checked[label] = (err, (weight_bytes + peak.grown) / (weight_bytes + activations))
-        timings = {label: _settled_median_ms(fn, repeat) for label, fn in candidates}
+        timings, floor_m = {}, {}
+        for label, fn in candidates:
+            floor_m[label] = touched / copy_bandwidth() * 1e3
+            timings[label] = _settled_median_ms(fn, repeat)
         for label, (err, peak_ratio) in checked.items():
             rows.append(
                 dict(
@@ -320,7 +326,7 @@ def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path):
                     ms=timings[label],
                     rel_l2=err,
                     compute_floor_ms=floor_c,
-                    memory_floor_ms=floor_m,
+                    memory_floor_ms=floor_m[label],
                     peak_ratio=peak_ratio,
                 )
             )
@@ -405,13 +411,17 @@ def main() -> None:
         for config in args.configs:
             rows += bench_config(config, args.tokens, args.repeat, Path(workdir))
     print_table(rows, args.repeat)
+    targets = check_targets(rows)
+    print_targets(targets)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "threads": THREADS,
         "repeat": args.repeat,
         "torch": torch.__version__,
     }
-    (args.out / "moe_layer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "moe_layer.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "targets": targets}, indent=1)
+    )
     plot(rows, args.out / "moe_layer.png")
     print(f"wrote {args.out}/moe_layer.json and .png")
 

@@ -1,0 +1,75 @@
+"""Issue 4's targets, checked on the rows of `moe_layer.py`, for each target's default lowering.
+
+- faster than every row users run today (eager transformers, its eager loop, torch.compile,
+  ONNX Runtime on the plain export) at every T;
+- at T >= 512, within 1.3x (config A) or 2.0x (config B) of the compute floor;
+- at T <= 16, within 1.3x of the memory floor;
+- peak memory under 1.5x the layer's weights plus activations.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+COMPUTE_LIMIT = {"A": 1.3, "B": 2.0}
+MEMORY_LIMIT = 1.3
+PEAK_LIMIT = 1.5
+LARGE_T, SMALL_T = 512, 16
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """One entry per (config, default row, target): what was measured and whether it is met."""
+    timed = [r for r in rows if "ms" in r]
+    checks = []
+    for config in sorted({r["config"] for r in timed}):
+        mine = [r for r in timed if r["config"] == config]
+        for label in dict.fromkeys(r["row"] for r in mine if r["row"].endswith(" *")):
+            default = {r["tokens"]: r for r in mine if r["row"] == label}
+            checks += _faster(config, label, default, mine)
+            checks += _floor(config, label, default, "compute", COMPUTE_LIMIT[config])
+            checks += _floor(config, label, default, "memory", MEMORY_LIMIT)
+            worst = max(default.values(), key=lambda r: r["peak_ratio"])
+            checks.append(
+                _check(
+                    config,
+                    label,
+                    f"peak memory < {PEAK_LIMIT}x",
+                    f"max {worst['peak_ratio']:.2f} (T={worst['tokens']})",
+                    worst["peak_ratio"] < PEAK_LIMIT,
+                )
+            )
+    return checks
+
+
+def _check(config, label, target, measured, met) -> dict:
+    return dict(config=config, row=label, target=target, measured=measured, met=bool(met))
+
+
+def _faster(config, label, default, rows) -> list[dict]:
+    losses = []
+    for t, mine in sorted(default.items()):
+        users = [r for r in rows if r["tokens"] == t and not r["row"].startswith("moec")]
+        best = min(users, key=lambda r: r["ms"])
+        if mine["ms"] >= best["ms"]:
+            losses.append(f"T={t}: {mine['ms']:.2f} vs {best['row']} {best['ms']:.2f}")
+    measured = "; ".join(losses) or "at every T"
+    return [_check(config, label, "faster than every baseline", measured, not losses)]
+
+
+def _floor(config, label, default, kind, limit) -> list[dict]:
+    sizes = [t for t in default if (t >= LARGE_T if kind == "compute" else t <= SMALL_T)]
+    if not sizes:
+        return []
+    ratios = {t: default[t][f"vs_{kind}_floor"] for t in sorted(sizes)}
+    measured = ", ".join(f"T={t}: {v:.2f}" for t, v in ratios.items())
+    met = all(v <= limit for v in ratios.values())
+    return [_check(config, label, f"<= {limit}x the {kind} floor", measured, met)]
+
+
+def print_targets(checks: list[dict]) -> None:
+    table = Table("cfg", "default row", "target", "measured", "met", title="issue 4 targets")
+    for c in checks:
+        mark = "[green]yes" if c["met"] else "[red]no"
+        table.add_row(c["config"], c["row"], c["target"], c["measured"], mark)
+    Console(width=160).print(table)
