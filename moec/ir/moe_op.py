@@ -38,7 +38,9 @@ __all__ = [
     "MoEWeights",
     "expert_ffn",
     "expert_hidden",
+    "expert_segments",
     "gated_activation",
+    "grouped_experts",
     "linear",
     "moe_eager",
     "scatter_routing",
@@ -210,6 +212,22 @@ def expert_ffn(spec: MoESpec, w: MoEWeights, e: int, rows: torch.Tensor) -> torc
     return linear(expert_hidden(spec, w, e, rows, linear), w.w_down[e], _at(w.b_down, e))
 
 
+def grouped_experts(spec: MoESpec, w: MoEWeights, rows: torch.Tensor, counts: list[int]):
+    """Each expert on its rows: ``rows`` [P, H] grouped by expert, ``counts[e]`` of them for
+    expert e -> [P, H] in the same order."""
+    return torch.cat([expert_ffn(spec, w, e, part) for e, part in expert_segments(rows, counts)])
+
+
+def expert_segments(rows: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """(e, expert e's rows) for each expert with rows, from ``rows`` grouped by expert."""
+    segments, start = [], 0
+    for e, n in enumerate(counts):  # slicing only the experts with rows: most are idle at T=1
+        if n:
+            segments.append((e, rows[start : start + n]))
+            start += n
+    return segments
+
+
 def shared_ffn(spec: MoESpec, w: MoEWeights, x: torch.Tensor, project=linear) -> torch.Tensor:
     """The shared expert on every token: [n, H] -> [n, H] (zero when the block has none), with
     ``project(x, weight [out, in])`` (default: the fastest here, not exportable)."""
@@ -234,8 +252,9 @@ def moe_eager(
     """The MoE block: route in float32, run each expert on its own tokens only (the kernel of
     the ``torch`` target and the reference every ONNX lowering is checked against).
 
-    ``experts(e, rows [n, H]) -> [n, H]`` and ``shared(x [T, H]) -> [T, H]`` compute expert e
-    and the shared expert (default: `expert_ffn` and `shared_ffn` on ``w``); only the routing
+    ``experts(rows [P, H], counts) -> [P, H]`` computes the experts on their tokens (rows
+    grouped by expert, ``counts[e]`` rows for expert e) and ``shared(x [T, H]) -> [T, H]`` the
+    shared expert (default: `grouped_experts` and `shared_ffn` on ``w``); only the routing
     tensors of ``w`` are read otherwise."""
     if spec.routing == "external":
         if routed_ids is None or routed_weights is None:
@@ -245,7 +264,7 @@ def moe_eager(
         logits = router_logits(x, w.router_weight, w.router_bias)
         weights, chosen = route(spec, logits, w.selection_bias)
     weights, chosen = map_experts(spec, weights, chosen)
-    experts = experts or functools.partial(expert_ffn, spec, w)
+    experts = experts or functools.partial(grouped_experts, spec, w)
     flat_x = x.reshape(-1, x.shape[-1])
     out = shared(flat_x) if shared else shared_ffn(spec, w, flat_x)
     # Group the (token, expert) pairs by expert: one gather in, one matmul chain per expert on
@@ -255,12 +274,7 @@ def moe_eager(
         gates = weights.reshape(-1, spec.num_experts)[tokens, expert_ids].to(x.dtype)
         rows = flat_x[tokens]  # [P, H], grouped by expert
         counts = torch.bincount(expert_ids, minlength=spec.num_experts).tolist()
-        outputs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outputs.append(experts(e, rows[start : start + n]))
-                start += n
-        out = out.index_add(0, tokens, torch.cat(outputs) * gates.unsqueeze(-1))
+        out = out.index_add(0, tokens, experts(rows, counts) * gates.unsqueeze(-1))
     if w.output_bias is not None:
         out = out + w.output_bias
     return out.reshape(x.shape), chosen

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, WEIGHT_NAMES, MoESpec, MoEWeights, moe_eager
-from moec.ir.moe_op import ONEDNN, gated_activation
+from moec.ir.moe_op import ONEDNN, expert_segments, gated_activation
 
 __all__ = ["PackedLinear", "PackedMoE", "PackingReport", "pack_weights", "packable"]
 
@@ -89,15 +89,24 @@ class PackedMoE(nn.Module):
             self.shared_first = _pack(torch.cat([w.shared_gate, w.shared_up]))
             self.shared_down = _pack(w.shared_down)
 
-    def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
-        first = _gemm(rows, self.first[e], self.first_bias[e])
+    def _experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows grouped by expert [P, H] -> [P, H]: one GEMM per expert and projection, the
+        activation once over every expert's rows (not once per expert: at a few tokens per
+        expert the per-call cost of small elementwise ops adds up)."""
+        active = expert_segments(rows, counts)
+        first = torch.cat([_gemm(c, self.first[e], self.first_bias[e]) for e, c in active])
         if self.spec.expert_kind == "gated":
-            hidden = gated_activation(
-                self.spec, first[:, : self.spec.expert_size], first[:, self.spec.expert_size :]
-            )
+            size = self.spec.expert_size
+            hidden = gated_activation(self.spec, first[:, :size], first[:, size:])
         else:
             hidden = PLAIN_ACTIVATION_FUNCTIONS[self.spec.activation](first)
-        return _gemm(hidden, self.down[e], self.down_bias[e])
+        chunks = hidden.split([len(c) for _, c in active])
+        return torch.cat(
+            [
+                _gemm(h, self.down[e], self.down_bias[e])
+                for (e, _), h in zip(active, chunks, strict=True)
+            ]
+        )
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared_first is None:
@@ -120,7 +129,7 @@ class PackedMoE(nn.Module):
             x,
             routed_ids,
             routed_weights,
-            experts=self._expert,
+            experts=self._experts,
             shared=self._shared,
         )
 
