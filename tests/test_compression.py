@@ -3,6 +3,7 @@ artifacts verified against the passes' own output."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -30,6 +31,7 @@ from moec.passes import (
 )
 from moec.passes.calibration import CalibrationData, load_calibration
 from moec.passes.compression_state import CompressionState
+from moec.passes.distill_dense import warmup_cosine
 from moec.passes.expert_load import expert_load
 
 H, FFN = 16, 24
@@ -319,6 +321,29 @@ def test_distillation_steps_lower_the_error():
     assert report["training"] == "end to end (all)"
     assert report["loss"]["last"] < report["loss"]["first"]
     assert report["train_tokens"] == 60 * (1024 // 16) * 16
+
+
+def test_distillation_learning_rate_warms_up_then_decays_to_zero():
+    weight = torch.zeros(1, requires_grad=True)
+    optimiser = torch.optim.Adam([weight], lr=1.0)
+    schedule = warmup_cosine(optimiser, 100)
+    rates = []
+    for _ in range(100):
+        rates.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(0.2) and max(rates) == rates[4] == pytest.approx(1.0, 1e-2)
+    assert rates[-1] < 1e-3 and all(a >= b for a, b in itertools.pairwise(rates[4:]))
+
+
+def test_distillation_with_hard_labels_trains_on_the_text(lm_calibration):
+    source = moec.models.build_zoo("mixtral-lm")
+    state = CompressionState(source, load_calibration(lm_calibration, source))
+    report = run_pass(state, DistillDensePass(steps=20, label_weight=0.5))
+    assert report["training"] == "end to end (all)"
+    assert report["loss"]["last"] < report["loss"]["first"]
+    with pytest.raises(MoecError, match="label weight must be in"):
+        DistillDensePass(label_weight=1.5)
 
 
 def test_partial_distillation_trains_each_block_alone(lm_calibration):

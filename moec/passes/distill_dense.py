@@ -10,9 +10,12 @@ the active width, ``top_k`` experts' worth) with the experts' kind and activatio
    gated one is kept beside the dense FFN;
 3. fitted to the block's outputs on its calibration inputs (the inputs it gets once the blocks
    before it are dense): closed-form ridge least squares for the down projection;
-4. then ``steps`` Adam steps on batches of ``batch_tokens`` calibration tokens: end to end when no
-   MoE block is left, the model before the pass as the teacher (KL divergence of the next-token
-   distributions for a language model, else the mean squared error of its first output),
+4. then ``steps`` Adam steps on batches of ``batch_tokens`` calibration tokens (learning rate
+   ``lr`` after a 5% linear warm-up, decaying on a cosine to zero): end to end when no
+   MoE block is left, the model before the pass as the teacher (for a language model, KL
+   divergence of the next-token distributions mixed with ``label_weight`` of cross-entropy on
+   the calibration text's own next tokens, as Switch Transformer's distillation mixes soft and
+   hard targets; else the mean squared error of its first output),
    training every weight of the model (``train="all"``, as Switch Transformer's distillation
    does; the artifact then stores the changed weights too) or only the dense FFNs (``"ffn"``);
    with MoE blocks left (the MoE op has no gradient), each FFN alone on its block's outputs.
@@ -24,10 +27,12 @@ training loss at the start and end; and the tokens the training used.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights
@@ -65,6 +70,7 @@ class DistillDensePass(Pass):
         train: str = "all",
         lr: float = 1e-3,
         batch_tokens: int = 1024,
+        label_weight: float = 0.0,
         seed: int = 0,
     ):
         if width is not None and width <= 0:
@@ -77,7 +83,10 @@ class DistillDensePass(Pass):
             raise MoecError(f"--distill-train {train!r}: choose one of {DISTILL_TRAIN}")
         self.train = train
         self.width, self.steps, self.blocks, self.init = width, steps, blocks, init
+        if not 0.0 <= label_weight <= 1.0:
+            raise MoecError(f"distillation label weight must be in [0, 1], not {label_weight}")
         self.lr, self.batch_tokens, self.seed = lr, batch_tokens, seed
+        self.label_weight = label_weight
         self.on_step: Callable[[int, int], None] | None = None
 
     def call(self, state: CompressionState) -> PassResult:
@@ -136,6 +145,7 @@ class DistillDensePass(Pass):
             if getattr(weights, n) is not None
         }
         optimiser = torch.optim.Adam(params.values(), lr=self.lr)
+        schedule = warmup_cosine(optimiser, self.steps)
         g = torch.Generator().manual_seed(self.seed + index)
         scale = target.square().mean().clamp_min(1e-12)
         batch = min(self.batch_tokens, x.shape[0])
@@ -146,6 +156,7 @@ class DistillDensePass(Pass):
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+            schedule.step()
             if self.on_step is not None:
                 self.on_step(index * self.steps + step + 1, count * self.steps)
         return dataclasses.replace(weights, **{n: p.detach() for n, p in params.items()})
@@ -168,6 +179,7 @@ class DistillDensePass(Pass):
         for p in params:
             p.requires_grad_(True)
         optimiser = torch.optim.Adam(params, lr=self.lr)
+        schedule = warmup_cosine(optimiser, self.steps)
         fit = state.calibration.fit
         rows_per_step = max(1, self.batch_tokens // max(fit.shape[1], 1))
         g = np.random.default_rng(self.seed)
@@ -178,10 +190,13 @@ class DistillDensePass(Pass):
                 with torch.no_grad():
                     teacher = first_output(state.reference(*inputs))
                 student = first_output(state.model(*inputs))
-                loss = _distillation_loss(teacher, student, inputs[0], state.calibration)
+                loss = _distillation_loss(
+                    teacher, student, inputs[0], state.calibration, self.label_weight
+                )
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
+                schedule.step()
                 losses.append(float(loss.detach()))
                 if self.on_step is not None:
                     self.on_step(step + 1, self.steps)
@@ -195,11 +210,29 @@ class DistillDensePass(Pass):
         }
 
 
-def _distillation_loss(teacher, student, first_input, calibration) -> torch.Tensor:
+def warmup_cosine(optimiser: torch.optim.Optimizer, steps: int):
+    """Linear warm-up over the first 5% of ``steps``, then cosine decay to zero."""
+    warmup = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+
+
+def _distillation_loss(
+    teacher, student, first_input, calibration, label_weight: float
+) -> torch.Tensor:
     if calibration.is_token_ids and is_logits(teacher, first_input):
         log_t = teacher.float().log_softmax(-1)
         log_s = student.float().log_softmax(-1)
-        return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+        loss = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+        if label_weight:
+            # next-token cross-entropy: position i predicts token i + 1
+            labels = first_input[:, 1:].reshape(-1)
+            hard = F.cross_entropy(log_s[:, :-1].reshape(labels.numel(), -1), labels)
+            loss = (1 - label_weight) * loss + label_weight * hard
+        return loss
     return (student - teacher).square().mean() / teacher.square().mean().clamp_min(1e-12)
 
 
