@@ -39,6 +39,7 @@ from moec.models.zoo_lm import TinyMoELM
 from moec.passes import lossy_passes
 from moec.passes.calibration import CalibrationData
 from moec.passes.compress import compress_model
+from moec.passes.distill_dense import warmup_cosine
 
 THREADS = 2
 HIDDEN, LAYERS, HEADS, SEQ = 128, 4, 4, 128
@@ -83,11 +84,7 @@ def train(model: TinyMoELM, data: np.ndarray, steps: int, seed: int, what: str) 
     for router in routers:
         router.register_forward_hook(lambda mod, args, out: logits_seen.append(out))
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))),
-    )
+    schedule = warmup_cosine(optimiser, steps)
     g = np.random.default_rng(seed)
     model.train()
     start = time.perf_counter()

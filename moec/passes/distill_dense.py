@@ -81,10 +81,10 @@ class DistillDensePass(Pass):
             raise MoecError(f"distillation init {init!r}: choose one of {DISTILL_INITS}")
         if train not in DISTILL_TRAIN:
             raise MoecError(f"--distill-train {train!r}: choose one of {DISTILL_TRAIN}")
-        self.train = train
-        self.width, self.steps, self.blocks, self.init = width, steps, blocks, init
         if not 0.0 <= label_weight <= 1.0:
             raise MoecError(f"distillation label weight must be in [0, 1], not {label_weight}")
+        self.train = train
+        self.width, self.steps, self.blocks, self.init = width, steps, blocks, init
         self.lr, self.batch_tokens, self.seed = lr, batch_tokens, seed
         self.label_weight = label_weight
         self.on_step: Callable[[int, int], None] | None = None
