@@ -11,15 +11,20 @@ block for each target and lowering (``*`` marks each target's default). Every ro
 checked against eager transformers (relative L2), then timed: median of --repeat runs.
 
 Floors measured in the same run: compute = the same FLOPs as one dense chain of matmuls
-([T*k, H] x [H, I] twice, then [T*k, I] x [I, H], plus the shared expert on T rows), timed in
-both PyTorch and ONNX Runtime, the faster counting; memory =
-bytes of the weights the tokens touch (chosen experts, router, shared expert) over the bandwidth
+([T*k, H] x [H, 2I], gate and up as one matrix, then [T*k, I] x [I, H], plus the shared
+expert on T rows), timed in both PyTorch and ONNX Runtime, the faster counting; memory = bytes
+of the weights the tokens touch (chosen experts, router, shared expert) over the bandwidth
 of a large copy (bytes read + written, as STREAM counts it), measured right before each row is
 timed, the median of those measurements standing for every row of the same T (this machine's
 copy bandwidth flips between about 40 and 75 GB/s from one second to the next while reading
 stays near 72 GB/s; one measurement per T made the floor a coin toss). For reference the table
 also gives each row against a read floor: the same bytes over the bandwidth of summing a large
-tensor (reading only, which is what streaming weights does), measured the same way.
+tensor (reading only, which is what streaming weights does), measured the same way; and
+against the GEMMs alone: each expert's matrix products on as many rows as the router gives it
+for this input (and the shared expert's), no routing, gathering or combining, timed with oneDNN
+on packed weights and as PyTorch and ONNX Runtime MatMul chains (gate and up as one matrix), the
+fastest counting. Where the GEMMs alone are already well above the memory floor, what stands
+between a lowering and that floor is this machine's GEMMs on a few rows, not the lowering.
 Peak memory: the most the process grows during a row's first call (sampled), plus the layer's
 weights, over weights + activations.
 
@@ -47,6 +52,8 @@ from torch.export import Dim
 
 import moec
 from moec.benchmark import median_ms
+from moec.models.adapters import find_moe_blocks
+from moec.runtime.weight_packing import PackedLinear, PackedMoE
 
 THREADS = 2
 SETTLE_S = 0.3
@@ -151,53 +158,60 @@ class BandwidthProbe:
 
 
 def compute_floor_ms(shape: dict, tokens: int, repeat: int) -> float:
-    """The layer's FLOPs as one dense chain (routed pairs, then the shared expert on T rows),
-    in PyTorch and in ONNX Runtime; the faster of the two is this machine's floor."""
-    h, i, k, shared = shape["H"], shape["I"], shape["k"], shape["Is"]
+    """The layer's FLOPs as one dense chain (routed pairs, then the shared expert on T rows)."""
+    chains = [(tokens * shape["k"], shape["I"])]
+    return chain_floor_ms(shape["H"], chains + _shared_chain(shape, tokens), repeat)
+
+
+def _shared_chain(shape: dict, tokens: int) -> list[tuple[int, int]]:
+    return [(tokens, shape["Is"])] if shape["Is"] else []
+
+
+def chain_floor_ms(h: int, chains: list[tuple[int, int]], repeat: int) -> float:
+    """silu(a[:, :w]) * a[:, w:] @ w2 with a = x @ w13 (gate and up as one [h, 2w] matrix, as
+    moec's lowerings hold them) for each (rows, w) chain, x [rows, h], in PyTorch and in ONNX
+    Runtime; the faster of the two is this machine's floor."""
     g = torch.Generator().manual_seed(3)
-    chains = [(tokens * k, i)] + ([(tokens, shared)] if shared else [])
     tensors = [
         (
             torch.randn(rows, h, generator=g),
-            torch.randn(h, width, generator=g),
-            torch.randn(h, width, generator=g),
+            torch.randn(h, 2 * width, generator=g),
             torch.randn(width, h, generator=g),
         )
         for rows, width in chains
     ]
 
     def torch_chain():
-        for x, w1, w2, w3 in tensors:
-            (torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3
+        for x, w13, w2 in tensors:
+            gate, up = (x @ w13).chunk(2, dim=-1)
+            (torch.nn.functional.silu(gate) * up) @ w2
 
     with torch.no_grad():
-        torch_ms = median_ms(torch_chain, repeat)
+        torch_ms = _settled_median_ms(torch_chain, repeat)
     session, feeds = _ort_chain(tensors)
-    ort_ms = median_ms(lambda: session.run(None, feeds), repeat)
+    ort_ms = _settled_median_ms(lambda: session.run(None, feeds), repeat)
     return min(torch_ms, ort_ms)
 
 
 def _ort_chain(tensors):
-    """An ONNX Runtime session computing silu(x @ w1) * (x @ w2) @ w3 for each chain."""
+    """An ONNX Runtime session computing each chain of `chain_floor_ms`."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inputs, outputs, weights, feeds = [], [], [], [], {}
-    for n, (x, w1, w2, w3) in enumerate(tensors):
-        names = [f"{p}{n}" for p in ("x", "w1", "w2", "w3", "a", "b", "s", "h", "y")]
-        xn, w1n, w2n, w3n, a, b, sg, hid, y = names
+    for n, (x, w13, w2) in enumerate(tensors):
+        names = [f"{p}_{n}" for p in ("x", "w13", "w2", "a", "gate", "up", "s", "silu", "h", "y")]
+        xn, w13n, w2n, a, gate, up, sg, silu, hid, y = names
         inputs.append(helper.make_tensor_value_info(xn, TensorProto.FLOAT, list(x.shape)))
         outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
-        weights += [
-            numpy_helper.from_array(t.numpy(), nm) for t, nm in ((w1, w1n), (w2, w2n), (w3, w3n))
-        ]
+        weights += [numpy_helper.from_array(t.numpy(), nm) for t, nm in ((w13, w13n), (w2, w2n))]
         nodes += [
-            helper.make_node("MatMul", [xn, w1n], [a]),
-            helper.make_node("MatMul", [xn, w2n], [b]),
-            helper.make_node("Sigmoid", [a], [sg]),
-            helper.make_node("Mul", [a, sg], [hid + "0"]),
-            helper.make_node("Mul", [hid + "0", b], [hid]),
-            helper.make_node("MatMul", [hid, w3n], [y]),
+            helper.make_node("MatMul", [xn, w13n], [a]),
+            helper.make_node("Split", [a], [gate, up], axis=1, num_outputs=2),
+            helper.make_node("Sigmoid", [gate], [sg]),
+            helper.make_node("Mul", [gate, sg], [silu]),
+            helper.make_node("Mul", [silu, up], [hid]),
+            helper.make_node("MatMul", [hid, w2n], [y]),
         ]
         feeds[xn] = x.numpy()
     graph = helper.make_graph(nodes, "floor", inputs, outputs, initializer=weights)
@@ -208,20 +222,59 @@ def _ort_chain(tensors):
     return session, feeds
 
 
-def touched_bytes(block, shape: dict, x: torch.Tensor) -> int:
-    """Bytes of weights one call reads: router, the distinct chosen experts, shared expert."""
-    chosen: set[int] = set()
+def routed_counts(block, x: torch.Tensor) -> list[int]:
+    """Rows each expert gets for ``x`` (from the block's own router)."""
+    counts = torch.zeros(block.experts.num_experts, dtype=torch.long)
 
     def record(module, args):
-        chosen.update(args[1].reshape(-1).tolist())
+        counts.add_(torch.bincount(args[1].reshape(-1), minlength=len(counts)))
 
     handle = block.experts.register_forward_pre_hook(record)
     with torch.no_grad():
         block(x)
     handle.remove()
+    return counts.tolist()
+
+
+def touched_bytes(shape: dict, counts: list[int]) -> int:
+    """Bytes of weights one call reads: router, the distinct chosen experts, shared expert."""
     h, i, e = shape["H"], shape["I"], shape["E"]
     per_expert = 3 * h * i * 4
-    return len(chosen) * per_expert + e * h * 4 + 3 * h * shape["Is"] * 4
+    return sum(c > 0 for c in counts) * per_expert + e * h * 4 + 3 * h * shape["Is"] * 4
+
+
+class ExpertGemms:
+    """The layer's matrix products alone: each expert's on as many rows as the router gives it,
+    the shared expert's on all T rows; no routing, gathering or combining. Timed with oneDNN on
+    packed weights (as moec's torch target runs them), and as chains of PyTorch and ONNX Runtime
+    MatMuls (`chain_floor_ms`); the fastest counts."""
+
+    def __init__(self, block, shape: dict):
+        match = find_moe_blocks(block)[0]
+        self.experts = PackedMoE(match.spec, match.weights)
+        self.shape = shape
+        mlp = getattr(block, "shared_experts", None)
+        self.shared = None
+        if mlp is not None:
+            first = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+            self.shared = (PackedLinear(first, None), PackedLinear(mlp.down_proj.weight, None))
+
+    def ms(self, counts: list[int], tokens: int, repeat: int) -> float:
+        g = torch.Generator().manual_seed(5)
+        rows = torch.randn(sum(counts), self.shape["H"], generator=g)
+        x = torch.randn(tokens, self.shape["H"], generator=g)
+
+        def onednn():
+            self.experts.experts(rows, counts)
+            if self.shared is not None:
+                first, down = self.shared
+                gate, up = first(x).chunk(2, dim=-1)
+                down(torch.nn.functional.silu(gate) * up)
+
+        with torch.no_grad():
+            packed = _settled_median_ms(onednn, repeat)
+        chains = [(c, self.shape["I"]) for c in counts if c] + _shared_chain(self.shape, tokens)
+        return min(packed, chain_floor_ms(self.shape["H"], chains, repeat))
 
 
 def transformers_rows(block, x: torch.Tensor):
@@ -295,12 +348,14 @@ def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path, pro
     workdir = workdir / config
     artifacts = moec_artifacts(block, shape, workdir)
     session = batched_mm_session(block, shape, workdir)
+    gemms = ExpertGemms(block, shape)
     for t in tokens:
         x = torch.randn(1, t, shape["H"], generator=torch.Generator().manual_seed(t))
         with torch.no_grad():
             ref = block(x).numpy()
         floor_c = compute_floor_ms(shape, t, repeat)
-        touched = touched_bytes(block, shape, x)
+        counts = routed_counts(block, x)
+        touched = touched_bytes(shape, counts)
         activations = (2 * t * shape["H"] + 3 * t * shape["k"] * shape["I"]) * 4
         candidates = list(transformers_rows(block, x))
         batched_copy = t * shape["k"] * 3 * shape["H"] * shape["I"] * 4
@@ -331,6 +386,7 @@ def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path, pro
             copy_bw.append(probe.copy())
             read_bw.append(probe.read())
             timings[label] = _settled_median_ms(fn, repeat)
+        floor_g = gemms.ms(counts, t, repeat)
         floor_m = touched / statistics.median(copy_bw) * 1e3
         floor_r = touched / statistics.median(read_bw) * 1e3
         for label, (err, peak_ratio) in checked.items():
@@ -344,6 +400,7 @@ def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path, pro
                     compute_floor_ms=floor_c,
                     memory_floor_ms=floor_m,
                     read_floor_ms=floor_r,
+                    gemm_floor_ms=floor_g,
                     copy_gb_s=[min(copy_bw) / 1e9, max(copy_bw) / 1e9],
                     peak_ratio=peak_ratio,
                 )
@@ -354,6 +411,7 @@ def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path, pro
             r["vs_compute_floor"] = r["ms"] / r["compute_floor_ms"]
             r["vs_memory_floor"] = r["ms"] / r["memory_floor_ms"]
             r["vs_read_floor"] = r["ms"] / r["read_floor_ms"]
+            r["vs_gemm_floor"] = r["ms"] / r["gemm_floor_ms"]
             r["vs_floor"] = r["ms"] / max(r["compute_floor_ms"], r["memory_floor_ms"])
             r["speedup_vs_transformers"] = eager[r["tokens"]] / r["ms"]
     return rows
@@ -368,6 +426,7 @@ def print_table(rows: list[dict], repeat: int) -> None:
         "/ compute floor",
         "/ memory floor",
         "/ read floor",
+        "/ GEMMs alone",
         "vs transformers",
         "peak mem",
         "rel L2",
@@ -375,9 +434,7 @@ def print_table(rows: list[dict], repeat: int) -> None:
     )
     for r in rows:
         if "skipped" in r:
-            table.add_row(
-                r["config"], str(r["tokens"]), r["row"], "-", "-", "-", "-", "-", "-", r["skipped"]
-            )
+            table.add_row(r["config"], str(r["tokens"]), r["row"], *["-"] * 7, r["skipped"])
             continue
         table.add_row(
             r["config"],
@@ -387,6 +444,7 @@ def print_table(rows: list[dict], repeat: int) -> None:
             f"{r['vs_compute_floor']:.2f}",
             f"{r['vs_memory_floor']:.2f}",
             f"{r['vs_read_floor']:.2f}",
+            f"{r['vs_gemm_floor']:.2f}",
             f"{r['speedup_vs_transformers']:.2f}x",
             f"{r['peak_ratio']:.2f}",
             f"{r['rel_l2']:.1e}",

@@ -131,6 +131,25 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="What the distillation steps train: every weight, or only the dense FFNs.",
 )
+@click.option(
+    "--distill-lr", type=float, default=1e-3, show_default=True, help="Peak Adam learning rate."
+)
+@click.option(
+    "--distill-batch-tokens", type=int, default=1024, show_default=True, help="Tokens per step."
+)
+@click.option(
+    "--distill-label-weight",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of next-token cross-entropy on the calibration text in the loss (language models).",
+)
+@click.option(
+    "--distill-block-steps",
+    type=int,
+    help="Adam steps fitting each dense FFN alone to its block's outputs before end-to-end "
+    "training [--distill-steps when blocks train alone, else 0].",
+)
 @_friendly_errors
 def compile_command(
     src,
@@ -156,6 +175,10 @@ def compile_command(
     distill_blocks,
     distill_init,
     distill_train,
+    distill_lr,
+    distill_batch_tokens,
+    distill_label_weight,
+    distill_block_steps,
 ):
     """Compile SRC (zoo:NAME, hf:DIR, FILE.pt2, pkg.module:factory, or a pickle) into OUT."""
     from moec.passes import lossy_passes
@@ -173,6 +196,10 @@ def compile_command(
         distill_blocks=distill_blocks.split(",") if distill_blocks else None,
         distill_init=distill_init,
         distill_train=distill_train,
+        distill_lr=distill_lr,
+        distill_batch_tokens=distill_batch_tokens,
+        distill_label_weight=distill_label_weight,
+        distill_block_steps=distill_block_steps,
     )
     if list_passes:
         _print_passes(target, lowering, capacity, lossy)

@@ -346,6 +346,18 @@ def test_distillation_with_hard_labels_trains_on_the_text(lm_calibration):
         DistillDensePass(label_weight=1.5)
 
 
+def test_block_steps_fit_each_block_before_end_to_end_training(lm_calibration):
+    source = moec.models.build_zoo("mixtral-lm")
+    state = CompressionState(source, load_calibration(lm_calibration, source))
+    report = run_pass(state, DistillDensePass(steps=5, block_steps=30))
+    assert report["training"] == "end to end (all)"
+    for block in report["blocks"]:
+        errors = block["rel_error"]
+        assert errors["trained"] < errors["least_squares"] < errors["init"]
+    with pytest.raises(MoecError, match="block steps must be >= 0"):
+        DistillDensePass(block_steps=-1)
+
+
 def test_partial_distillation_trains_each_block_alone(lm_calibration):
     source = moec.models.build_zoo("mixtral-lm")
     data = load_calibration(lm_calibration, source)
@@ -378,6 +390,9 @@ def test_distilled_shared_expert_is_folded_or_kept(tmp_path, lm_calibration):
         (["--distill-dense", "--dense-width", "0"], "--dense-width must be > 0"),
         (["--distill-dense", "--distill-blocks", "nope"], "not MoE blocks of this model"),
         (["--dense-width", "8"], "go with --distill-dense"),
+        (["--distill-dense", "--distill-lr", "0"], "learning rate must be > 0"),
+        (["--distill-dense", "--distill-batch-tokens", "0"], "batch tokens must be > 0"),
+        (["--distill-dense", "--distill-block-steps", "-2"], "block steps must be >= 0"),
     ],
 )
 def test_bad_distillation_options(tmp_path, lm_calibration, args, message):

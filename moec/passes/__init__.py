@@ -74,6 +74,10 @@ def lossy_passes(
     distill_blocks: list[str] | None = None,
     distill_init: str = "concat",
     distill_train: str = "all",
+    distill_lr: float = 1e-3,
+    distill_batch_tokens: int = 1024,
+    distill_label_weight: float = 0.0,
+    distill_block_steps: int | None = None,
 ) -> list[Pass]:
     """The lossy passes asked for, in the order they run: merge, prune, distil."""
     passes: list[Pass] = []
@@ -84,7 +88,15 @@ def lossy_passes(
     if distill_dense:
         passes.append(
             DistillDensePass(
-                dense_width, distill_steps, distill_blocks, distill_init, distill_train
+                dense_width,
+                distill_steps,
+                distill_blocks,
+                distill_init,
+                distill_train,
+                lr=distill_lr,
+                batch_tokens=distill_batch_tokens,
+                label_weight=distill_label_weight,
+                block_steps=distill_block_steps,
             )
         )
     elif dense_width is not None or distill_steps or distill_blocks:

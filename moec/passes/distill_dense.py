@@ -9,7 +9,10 @@ the active width, ``top_k`` experts' worth) with the experts' kind and activatio
 2. a shared expert (ungated, with the experts' activation) is folded in as extra neurons; a
    gated one is kept beside the dense FFN;
 3. fitted to the block's outputs on its calibration inputs (the inputs it gets once the blocks
-   before it are dense): closed-form ridge least squares for the down projection;
+   before it are dense): closed-form ridge least squares for the down projection, then
+   ``block_steps`` Adam steps on the mean squared error to those outputs (batches of
+   ``batch_tokens`` of the same fitting tokens, so they read no new text; by default as many as
+   ``steps`` when the blocks train alone, none before end-to-end training);
 4. then ``steps`` Adam steps on batches of ``batch_tokens`` calibration tokens (learning rate
    ``lr`` after a 5% linear warm-up, decaying on a cosine to zero): end to end when no
    MoE block is left, the model before the pass as the teacher (for a language model, KL
@@ -18,7 +21,8 @@ the active width, ``top_k`` experts' worth) with the experts' kind and activatio
    hard targets; else the mean squared error of its first output),
    training every weight of the model (``train="all"``, as Switch Transformer's distillation
    does; the artifact then stores the changed weights too) or only the dense FFNs (``"ffn"``);
-   with MoE blocks left (the MoE op has no gradient), each FFN alone on its block's outputs.
+   with MoE blocks left (the MoE op has no gradient), the ``block_steps`` above are all the
+   training there is.
 
 The report gives, per block, the relative error on the fitting tokens after each stage; the
 training loss at the start and end; and the tokens the training used.
@@ -71,12 +75,19 @@ class DistillDensePass(Pass):
         lr: float = 1e-3,
         batch_tokens: int = 1024,
         label_weight: float = 0.0,
+        block_steps: int | None = None,
         seed: int = 0,
     ):
         if width is not None and width <= 0:
             raise MoecError(f"--dense-width must be > 0, not {width}")
         if steps < 0:
             raise MoecError(f"--distill-steps must be >= 0, not {steps}")
+        if block_steps is not None and block_steps < 0:
+            raise MoecError(f"distillation block steps must be >= 0, not {block_steps}")
+        if not lr > 0:
+            raise MoecError(f"distillation learning rate must be > 0, not {lr}")
+        if batch_tokens <= 0:
+            raise MoecError(f"distillation batch tokens must be > 0, not {batch_tokens}")
         if init not in DISTILL_INITS:
             raise MoecError(f"distillation init {init!r}: choose one of {DISTILL_INITS}")
         if train not in DISTILL_TRAIN:
@@ -86,7 +97,7 @@ class DistillDensePass(Pass):
         self.train = train
         self.width, self.steps, self.blocks, self.init = width, steps, blocks, init
         self.lr, self.batch_tokens, self.seed = lr, batch_tokens, seed
-        self.label_weight = label_weight
+        self.label_weight, self.block_steps = label_weight, block_steps
         self.on_step: Callable[[int, int], None] | None = None
 
     def call(self, state: CompressionState) -> PassResult:
@@ -101,6 +112,9 @@ class DistillDensePass(Pass):
             names = [n for n in names if n in self.blocks]
         # The MoE op has no gradient: with MoE blocks left, each dense FFN trains on its own.
         end_to_end = self.steps > 0 and not set(state.moe_blocks()) - set(names)
+        block_steps = self.block_steps
+        if block_steps is None:
+            block_steps = 0 if end_to_end else self.steps
         report = []
         for index, name in enumerate(names):
             spec, weights = state.moe(name)
@@ -115,8 +129,10 @@ class DistillDensePass(Pass):
             errors = {"init": _rel_error(dense_spec, dense, x, target)}
             dense = _least_squares_down(dense_spec, dense, x, target)
             errors["least_squares"] = _rel_error(dense_spec, dense, x, target)
-            if self.steps and not end_to_end:
-                dense = self._train_block(dense_spec, dense, x, target, index, len(names))
+            if block_steps:
+                dense = self._train_block(
+                    dense_spec, dense, x, target, block_steps, index, len(names)
+                )
                 errors["trained"] = _rel_error(dense_spec, dense, x, target)
             state.replace(name, DenseFFN(dense_spec, dense))
             report.append(
@@ -128,16 +144,21 @@ class DistillDensePass(Pass):
                     "fit_tokens": int(x.shape[0]),
                 }
             )
-        summary: dict = {"init": self.init, "steps": self.steps, "blocks": report}
+        summary: dict = {
+            "init": self.init,
+            "steps": self.steps,
+            "block_steps": block_steps,
+            "blocks": report,
+        }
         summary["training"] = f"end to end ({self.train})" if end_to_end else "per block"
         if end_to_end and report:
             summary.update(self._train_end_to_end(state, [r["block"] for r in report]))
         else:  # every block trains on batches of the same calibration tokens
             tokens = min([self.batch_tokens] + [r["fit_tokens"] for r in report])
-            summary["train_tokens"] = self.steps * tokens if report else 0
+            summary["train_tokens"] = block_steps * tokens if report else 0
         return PassResult(state, bool(report), summary)
 
-    def _train_block(self, spec, weights: MoEWeights, x, target, index, count) -> MoEWeights:
+    def _train_block(self, spec, weights: MoEWeights, x, target, steps, index, count) -> MoEWeights:
         """Adam on one dense FFN alone: mean squared error to its block's outputs."""
         params = {
             n: getattr(weights, n).clone().requires_grad_(True)
@@ -145,11 +166,11 @@ class DistillDensePass(Pass):
             if getattr(weights, n) is not None
         }
         optimiser = torch.optim.Adam(params.values(), lr=self.lr)
-        schedule = warmup_cosine(optimiser, self.steps)
+        schedule = warmup_cosine(optimiser, steps)
         g = torch.Generator().manual_seed(self.seed + index)
         scale = target.square().mean().clamp_min(1e-12)
         batch = min(self.batch_tokens, x.shape[0])
-        for step in range(self.steps):
+        for step in range(steps):
             rows = torch.randint(0, x.shape[0], (batch,), generator=g)
             current = dataclasses.replace(weights, **params)
             loss = (dense_ffn_out(spec, current, x[rows]) - target[rows]).square().mean() / scale
@@ -158,7 +179,7 @@ class DistillDensePass(Pass):
             optimiser.step()
             schedule.step()
             if self.on_step is not None:
-                self.on_step(index * self.steps + step + 1, count * self.steps)
+                self.on_step(index * steps + step + 1, count * steps)
         return dataclasses.replace(weights, **{n: p.detach() for n, p in params.items()})
 
     def _train_end_to_end(self, state: CompressionState, names: list[str]) -> dict:

@@ -89,7 +89,7 @@ class PackedMoE(nn.Module):
             self.shared_first = _pack(torch.cat([w.shared_gate, w.shared_up]))
             self.shared_down = _pack(w.shared_down)
 
-    def _experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows grouped by expert [P, H] -> [P, H]: one GEMM per expert and projection, the
         activation once over every expert's rows (not once per expert: at a few tokens per
         expert the per-call cost of small elementwise ops adds up)."""
@@ -129,7 +129,7 @@ class PackedMoE(nn.Module):
             x,
             routed_ids,
             routed_weights,
-            experts=self._experts,
+            experts=self.experts,
             shared=self._shared,
         )
 
