@@ -34,6 +34,7 @@ weights, over weights + activations.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -52,8 +53,9 @@ from torch.export import Dim
 
 import moec
 from moec.benchmark import median_ms
+from moec.ir import MoEWeights
 from moec.models.adapters import find_moe_blocks
-from moec.runtime.weight_packing import PackedLinear, PackedMoE
+from moec.runtime.weight_packing import PackedMoE
 
 THREADS = 2
 SETTLE_S = 0.3
@@ -253,11 +255,13 @@ class ExpertGemms:
         match = find_moe_blocks(block)[0]
         self.experts = PackedMoE(match.spec, match.weights)
         self.shape = shape
-        mlp = getattr(block, "shared_experts", None)
+        mlp = getattr(block, "shared_experts", None)  # a SwiGLU MLP: one expert on every row
         self.shared = None
         if mlp is not None:
-            first = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
-            self.shared = (PackedLinear(first, None), PackedLinear(mlp.down_proj.weight, None))
+            spec = dataclasses.replace(match.spec, num_experts=1, top_k=1, expert_size=shape["Is"])
+            layers = {"w_gate": mlp.gate_proj, "w_up": mlp.up_proj, "w_down": mlp.down_proj}
+            weights = MoEWeights(None, **{n: m.weight.detach()[None] for n, m in layers.items()})
+            self.shared = PackedMoE(spec, weights)
 
     def ms(self, counts: list[int], tokens: int, repeat: int) -> float:
         g = torch.Generator().manual_seed(5)
@@ -267,9 +271,7 @@ class ExpertGemms:
         def onednn():
             self.experts.experts(rows, counts)
             if self.shared is not None:
-                first, down = self.shared
-                gate, up = first(x).chunk(2, dim=-1)
-                down(torch.nn.functional.silu(gate) * up)
+                self.shared.experts(x, [tokens])
 
         with torch.no_grad():
             packed = _settled_median_ms(onednn, repeat)

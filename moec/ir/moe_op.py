@@ -43,6 +43,7 @@ __all__ = [
     "grouped_experts",
     "linear",
     "moe_eager",
+    "onednn_linear",
     "scatter_routing",
     "shared_ffn",
 ]
@@ -178,8 +179,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and x.dtype == weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x [n, in] @ weight.T (+ bias) with oneDNN's GEMM; ``weight`` dense [out, in] or packed
+    by ``torch.ops.mkldnn._reorder_linear_weight``."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
 def _at(t: torch.Tensor | None, e: int) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, WEIGHT_NAMES, MoESpec, MoEWeights, moe_eager
-from moec.ir.moe_op import ONEDNN, expert_segments, gated_activation
+from moec.ir.moe_op import ONEDNN, expert_segments, gated_activation, onednn_linear
 
 __all__ = ["PackedLinear", "PackedMoE", "PackingReport", "pack_weights", "packable"]
 
@@ -43,10 +43,6 @@ def packable(spec: MoESpec, weights: MoEWeights) -> bool:
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] float32 -> oneDNN's blocked layout for x @ weight.T (an opaque mkldnn tensor)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
-
-
-def _gemm(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
 def _cat_or_none(*tensors: torch.Tensor | None) -> torch.Tensor | None:
@@ -94,7 +90,7 @@ class PackedMoE(nn.Module):
         activation once over every expert's rows (not once per expert: at a few tokens per
         expert the per-call cost of small elementwise ops adds up)."""
         active = expert_segments(rows, counts)
-        first = torch.cat([_gemm(c, self.first[e], self.first_bias[e]) for e, c in active])
+        first = torch.cat([onednn_linear(c, self.first[e], self.first_bias[e]) for e, c in active])
         if self.spec.expert_kind == "gated":
             size = self.spec.expert_size
             hidden = gated_activation(self.spec, first[:, :size], first[:, size:])
@@ -103,7 +99,7 @@ class PackedMoE(nn.Module):
         chunks = hidden.split([len(c) for _, c in active])
         return torch.cat(
             [
-                _gemm(h, self.down[e], self.down_bias[e])
+                onednn_linear(h, self.down[e], self.down_bias[e])
                 for (e, _), h in zip(active, chunks, strict=True)
             ]
         )
@@ -112,12 +108,12 @@ class PackedMoE(nn.Module):
         if self.shared_first is None:
             return torch.zeros_like(x)
         size = self.spec.shared_expert_size
-        first = _gemm(x, self.shared_first, None)
+        first = onednn_linear(x, self.shared_first, None)
         hidden = (
             PLAIN_ACTIVATION_FUNCTIONS[self.spec.shared_activation](first[:, :size])
             * first[:, size:]
         )
-        out = _gemm(hidden, self.shared_down, None)
+        out = onednn_linear(hidden, self.shared_down, None)
         if self.spec.shared_expert_gated:
             out = out * torch.sigmoid(x @ self.routing.shared_expert_gate.T)
         return out
@@ -143,7 +139,7 @@ class PackedLinear(nn.Module):
         self.out_features = weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _gemm(x.reshape(-1, x.shape[-1]), self.packed, self.bias)
+        y = onednn_linear(x.reshape(-1, x.shape[-1]), self.packed, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
