@@ -8,7 +8,10 @@ Rows: eager transformers with its default experts implementation (grouped_mm), t
 torch.compile of the eager block, ONNX Runtime on a plain torch.onnx.export of the batched_mm
 implementation (where its per-token weight copies fit in memory), and moec compiled from the same
 block for each target and lowering (``*`` marks each target's default). Every row is first
-checked against eager transformers (relative L2), then timed: median of --repeat runs.
+checked against eager transformers (relative L2), then timed: median of --repeat runs. At
+T <= 16, where a run takes milliseconds and a burst of load on a shared host can double it for
+seconds, every row, the GEMMs alone and both bandwidths are measured in --rounds round-robin
+rounds, and each figure is the median of its rounds.
 
 Floors measured in the same run: compute = the same FLOPs as one dense chain of matmuls
 ([T*k, H] x [H, 2I], gate and up as one matrix, then [T*k, I] x [I, H], plus the shared
@@ -28,7 +31,7 @@ between a lowering and that floor is this machine's GEMMs on a few rows, not the
 Peak memory: the most the process grows during a row's first call (sampled), plus the layer's
 weights, over weights + activations.
 
-    python bench/moe_layer.py [--configs A B] [--tokens 1 16 512 2048] [--repeat 7]
+    python bench/moe_layer.py [--configs A B] [--tokens 1 16 512 2048] [--repeat 7] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from moec.runtime.weight_packing import PackedMoE
 
 THREADS = 2
 SETTLE_S = 0.3
+SMALL_T = 16  # up to this many tokens a row takes milliseconds: timed in --rounds rounds
 BATCHED_MM_BUDGET = 4 << 30  # bytes of per-token weight copies the batched_mm export may make
 MOEC_ROWS = [  # (target, lowering or None for the target's default)
     ("ort", None),
@@ -162,17 +166,17 @@ class BandwidthProbe:
 def compute_floor_ms(shape: dict, tokens: int, repeat: int) -> float:
     """The layer's FLOPs as one dense chain (routed pairs, then the shared expert on T rows)."""
     chains = [(tokens * shape["k"], shape["I"])]
-    return chain_floor_ms(shape["H"], chains + _shared_chain(shape, tokens), repeat)
+    return min(chain_ms(shape["H"], chains + _shared_chain(shape, tokens), repeat).values())
 
 
 def _shared_chain(shape: dict, tokens: int) -> list[tuple[int, int]]:
     return [(tokens, shape["Is"])] if shape["Is"] else []
 
 
-def chain_floor_ms(h: int, chains: list[tuple[int, int]], repeat: int) -> float:
+def chain_ms(h: int, chains: list[tuple[int, int]], repeat: int) -> dict[str, float]:
     """silu(a[:, :w]) * a[:, w:] @ w2 with a = x @ w13 (gate and up as one [h, 2w] matrix, as
-    moec's lowerings hold them) for each (rows, w) chain, x [rows, h], in PyTorch and in ONNX
-    Runtime; the faster of the two is this machine's floor."""
+    moec's lowerings hold them) for each (rows, w) chain, x [rows, h], timed in PyTorch and in
+    ONNX Runtime: {"torch matmul": ms, "ort matmul": ms}."""
     g = torch.Generator().manual_seed(3)
     tensors = [
         (
@@ -192,11 +196,11 @@ def chain_floor_ms(h: int, chains: list[tuple[int, int]], repeat: int) -> float:
         torch_ms = _settled_median_ms(torch_chain, repeat)
     session, feeds = _ort_chain(tensors)
     ort_ms = _settled_median_ms(lambda: session.run(None, feeds), repeat)
-    return min(torch_ms, ort_ms)
+    return {"torch matmul": torch_ms, "ort matmul": ort_ms}
 
 
 def _ort_chain(tensors):
-    """An ONNX Runtime session computing each chain of `chain_floor_ms`."""
+    """An ONNX Runtime session computing each chain of `chain_ms`."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -249,7 +253,7 @@ class ExpertGemms:
     """The layer's matrix products alone: each expert's on as many rows as the router gives it,
     the shared expert's on all T rows; no routing, gathering or combining. Timed with oneDNN on
     packed weights (as moec's torch target runs them), and as chains of PyTorch and ONNX Runtime
-    MatMuls (`chain_floor_ms`); the fastest counts."""
+    MatMuls (`chain_ms`); the fastest counts."""
 
     def __init__(self, block, shape: dict):
         match = find_moe_blocks(block)[0]
@@ -263,7 +267,8 @@ class ExpertGemms:
             weights = MoEWeights(None, **{n: m.weight.detach()[None] for n, m in layers.items()})
             self.shared = PackedMoE(spec, weights)
 
-    def ms(self, counts: list[int], tokens: int, repeat: int) -> float:
+    def ms(self, counts: list[int], tokens: int, repeat: int) -> dict[str, float]:
+        """{"onednn packed" | "torch matmul" | "ort matmul": ms} for this routing."""
         g = torch.Generator().manual_seed(5)
         rows = torch.randn(sum(counts), self.shape["H"], generator=g)
         x = torch.randn(tokens, self.shape["H"], generator=g)
@@ -276,7 +281,7 @@ class ExpertGemms:
         with torch.no_grad():
             packed = _settled_median_ms(onednn, repeat)
         chains = [(c, self.shape["I"]) for c in counts if c] + _shared_chain(self.shape, tokens)
-        return min(packed, chain_floor_ms(self.shape["H"], chains, repeat))
+        return {"onednn packed": packed, **chain_ms(self.shape["H"], chains, repeat)}
 
 
 def transformers_rows(block, x: torch.Tensor):
@@ -343,7 +348,14 @@ def moec_artifacts(block, shape: dict, workdir: Path) -> dict:
     return artifacts
 
 
-def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path, probe: BandwidthProbe):
+def bench_config(
+    config: str,
+    tokens: list[int],
+    repeat: int,
+    small_t_rounds: int,
+    workdir: Path,
+    probe: BandwidthProbe,
+):
     block, shape = build_block(config)
     weight_bytes = sum(p.numel() * 4 for p in block.parameters())
     rows = []
@@ -383,12 +395,19 @@ def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path, pro
             out = out.numpy() if isinstance(out, torch.Tensor) else out
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
             checked[label] = (err, (weight_bytes + peak.grown) / (weight_bytes + activations))
-        timings, copy_bw, read_bw = {}, [], []
-        for label, fn in candidates:
-            copy_bw.append(probe.copy())
-            read_bw.append(probe.read())
-            timings[label] = _settled_median_ms(fn, repeat)
-        floor_g = gemms.ms(counts, t, repeat)
+        # round robin: every row and both bandwidths sampled in each round, so a burst of
+        # load on this shared host falls on all of them alike
+        rounds = small_t_rounds if t <= SMALL_T else 1
+        samples, gemm_ms, copy_bw, read_bw = {label: [] for label, _ in candidates}, [], [], []
+        for _ in range(rounds):
+            for label, fn in candidates:
+                copy_bw.append(probe.copy())
+                read_bw.append(probe.read())
+                samples[label].append(_settled_median_ms(fn, repeat))
+            gemm_ms.append(gemms.ms(counts, t, repeat))
+        timings = {label: statistics.median(ms) for label, ms in samples.items()}
+        gemm_kernels = {k: statistics.median(m[k] for m in gemm_ms) for k in gemm_ms[0]}
+        floor_g = min(gemm_kernels.values())
         floor_m = touched / statistics.median(copy_bw) * 1e3
         floor_r = touched / statistics.median(read_bw) * 1e3
         for label, (err, peak_ratio) in checked.items():
@@ -399,10 +418,12 @@ def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path, pro
                     row=label,
                     ms=timings[label],
                     rel_l2=err,
+                    rounds=rounds,
                     compute_floor_ms=floor_c,
                     memory_floor_ms=floor_m,
                     read_floor_ms=floor_r,
                     gemm_floor_ms=floor_g,
+                    gemm_kernels_ms=gemm_kernels,
                     copy_gb_s=[min(copy_bw) / 1e9, max(copy_bw) / 1e9],
                     peak_ratio=peak_ratio,
                 )
@@ -419,7 +440,7 @@ def bench_config(config: str, tokens: list[int], repeat: int, workdir: Path, pro
     return rows
 
 
-def print_table(rows: list[dict], repeat: int) -> None:
+def print_table(rows: list[dict], repeat: int, rounds: int) -> None:
     table = Table(
         "cfg",
         "T",
@@ -432,7 +453,10 @@ def print_table(rows: list[dict], repeat: int) -> None:
         "vs transformers",
         "peak mem",
         "rel L2",
-        title=f"MoE layer, fp32, {THREADS} threads, median of {repeat} (* = target default)",
+        title=(
+            f"MoE layer, fp32, {THREADS} threads, median of {repeat} runs (at T <= {SMALL_T}, "
+            f"median of {rounds} rounds of those; * = target default)"
+        ),
     )
     for r in rows:
         if "skipped" in r:
@@ -484,20 +508,24 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["A", "B"], choices=["A", "B"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 512, 2048])
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5, help=f"rounds at T <= {SMALL_T}")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     rows, probe = [], BandwidthProbe()
     with tempfile.TemporaryDirectory(prefix="moec-bench-") as workdir:
         for config in args.configs:
-            rows += bench_config(config, args.tokens, args.repeat, Path(workdir), probe)
-    print_table(rows, args.repeat)
+            rows += bench_config(
+                config, args.tokens, args.repeat, args.rounds, Path(workdir), probe
+            )
+    print_table(rows, args.repeat, args.rounds)
     targets = check_targets(rows)
     print_targets(targets)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "threads": THREADS,
         "repeat": args.repeat,
+        "rounds_small_t": args.rounds,
         "torch": torch.__version__,
     }
     (args.out / "moe_layer.json").write_text(

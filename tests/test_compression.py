@@ -346,6 +346,17 @@ def test_distillation_with_hard_labels_trains_on_the_text(lm_calibration):
         DistillDensePass(label_weight=1.5)
 
 
+def test_distillation_warns_when_it_rereads_its_calibration_text(lm_calibration, caplog):
+    source = moec.models.build_zoo("mixtral-lm")
+    data = load_calibration(lm_calibration, source)
+    for steps, warned in ((5, False), (30, True)):  # two rows a step
+        caplog.clear()
+        state = CompressionState(source, data)
+        report = run_pass(state, DistillDensePass(steps=steps, batch_tokens=64))
+        assert report["calibration_epochs"] == pytest.approx(steps * 2 / len(data.fit))
+        assert ("calibration rows" in caplog.text) is warned
+
+
 def test_block_steps_fit_each_block_before_end_to_end_training(lm_calibration):
     source = moec.models.build_zoo("mixtral-lm")
     state = CompressionState(source, load_calibration(lm_calibration, source))

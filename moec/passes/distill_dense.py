@@ -25,12 +25,17 @@ the active width, ``top_k`` experts' worth) with the experts' kind and activatio
    training there is.
 
 The report gives, per block, the relative error on the fitting tokens after each stage; the
-training loss at the start and end; and the tokens the training used.
+training loss at the start and end; the tokens the training used and how many times over that
+reads the calibration rows (``calibration_epochs``). End-to-end training that reads its
+calibration text more than `MAX_EPOCHS` times over is warned about: it learns that text rather
+than the teacher (on ``bench/compression.py``, 1.97M training tokens kept 8% of the MoE's gain
+over 262k calibration tokens and 48% over 2.1M).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 
@@ -58,6 +63,8 @@ DISTILL_INITS = ("concat", "average")
 DISTILL_TRAIN = ("all", "ffn")
 RIDGE = 1e-7  # relative to the mean diagonal of the Gram matrix: for stability only
 MAX_FIT_TOKENS = 65536
+MAX_EPOCHS = 2.0
+log = logging.getLogger(__name__)
 
 
 class DistillDensePass(Pass):
@@ -203,6 +210,16 @@ class DistillDensePass(Pass):
         schedule = warmup_cosine(optimiser, self.steps)
         fit = state.calibration.fit
         rows_per_step = max(1, self.batch_tokens // max(fit.shape[1], 1))
+        epochs = self.steps * rows_per_step / len(fit)
+        if epochs > MAX_EPOCHS:
+            log.warning(
+                "distillation reads its %d calibration rows %.1f times over (%d steps of %d "
+                "rows): give it more calibration data (--calib, --calib-samples) or fewer steps",
+                len(fit),
+                epochs,
+                self.steps,
+                rows_per_step,
+            )
         g = np.random.default_rng(self.seed)
         losses = []
         try:
@@ -228,6 +245,7 @@ class DistillDensePass(Pass):
         return {
             "loss": {"first": losses[0], "last": sum(tail) / len(tail)},
             "train_tokens": self.steps * rows_per_step * fit.shape[1],
+            "calibration_epochs": epochs,
         }
 
 
