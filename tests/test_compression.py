@@ -379,9 +379,11 @@ def test_partial_distillation_trains_each_block_alone(lm_calibration):
     assert errors["trained"] < errors["least_squares"] < errors["init"]
 
 
-def test_distilled_shared_expert_is_folded_or_kept(tmp_path, lm_calibration):
+def test_distilled_models_lower_and_verify_with_the_shared_expert_folded_or_kept(
+    tmp_path, lm_calibration
+):
     notes = {}
-    for name, target in (("deepseek-lm", "torch"), ("qwen-moe-lm", "ort")):
+    for name, target in (("deepseek-lm", "torch"), ("qwen-moe-lm", "ort"), ("mixtral-lm", "onnx")):
         passes = lossy_passes(distill_dense=True, distill_steps=5)
         result = moec.compile(
             f"zoo:{name}", target=target, output=tmp_path / name, lossy=passes, calib=lm_calibration
@@ -392,7 +394,11 @@ def test_distilled_shared_expert_is_folded_or_kept(tmp_path, lm_calibration):
         assert "embed.weight" in result.manifest.compression["parameters"]
         assert not result.blocks  # no MoE block left to capture
         assert moec.verify(result.path)
-    assert notes == {"deepseek-lm": {"folded in"}, "qwen-moe-lm": {"kept beside"}}
+    assert notes == {
+        "deepseek-lm": {"folded in"},
+        "qwen-moe-lm": {"kept beside"},
+        "mixtral-lm": {"none"},
+    }
 
 
 @pytest.mark.parametrize(
