@@ -8,10 +8,10 @@ Rows: eager transformers with its default experts implementation (grouped_mm), t
 torch.compile of the eager block, ONNX Runtime on a plain torch.onnx.export of the batched_mm
 implementation (where its per-token weight copies fit in memory), and moec compiled from the same
 block for each target and lowering (``*`` marks each target's default). Every row is first
-checked against eager transformers (relative L2), then timed: median of --repeat runs. At
-T <= 16, where a run takes milliseconds and a burst of load on a shared host can double it for
-seconds, every row, the GEMMs alone and both bandwidths are measured in --rounds round-robin
-rounds, and each figure is the median of its rounds.
+checked against eager transformers (relative L2), then timed: median of --repeat runs. A burst
+of load on a shared host can double a run's time for seconds, so every row, the GEMMs alone and
+both bandwidths are measured in round-robin rounds (--rounds at T <= 16, where a run takes
+milliseconds; --large-rounds above), and each figure is the median of its rounds.
 
 Floors measured in the same run: compute = the same FLOPs as one dense chain of matmuls
 ([T*k, H] x [H, 2I], gate and up as one matrix, then [T*k, I] x [I, H], plus the shared
@@ -31,7 +31,8 @@ between a lowering and that floor is this machine's GEMMs on a few rows, not the
 Peak memory: the most the process grows during a row's first call (sampled), plus the layer's
 weights, over weights + activations.
 
-    python bench/moe_layer.py [--configs A B] [--tokens 1 16 512 2048] [--repeat 7] [--rounds 5]
+    python bench/moe_layer.py [--configs A B] [--tokens 1 16 512 2048] [--repeat 7]
+                              [--rounds 5] [--large-rounds 3]
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from moec.runtime.weight_packing import PackedMoE
 
 THREADS = 2
 SETTLE_S = 0.3
-SMALL_T = 16  # up to this many tokens a row takes milliseconds: timed in --rounds rounds
+SMALL_T = 16  # up to this many tokens a row takes milliseconds: timed in more rounds
 BATCHED_MM_BUDGET = 4 << 30  # bytes of per-token weight copies the batched_mm export may make
 MOEC_ROWS = [  # (target, lowering or None for the target's default)
     ("ort", None),
@@ -352,7 +353,7 @@ def bench_config(
     config: str,
     tokens: list[int],
     repeat: int,
-    small_t_rounds: int,
+    rounds_by_size: tuple[int, int],
     workdir: Path,
     probe: BandwidthProbe,
 ):
@@ -396,8 +397,8 @@ def bench_config(
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
             checked[label] = (err, (weight_bytes + peak.grown) / (weight_bytes + activations))
         # round robin: every row and both bandwidths sampled in each round, so a burst of
-        # load on this shared host falls on all of them alike
-        rounds = small_t_rounds if t <= SMALL_T else 1
+        # load on a shared host falls on all of them alike
+        rounds = rounds_by_size[0] if t <= SMALL_T else rounds_by_size[1]
         samples, gemm_ms, copy_bw, read_bw = {label: [] for label, _ in candidates}, [], [], []
         for _ in range(rounds):
             for label, fn in candidates:
@@ -440,7 +441,7 @@ def bench_config(
     return rows
 
 
-def print_table(rows: list[dict], repeat: int, rounds: int) -> None:
+def print_table(rows: list[dict], repeat: int, rounds: tuple[int, int]) -> None:
     table = Table(
         "cfg",
         "T",
@@ -454,8 +455,8 @@ def print_table(rows: list[dict], repeat: int, rounds: int) -> None:
         "peak mem",
         "rel L2",
         title=(
-            f"MoE layer, fp32, {THREADS} threads, median of {repeat} runs (at T <= {SMALL_T}, "
-            f"median of {rounds} rounds of those; * = target default)"
+            f"MoE layer, fp32, {THREADS} threads: median over {rounds[0]} rounds (T <= "
+            f"{SMALL_T}) or {rounds[1]} (above) of the median of {repeat} runs; * = default"
         ),
     )
     for r in rows:
@@ -509,6 +510,7 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 512, 2048])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=5, help=f"rounds at T <= {SMALL_T}")
+    parser.add_argument("--large-rounds", type=int, default=3, help=f"rounds at T > {SMALL_T}")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
@@ -516,16 +518,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="moec-bench-") as workdir:
         for config in args.configs:
             rows += bench_config(
-                config, args.tokens, args.repeat, args.rounds, Path(workdir), probe
+                config,
+                args.tokens,
+                args.repeat,
+                (args.rounds, args.large_rounds),
+                Path(workdir),
+                probe,
             )
-    print_table(rows, args.repeat, args.rounds)
+    print_table(rows, args.repeat, (args.rounds, args.large_rounds))
     targets = check_targets(rows)
     print_targets(targets)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "threads": THREADS,
         "repeat": args.repeat,
-        "rounds_small_t": args.rounds,
+        "rounds": {f"T <= {SMALL_T}": args.rounds, f"T > {SMALL_T}": args.large_rounds},
         "torch": torch.__version__,
     }
     (args.out / "moe_layer.json").write_text(
