@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from moe_layer_targets import check_targets, print_targets
+from moe_layer_targets import SMALL_T, check_targets, print_targets
 from rich.console import Console
 from rich.table import Table
 from torch.export import Dim
@@ -63,7 +63,6 @@ from moec.runtime.weight_packing import PackedMoE
 
 THREADS = 2
 SETTLE_S = 0.3
-SMALL_T = 16  # up to this many tokens a row takes milliseconds: timed in more rounds
 BATCHED_MM_BUDGET = 4 << 30  # bytes of per-token weight copies the batched_mm export may make
 MOEC_ROWS = [  # (target, lowering or None for the target's default)
     ("ort", None),
@@ -167,41 +166,45 @@ class BandwidthProbe:
 def compute_floor_ms(shape: dict, tokens: int, repeat: int) -> float:
     """The layer's FLOPs as one dense chain (routed pairs, then the shared expert on T rows)."""
     chains = [(tokens * shape["k"], shape["I"])]
-    return min(chain_ms(shape["H"], chains + _shared_chain(shape, tokens), repeat).values())
+    return min(MatMulChains(shape["H"], chains + _shared_chain(shape, tokens)).ms(repeat).values())
 
 
 def _shared_chain(shape: dict, tokens: int) -> list[tuple[int, int]]:
     return [(tokens, shape["Is"])] if shape["Is"] else []
 
 
-def chain_ms(h: int, chains: list[tuple[int, int]], repeat: int) -> dict[str, float]:
+class MatMulChains:
     """silu(a[:, :w]) * a[:, w:] @ w2 with a = x @ w13 (gate and up as one [h, 2w] matrix, as
-    moec's lowerings hold them) for each (rows, w) chain, x [rows, h], timed in PyTorch and in
-    ONNX Runtime: {"torch matmul": ms, "ort matmul": ms}."""
-    g = torch.Generator().manual_seed(3)
-    tensors = [
-        (
-            torch.randn(rows, h, generator=g),
-            torch.randn(h, 2 * width, generator=g),
-            torch.randn(width, h, generator=g),
-        )
-        for rows, width in chains
-    ]
+    moec's lowerings hold them) for each (rows, w) chain, x [rows, h], in PyTorch and in an ONNX
+    Runtime session built once."""
 
-    def torch_chain():
-        for x, w13, w2 in tensors:
+    def __init__(self, h: int, chains: list[tuple[int, int]]):
+        g = torch.Generator().manual_seed(3)
+        self.tensors = [
+            (
+                torch.randn(rows, h, generator=g),
+                torch.randn(h, 2 * width, generator=g),
+                torch.randn(width, h, generator=g),
+            )
+            for rows, width in chains
+        ]
+        self.session, self.feeds = _ort_chain(self.tensors)
+
+    def _torch(self) -> None:
+        for x, w13, w2 in self.tensors:
             gate, up = (x @ w13).chunk(2, dim=-1)
             (torch.nn.functional.silu(gate) * up) @ w2
 
-    with torch.no_grad():
-        torch_ms = _settled_median_ms(torch_chain, repeat)
-    session, feeds = _ort_chain(tensors)
-    ort_ms = _settled_median_ms(lambda: session.run(None, feeds), repeat)
-    return {"torch matmul": torch_ms, "ort matmul": ort_ms}
+    def ms(self, repeat: int) -> dict[str, float]:
+        """{"torch matmul": ms, "ort matmul": ms}."""
+        with torch.no_grad():
+            torch_ms = _settled_median_ms(self._torch, repeat)
+        ort_ms = _settled_median_ms(lambda: self.session.run(None, self.feeds), repeat)
+        return {"torch matmul": torch_ms, "ort matmul": ort_ms}
 
 
 def _ort_chain(tensors):
-    """An ONNX Runtime session computing each chain of `chain_ms`."""
+    """An ONNX Runtime session computing each chain of `MatMulChains`."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -254,7 +257,7 @@ class ExpertGemms:
     """The layer's matrix products alone: each expert's on as many rows as the router gives it,
     the shared expert's on all T rows; no routing, gathering or combining. Timed with oneDNN on
     packed weights (as moec's torch target runs them), and as chains of PyTorch and ONNX Runtime
-    MatMuls (`chain_ms`); the fastest counts."""
+    MatMuls (`MatMulChains`); the fastest counts."""
 
     def __init__(self, block, shape: dict):
         match = find_moe_blocks(block)[0]
@@ -268,21 +271,26 @@ class ExpertGemms:
             weights = MoEWeights(None, **{n: m.weight.detach()[None] for n, m in layers.items()})
             self.shared = PackedMoE(spec, weights)
 
-    def ms(self, counts: list[int], tokens: int, repeat: int) -> dict[str, float]:
-        """{"onednn packed" | "torch matmul" | "ort matmul": ms} for this routing."""
+    def timer(self, counts: list[int], tokens: int):
+        """``ms(repeat) -> {"onednn packed" | "torch matmul" | "ort matmul": ms}`` for this
+        routing, its inputs and sessions built once."""
         g = torch.Generator().manual_seed(5)
         rows = torch.randn(sum(counts), self.shape["H"], generator=g)
         x = torch.randn(tokens, self.shape["H"], generator=g)
+        chains = [(c, self.shape["I"]) for c in counts if c] + _shared_chain(self.shape, tokens)
+        matmuls = MatMulChains(self.shape["H"], chains)
 
         def onednn():
             self.experts.experts(rows, counts)
             if self.shared is not None:
                 self.shared.experts(x, [tokens])
 
-        with torch.no_grad():
-            packed = _settled_median_ms(onednn, repeat)
-        chains = [(c, self.shape["I"]) for c in counts if c] + _shared_chain(self.shape, tokens)
-        return {"onednn packed": packed, **chain_ms(self.shape["H"], chains, repeat)}
+        def ms(repeat: int) -> dict[str, float]:
+            with torch.no_grad():
+                packed = _settled_median_ms(onednn, repeat)
+            return {"onednn packed": packed, **matmuls.ms(repeat)}
+
+        return ms
 
 
 def transformers_rows(block, x: torch.Tensor):
@@ -400,12 +408,13 @@ def bench_config(
         # load on a shared host falls on all of them alike
         rounds = rounds_by_size[0] if t <= SMALL_T else rounds_by_size[1]
         samples, gemm_ms, copy_bw, read_bw = {label: [] for label, _ in candidates}, [], [], []
+        gemm_timer = gemms.timer(counts, t)
         for _ in range(rounds):
             for label, fn in candidates:
                 copy_bw.append(probe.copy())
                 read_bw.append(probe.read())
                 samples[label].append(_settled_median_ms(fn, repeat))
-            gemm_ms.append(gemms.ms(counts, t, repeat))
+            gemm_ms.append(gemm_timer(repeat))
         timings = {label: statistics.median(ms) for label, ms in samples.items()}
         gemm_kernels = {k: statistics.median(m[k] for m in gemm_ms) for k in gemm_ms[0]}
         floor_g = min(gemm_kernels.values())

@@ -64,15 +64,15 @@ def _floor(config, label, default, kind, limit) -> list[dict]:
     ratios = {t: default[t][f"vs_{kind}_floor"] for t in sorted(sizes)}
     measured = ", ".join(f"T={t}: {v:.2f}" for t, v in ratios.items())
     if kind == "memory":  # how far the matrix products alone already are from it
-        gemms = ", ".join(
-            f"{default[t]['gemm_floor_ms'] / default[t]['memory_floor_ms']:.2f}" for t in ratios
-        )
-        measured += f" (the GEMMs alone: {gemms}"
-        if label.startswith("moec torch"):  # on the torch target's own GEMM kernel
-            onednn = ", ".join(
-                f"{r['gemm_kernels_ms']['onednn packed'] / r['memory_floor_ms']:.2f}"
-                for r in (default[t] for t in ratios)
+
+        def of_floor(gemm_ms) -> str:
+            return ", ".join(
+                f"{gemm_ms(default[t]) / default[t]['memory_floor_ms']:.2f}" for t in ratios
             )
+
+        measured += f" (the GEMMs alone: {of_floor(lambda r: r['gemm_floor_ms'])}"
+        if label.startswith("moec torch"):  # on the torch target's own GEMM kernel
+            onednn = of_floor(lambda r: r["gemm_kernels_ms"]["onednn packed"])
             measured += f"; on oneDNN, the torch target's kernel: {onednn}"
         measured += ")"
     met = all(v <= limit for v in ratios.values())
