@@ -28,8 +28,9 @@ for this input (and the shared expert's), no routing, gathering or combining, ti
 on packed weights and as PyTorch and ONNX Runtime MatMul chains (gate and up as one matrix), the
 fastest counting. Where the GEMMs alone are already well above the memory floor, what stands
 between a lowering and that floor is this machine's GEMMs on a few rows, not the lowering.
-Peak memory: the most the process grows during a row's first call (sampled), plus the layer's
-weights, over weights + activations.
+Peak memory: the most the process's anonymous memory grows during a row's first call (sampled),
+plus the layer's weights, over weights + activations (weights that ONNX Runtime memory-maps from
+the artifact's external data and pages in on first use are the weights, not growth).
 
     python bench/moe_layer.py [--configs A B] [--tokens 1 16 512 2048] [--repeat 7]
                               [--rounds 5] [--large-rounds 3]
@@ -121,19 +122,27 @@ def _settled_median_ms(fn, repeat: int) -> float:
 
 
 class PeakRss:
-    """Highest resident set size while the block runs, sampled every millisecond."""
+    """Highest anonymous resident memory while the block runs, sampled every millisecond.
+
+    Anonymous only: an ONNX artifact's weights stored as external data are memory-mapped by
+    ONNX Runtime and paged in from the file on first use; those pages are the layer's weights
+    themselves (one copy, file-backed, which the kernel can drop), not memory the row allocates."""
 
     def __enter__(self):
         self.process = psutil.Process()
-        self.base = self.peak = self.process.memory_info().rss
+        self.base = self.peak = self._anonymous()
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
 
+    def _anonymous(self) -> int:
+        info = self.process.memory_info()
+        return info.rss - info.shared
+
     def _sample(self):
         while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.peak = max(self.peak, self._anonymous())
             time.sleep(0.001)
 
     def __exit__(self, *exc):

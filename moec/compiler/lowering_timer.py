@@ -2,7 +2,12 @@
 
 The timing model is a single block with random weights of the block's shapes (speed does not
 depend on the values) and, for external routing, a softmax top-k router in front; it is captured
-and lowered once per candidate, then run at a few token counts (median of a few runs each).
+and lowered once per candidate, then run at a few token counts.
+
+The candidates are timed in round-robin rounds (each candidate at each size once per round, the
+median of a few runs; each figure is the median of its rounds), so that a burst of load on a
+shared host falls on every candidate alike: timed one after the other, a burst could flip the
+choice between two lowerings that differ by 20%.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from moec.models import ModelSource
 __all__ = ["TIMED_TOKENS", "time_lowerings"]
 
 TIMED_TOKENS = (1, 16, 256)
-REPEAT = 9
+ROUNDS = 3
+REPEAT = 5
+SETTLE_S = 0.05  # ORT's worker threads spin after a run; let them stop before another session
 
 
 class _RoutedExperts(nn.Module):
@@ -74,27 +81,26 @@ def time_lowerings(
     for t in tokens:
         shape = (t, spec.hidden_size) if spec.routing == "external" else (1, t, spec.hidden_size)
         feeds.append({"x": torch.randn(*shape, generator=g).numpy()})
-    per_size: dict[str, list[float]] = {}
-    for lowering in lowerings:
-        (node,) = moe_nodes(captured.program)
-        node.args = (*node.args[:-1], spec.with_lowering(lowering).to_json())
-        with tempfile.TemporaryDirectory(prefix="moec-timing-") as tmp:
+    sessions = {}
+    with tempfile.TemporaryDirectory(prefix="moec-timing-") as tmp:
+        for lowering in lowerings:
+            (node,) = moe_nodes(captured.program)
+            node.args = (*node.args[:-1], spec.with_lowering(lowering).to_json())
             # a file with external data: a large layer's weights exceed protobuf's 2 GB
-            path = Path(tmp) / "block.onnx"
-            ir.save(lower_to_onnx(captured, "ort"), path, external_data="block.onnx.data")
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        per_size[lowering] = []
-        for feed in feeds:
-            for _ in range(2):
-                session.run(None, feed)
-            times = []
-            for _ in range(REPEAT):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times.append(time.perf_counter() - start)
-            per_size[lowering].append(statistics.median(times))
-        del session
-        time.sleep(0.1)  # let the session's spinning threads stop before the next one runs
+            path = Path(tmp) / f"{lowering}.onnx"
+            ir.save(lower_to_onnx(captured, "ort"), path, external_data=f"{lowering}.onnx.data")
+            sessions[lowering] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            for feed in feeds:  # warm-up: first runs allocate and prepack
+                sessions[lowering].run(None, feed)
+    rounds: dict[str, list[list[float]]] = {lowering: [] for lowering in lowerings}
+    for _ in range(ROUNDS):
+        for lowering, session in sessions.items():
+            time.sleep(SETTLE_S)
+            rounds[lowering].append([_median_s(session, feed) for feed in feeds])
+    per_size = {
+        lowering: [statistics.median(r[i] for r in timed) for i in range(len(tokens))]
+        for lowering, timed in rounds.items()
+    }
     best = [min(times[i] for times in per_size.values()) for i in range(len(tokens))]
     return {
         lowering: math.exp(
@@ -102,3 +108,13 @@ def time_lowerings(
         )
         for lowering, times in per_size.items()
     }
+
+
+def _median_s(session, feed: dict) -> float:
+    session.run(None, feed)
+    times = []
+    for _ in range(REPEAT):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
