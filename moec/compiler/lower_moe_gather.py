@@ -2,10 +2,16 @@
 
 One ``NonZero`` of the transposed routing mask lists the (expert, token) pairs grouped by expert
 (tokens ascending), one ``Gather`` picks their rows and one ``Split`` by the per-expert counts
-hands each expert its tokens; the FFN runs on [n_e, H] with expert e's own weight slices (folded
-into initializers by the optimizer). The outputs are concatenated, expert by expert, into
-Y [P, H]. (Selecting per expert instead costs four more nodes per expert, which at one token is
-most of the time of a 64-expert block: ONNX Runtime spends about a microsecond per node.)
+hands each expert its tokens. Each expert runs one MatMul for its gate and up projections
+together ([H, 2I], its slices of the stacked weights side by side, folded into one initializer
+by the optimizer); the results are concatenated, the activation runs once over every expert's
+rows, a second ``Split`` hands the hidden rows back, and each expert runs its down MatMul: two
+nodes per expert. ONNX Runtime spends one to two microseconds per node, even on an expert with
+no rows, so at a few tokens the per-expert nodes are a large part of a 64-expert block's time:
+going from five nodes per expert to two took the DeepSeek-like block of ``bench/moe_layer.py``
+from 2.04 to 1.65 ms at T=1 (2 threads), with bit-identical outputs; the concatenation costs a
+copy of the first projection's output, within the noise at T=512 and 2048. (Selecting each
+expert's tokens itself would cost four more nodes per expert.)
 Combining them back does not scatter: token t's output from expert e sits in Y at
 ``offset_e + (number of tokens before t routed to e)``, so every token gathers its k rows of Y
 and sums them with its routing weights. (ONNX Runtime 1.32's CPU ``ScatterND`` with
@@ -33,26 +39,52 @@ from moec.compiler.onnx_ops import (
 )
 from moec.ir import MoESpec
 
-__all__ = ["expert_ffn_onnx", "lower_moe_gather"]
+__all__ = ["grouped_experts_onnx", "lower_moe_gather"]
 
 
-def expert_ffn_onnx(spec: MoESpec, w: dict, e: int, tokens):
-    """Expert ``e`` on tokens [n, H] -> [n, H], with its slices of the stacked weights."""
+def _pick(w: dict, name: str, e: int):
+    """Expert ``e``'s slice of the stacked tensor ``name`` (None if the block has none)."""
+    t = w.get(name)
+    return None if t is None else op.Gather(t, op.Constant(value_int=e), axis=0)
 
-    def pick(name: str):
-        t = w.get(name)
-        return None if t is None else op.Gather(t, op.Constant(value_int=e), axis=0)
 
-    def project(weight, bias, x):  # weight [out, in]
-        y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
-        return y if bias is None else op.Add(y, bias)
+def _first_projection(spec: MoESpec, w: dict, e: int):
+    """Expert ``e``'s first projection: ([H, n] weight, [n] bias or None), n = 2I for gated
+    experts (gate columns, then up), else I."""
+    names = ("w_gate", "w_up") if spec.expert_kind == "gated" else ("w_up",)
+    weights = [op.Transpose(_pick(w, n, e), perm=[1, 0]) for n in names]
+    weight = weights[0] if len(weights) == 1 else op.Concat(*weights, axis=1)
+    biases = [_pick(w, n.replace("w_", "b_"), e) for n in names]
+    if all(b is None for b in biases):
+        return weight, None
+    like = next(b for b in biases if b is not None)
+    biases = [op.Sub(like, like) if b is None else b for b in biases]  # zeros where absent
+    return weight, biases[0] if len(biases) == 1 else op.Concat(*biases, axis=0)
 
-    up = project(pick("w_up"), pick("b_up"), tokens)
+
+def _linear(x, weight, bias):
+    y = op.MatMul(x, weight)
+    return y if bias is None else op.Add(y, bias)
+
+
+def grouped_experts_onnx(spec: MoESpec, w: dict, rows, counts, parts: int) -> list:
+    """Every expert on its rows (``rows`` [P, H] grouped by expert, ``counts`` [E] of them per
+    expert) -> each expert's [n_e, H] output."""
+    first = [
+        _linear(part, *_first_projection(spec, w, e))
+        for e, part in enumerate(_split(rows, counts, parts))
+    ]
+    first = first[0] if parts == 1 else op.Concat(*first, axis=0)  # [P, n]
     if spec.expert_kind == "gated":
-        hidden = gated_activation(spec, project(pick("w_gate"), pick("b_gate"), tokens), up)
+        size = spec.expert_size
+        gate, up = op.Split(first, const_i([size, size]), axis=1, num_outputs=2)
+        hidden = gated_activation(spec, gate, up)
     else:
-        hidden = activation(spec.activation, up)
-    return project(pick("w_down"), pick("b_down"), hidden)
+        hidden = activation(spec.activation, first)
+    return [
+        _linear(h, op.Transpose(_pick(w, "w_down", e), perm=[1, 0]), _pick(w, "b_down", e))
+        for e, h in enumerate(_split(hidden, counts, parts))
+    ]
 
 
 def lower_moe_gather(spec: MoESpec, x, w: dict):
@@ -65,8 +97,7 @@ def lower_moe_gather(spec: MoESpec, x, w: dict):
     pairs = op.NonZero(op.Transpose(chosen2, perm=[1, 0]))  # [2, P]: (expert, token) rows
     tokens = op.Gather(pairs, op.Constant(value_int=1), axis=0)  # [P], grouped by expert
     counts = op.Cast(op.ReduceSum(chosen2, const_i([0]), keepdims=0), to=INT64)  # [E]
-    row_lists = _split(op.Gather(x2, tokens, axis=0), counts, e_count)
-    outputs = [expert_ffn_onnx(spec, w, e, rows) for e, rows in enumerate(row_lists)]
+    outputs = grouped_experts_onnx(spec, w, op.Gather(x2, tokens, axis=0), counts, e_count)
     if spec.routing == "expert_choice":
         y = _scatter_per_expert(x2, combine, _split(tokens, counts, e_count), outputs)
     else:
