@@ -3,6 +3,8 @@ expert weights gone, and blocks it cannot pack left to the op's kernel."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from torch.export import Dim
 import moec
 from moec.compiler.moe_block import MoEBlock
 from moec.ir import MoEWeights
-from moec.ir.moe_op import ONEDNN
+from moec.ir.moe_op import ONEDNN, moe_eager
 from moec.runtime.weight_packing import PackedMoE, pack_weights
 
 pytestmark = pytest.mark.skipif(not ONEDNN, reason="this torch is built without oneDNN")
@@ -40,6 +42,48 @@ def test_packed_block_computes_the_ops_kernel(case):
         got = [module(t) for t in x]
     assert report.moe_blocks == 1
     assert all(rel_l2(g, e) <= 1e-6 for g, e in zip(got, expected, strict=True))
+
+
+@pytest.mark.parametrize("b, s", SHAPES)
+def test_routing_given_as_ids_is_grouped_like_the_ops_kernel(b, s):
+    """Routing from the block's own router (ids and weights) takes a shorter path, grouped from
+    the ids: bit-for-bit the op's path (dense routing, then its nonzeros) on the same GEMMs."""
+    spec = dataclasses.replace(CASES["qwen-shared-gated"], routing="external")
+    dense = random_weights("qwen-shared-gated", seed=3)
+    weights = dataclasses.replace(dense, router_weight=None, output_bias=torch.randn(H))
+    packed = PackedMoE(spec, weights)
+    g = torch.Generator().manual_seed(b * s)
+    x = torch.randn(b, s, H, generator=g)
+    ids = torch.rand(b, s, spec.num_experts, generator=g).topk(spec.top_k, dim=-1).indices
+    gates = torch.rand(b, s, spec.top_k, generator=g)
+    with torch.no_grad():
+        out, chosen = packed(x, ids, gates)
+        general = moe_eager(
+            spec, packed.routing, x, ids, gates, experts=packed.experts, shared=packed._shared
+        )
+    assert torch.equal(out, general[0]) and torch.equal(chosen, general[1])
+
+
+def test_noop_conversions_are_dropped_and_their_weight_packed():
+    class Router(torch.nn.Module):  # what families write: float32 casts around the router
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8, H))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x.type(torch.float32), self.weight.float()).sigmoid()
+
+    x = torch.randn(3, H)
+    module = torch.export.export(Router(), (x,)).module()
+    with torch.no_grad():
+        expected = module(x)
+        report = pack_weights(module)
+        got = module(x)
+    targets = {n.target for n in module.graph.nodes}
+    assert report.conversions > 0 and report.linears == 1
+    assert torch.ops.aten.to.dtype not in targets
+    assert torch.ops.aten._assert_tensor_metadata.default not in targets
+    assert rel_l2(got, expected) <= 1e-6
 
 
 def test_packing_drops_the_dense_weights():
