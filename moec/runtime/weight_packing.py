@@ -122,7 +122,8 @@ class PackedMoE(nn.Module):
         return out
 
     def forward(self, x, routed_ids=None, routed_weights=None):
-        if routed_ids is not None and self.spec.expert_map is None:
+        spec = self.spec
+        if spec.routing == "external" and routed_ids is not None and spec.expert_map is None:
             return self._forward_routed(x, routed_ids, routed_weights)
         return moe_eager(
             self.spec,
