@@ -46,8 +46,8 @@ def test_packed_block_computes_the_ops_kernel(case):
 
 @pytest.mark.parametrize("b, s", SHAPES)
 def test_routing_given_as_ids_is_grouped_like_the_ops_kernel(b, s):
-    """Routing from the block's own router (ids and weights) takes a shorter path, grouped from
-    the ids: bit-for-bit the op's path (dense routing, then its nonzeros) on the same GEMMs."""
+    """Routing from the block's own router (ids and weights): the packed block is bit-for-bit
+    the op's kernel on the same GEMMs."""
     spec = dataclasses.replace(CASES["qwen-shared-gated"], routing="external")
     dense = random_weights("qwen-shared-gated", seed=3)
     weights = dataclasses.replace(dense, router_weight=None, output_bias=torch.randn(H))

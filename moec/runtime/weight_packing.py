@@ -122,9 +122,6 @@ class PackedMoE(nn.Module):
         return out
 
     def forward(self, x, routed_ids=None, routed_weights=None):
-        spec = self.spec
-        if spec.routing == "external" and routed_ids is not None and spec.expert_map is None:
-            return self._forward_routed(x, routed_ids, routed_weights)
         return moe_eager(
             self.spec,
             self.routing,
@@ -134,26 +131,6 @@ class PackedMoE(nn.Module):
             experts=self.experts,
             shared=self._shared,
         )
-
-    def _forward_routed(self, x, ids: torch.Tensor, gates: torch.Tensor):
-        """`moe_eager` for routing given as top-k ids (distinct per token) and weights, grouped
-        from the ids themselves: one stable sort instead of scattering them into dense [T, E]
-        tensors and finding the nonzeros again. The (token, expert) pairs come out in the same
-        order (by expert, then token), so the result is bit-for-bit the same."""
-        e = self.spec.num_experts
-        flat_x = x.reshape(-1, x.shape[-1])
-        flat_ids = ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)
-        out = self._shared(flat_x)
-        if order.numel():
-            tokens = order.div(ids.shape[-1], rounding_mode="floor")
-            counts = torch.bincount(flat_ids, minlength=e).tolist()
-            gate = gates.reshape(-1)[order].float().to(x.dtype).unsqueeze(-1)
-            out = out.index_add(0, tokens, self.experts(flat_x[tokens], counts) * gate)
-        if self.routing.output_bias is not None:
-            out = out + self.routing.output_bias
-        chosen = torch.zeros((*ids.shape[:-1], e), dtype=torch.bool).scatter(-1, ids, True)
-        return out.reshape(x.shape), chosen
 
 
 class PackedLinear(nn.Module):
