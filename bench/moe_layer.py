@@ -28,6 +28,10 @@ for this input (and the shared expert's), no routing, gathering or combining, ti
 on packed weights and as PyTorch and ONNX Runtime MatMul chains (gate and up as one matrix), the
 fastest counting. Where the GEMMs alone are already well above the memory floor, what stands
 between a lowering and that floor is this machine's GEMMs on a few rows, not the lowering.
+At T <= 16 the torch target is also profiled in place (moe_layer_profile.py): how much of its
+run its GEMMs take and how many other ops share the rest; and one small op is timed on warm
+caches and right after 64 MiB have streamed through them, which is what every small op between
+the GEMMs meets.
 Peak memory: the most the process's anonymous memory grows during a row's first call (sampled),
 plus the layer's weights, over weights + activations (weights that ONNX Runtime memory-maps from
 the artifact's external data and pages in on first use are the weights, not growth).
@@ -51,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from moe_layer_profile import small_op_us, torch_split
 from moe_layer_targets import SMALL_T, check_targets, print_targets
 from rich.console import Console
 from rich.table import Table
@@ -64,6 +69,7 @@ from moec.runtime.weight_packing import PackedMoE
 
 THREADS = 2
 SETTLE_S = 0.3
+PROFILED_CALLS = 50
 BATCHED_MM_BUDGET = 4 << 30  # bytes of per-token weight copies the batched_mm export may make
 MOEC_ROWS = [  # (target, lowering or None for the target's default)
     ("ort", None),
@@ -429,6 +435,11 @@ def bench_config(
         floor_g = min(gemm_kernels.values())
         floor_m = touched / statistics.median(copy_bw) * 1e3
         floor_r = touched / statistics.median(read_bw) * 1e3
+        in_place = {  # where the torch target's time goes at a few tokens
+            label: torch_split(runner.module, x, PROFILED_CALLS)
+            for label, runner in artifacts.items()
+            if t <= SMALL_T and label.startswith("moec torch")
+        }
         for label, (err, peak_ratio) in checked.items():
             rows.append(
                 dict(
@@ -445,6 +456,7 @@ def bench_config(
                     gemm_kernels_ms=gemm_kernels,
                     copy_gb_s=[min(copy_bw) / 1e9, max(copy_bw) / 1e9],
                     peak_ratio=peak_ratio,
+                    **({"in_place": in_place[label]} if label in in_place else {}),
                 )
             )
     eager = {r["tokens"]: r["ms"] for r in rows if r["row"].startswith("eager transformers")}
@@ -544,6 +556,12 @@ def main() -> None:
                 probe,
             )
     print_table(rows, args.repeat, (args.rounds, args.large_rounds))
+    flushed = slice(0, 16 << 20)  # 64 MiB of float32, about the weights one token touches
+    small_op = small_op_us(lambda: probe.dst[flushed].copy_(probe.src[flushed]))
+    print(
+        "one small op (sigmoid of [1, 64]): "
+        + ", ".join(f"{us:.1f} us {when}" for when, us in small_op.items())
+    )
     targets = check_targets(rows)
     print_targets(targets)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -552,6 +570,7 @@ def main() -> None:
         "repeat": args.repeat,
         "rounds": {f"T <= {SMALL_T}": args.rounds, f"T > {SMALL_T}": args.large_rounds},
         "torch": torch.__version__,
+        "small_op_us": small_op,
     }
     (args.out / "moe_layer.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "targets": targets}, indent=1)

@@ -280,7 +280,7 @@ def moe_eager(
     out = shared(flat_x) if shared else shared_ffn(spec, w, flat_x)
     # one gather in, one matmul chain per expert on its own tokens, one scatter-add out
     if tokens.numel():
-        rows = flat_x[tokens]  # [P, H], grouped by expert
+        rows = flat_x.index_select(0, tokens)  # [P, H], grouped by expert
         combined = experts(rows, counts.tolist()) * gates.to(x.dtype).unsqueeze(-1)
         out = out.index_add(0, tokens, combined)
     if w.output_bias is not None:
@@ -305,7 +305,7 @@ def _pairs_from_ids(spec: MoESpec, ids: torch.Tensor, weights: torch.Tensor):
     flat = ids.reshape(-1)
     order = flat.argsort(stable=True)
     tokens = order.div(ids.shape[-1], rounding_mode="floor")
-    gates = weights.reshape(-1)[order].float()
+    gates = weights.reshape(-1).index_select(0, order).float()
     chosen = torch.zeros((*ids.shape[:-1], spec.num_experts), dtype=torch.bool, device=ids.device)
     chosen = chosen.scatter(-1, ids, True)
     return chosen, (tokens, torch.bincount(flat, minlength=spec.num_experts), gates)
