@@ -19,16 +19,19 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from moec.compression_options import (
+    DISTILL_INITS,
+    DISTILL_TRAIN,
+    MERGE_METHODS,
+    PRUNE_METHODS,
+    DistillOptions,
+)
 from moec.errors import MoecError
 
 console = Console()
 err_console = Console(stderr=True)
 
 TARGET_CHOICE = click.Choice(["ort", "onnx", "trt", "torch"])
-MERGE_METHODS = ["hc", "router-logits", "random"]
-PRUNE_METHODS = ["frequency", "reap", "reconstruction"]
-DISTILL_INITS = ["concat", "average"]
-DISTILL_TRAIN = ["all", "ffn"]
 
 
 class KeepType(click.ParamType):
@@ -118,29 +121,44 @@ def main(verbose: bool) -> None:
 )
 @click.option("--dense-width", type=int, help="Neurons of each dense FFN [top_k x expert size].")
 @click.option(
-    "--distill-steps", type=int, default=0, show_default=True, help="Adam steps after the fit."
+    "--distill-steps",
+    type=int,
+    default=DistillOptions.steps,
+    show_default=True,
+    help="Adam steps after the fit.",
 )
 @click.option("--distill-blocks", help="Comma-separated MoE block paths to distil [all].")
 @click.option(
-    "--distill-init", type=click.Choice(DISTILL_INITS), default="concat", show_default=True
+    "--distill-init",
+    type=click.Choice(DISTILL_INITS),
+    default=DistillOptions.init,
+    show_default=True,
 )
 @click.option(
     "--distill-train",
     type=click.Choice(DISTILL_TRAIN),
-    default="all",
+    default=DistillOptions.train,
     show_default=True,
     help="What the distillation steps train: every weight, or only the dense FFNs.",
 )
 @click.option(
-    "--distill-lr", type=float, default=1e-3, show_default=True, help="Peak Adam learning rate."
+    "--distill-lr",
+    type=float,
+    default=DistillOptions.lr,
+    show_default=True,
+    help="Peak Adam learning rate.",
 )
 @click.option(
-    "--distill-batch-tokens", type=int, default=1024, show_default=True, help="Tokens per step."
+    "--distill-batch-tokens",
+    type=int,
+    default=DistillOptions.batch_tokens,
+    show_default=True,
+    help="Tokens per step.",
 )
 @click.option(
     "--distill-label-weight",
     type=float,
-    default=0.0,
+    default=DistillOptions.label_weight,
     show_default=True,
     help="Share of next-token cross-entropy on the calibration text in the loss (language models).",
 )
@@ -184,22 +202,30 @@ def compile_command(
     from moec.passes import lossy_passes
 
     capacity = capacity_factor if capacity_factor is not None else capacity
+    distill = None
+    if distill_dense:
+        distill = DistillOptions(
+            width=dense_width,
+            steps=distill_steps,
+            blocks=tuple(distill_blocks.split(",")) if distill_blocks else None,
+            init=distill_init,
+            train=distill_train,
+            lr=distill_lr,
+            batch_tokens=distill_batch_tokens,
+            label_weight=distill_label_weight,
+            block_steps=distill_block_steps,
+        )
+    elif dense_width is not None or distill_steps or distill_blocks:
+        raise MoecError(
+            "--dense-width, --distill-steps and --distill-blocks go with --distill-dense"
+        )
     lossy = lossy_passes(
         merge_experts=merge_experts,
         merge_method=merge_method,
         merge_lstsq=merge_lstsq,
         prune_experts=prune_experts,
         prune_method=prune_method,
-        distill_dense=distill_dense,
-        dense_width=dense_width,
-        distill_steps=distill_steps,
-        distill_blocks=distill_blocks.split(",") if distill_blocks else None,
-        distill_init=distill_init,
-        distill_train=distill_train,
-        distill_lr=distill_lr,
-        distill_batch_tokens=distill_batch_tokens,
-        distill_label_weight=distill_label_weight,
-        distill_block_steps=distill_block_steps,
+        distill=distill,
     )
     if list_passes:
         _print_passes(target, lowering, capacity, lossy)

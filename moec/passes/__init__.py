@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from moec.compression_options import (
+    DISTILL_INITS,
+    DISTILL_TRAIN,
+    MERGE_METHODS,
+    PRUNE_METHODS,
+    DistillOptions,
+)
 from moec.errors import MoecError
 from moec.passes.capacity import CALIBRATION_SCHEDULE, CapacityPass, check_capacity
-from moec.passes.distill_dense import DISTILL_INITS, DISTILL_TRAIN, DistillDensePass
+from moec.passes.distill_dense import DistillDensePass
 from moec.passes.grouped_gemm import GroupedGemmPass
-from moec.passes.merge_experts import MERGE_METHODS, MergeExpertsPass
+from moec.passes.merge_experts import MergeExpertsPass
 from moec.passes.pass_base import Pass, PassManager, PassResult
-from moec.passes.prune_experts import PRUNE_METHODS, PruneExpertsPass
+from moec.passes.prune_experts import PruneExpertsPass
 from moec.passes.select_lowering import SelectLoweringPass, check_lowering
 
 __all__ = [
@@ -21,6 +28,7 @@ __all__ = [
     "PRUNE_METHODS",
     "CapacityPass",
     "DistillDensePass",
+    "DistillOptions",
     "GroupedGemmPass",
     "MergeExpertsPass",
     "Pass",
@@ -68,39 +76,15 @@ def lossy_passes(
     merge_lstsq: bool = False,
     prune_experts: float | int | None = None,
     prune_method: str = "frequency",
-    distill_dense: bool = False,
-    dense_width: int | None = None,
-    distill_steps: int = 0,
-    distill_blocks: list[str] | None = None,
-    distill_init: str = "concat",
-    distill_train: str = "all",
-    distill_lr: float = 1e-3,
-    distill_batch_tokens: int = 1024,
-    distill_label_weight: float = 0.0,
-    distill_block_steps: int | None = None,
+    distill: DistillOptions | None = None,
 ) -> list[Pass]:
-    """The lossy passes asked for, in the order they run: merge, prune, distil."""
+    """The lossy passes asked for, in the order they run: merge, prune, distil (``distill``:
+    how, or None for no distillation)."""
     passes: list[Pass] = []
     if merge_experts is not None:
         passes.append(MergeExpertsPass(merge_experts, merge_method, merge_lstsq))
     if prune_experts is not None:
         passes.append(PruneExpertsPass(prune_experts, prune_method))
-    if distill_dense:
-        passes.append(
-            DistillDensePass(
-                dense_width,
-                distill_steps,
-                distill_blocks,
-                distill_init,
-                distill_train,
-                lr=distill_lr,
-                batch_tokens=distill_batch_tokens,
-                label_weight=distill_label_weight,
-                block_steps=distill_block_steps,
-            )
-        )
-    elif dense_width is not None or distill_steps or distill_blocks:
-        raise MoecError(
-            "--dense-width, --distill-steps and --distill-blocks go with --distill-dense"
-        )
+    if distill is not None:
+        passes.append(DistillDensePass(distill))
     return passes

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moec.compression_options import DistillOptions
 from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights
 from moec.ir.moe_op import expert_hidden, shared_ffn
@@ -57,10 +58,8 @@ from moec.passes.compression_state import (
 from moec.passes.pass_base import Pass, PassResult
 from moec.passes.quality import first_output, is_logits
 
-__all__ = ["DISTILL_INITS", "DISTILL_TRAIN", "DistillDensePass"]
+__all__ = ["DistillDensePass"]
 
-DISTILL_INITS = ("concat", "average")
-DISTILL_TRAIN = ("all", "ffn")
 RIDGE = 1e-7  # relative to the mean diagonal of the Gram matrix: for stability only
 MAX_FIT_TOKENS = 65536
 MAX_EPOCHS = 2.0
@@ -72,56 +71,26 @@ class DistillDensePass(Pass):
     description = "replace MoE blocks by dense FFNs fitted to their outputs on calibration data"
     lossy = True
 
-    def __init__(
-        self,
-        width: int | None = None,
-        steps: int = 0,
-        blocks: list[str] | None = None,
-        init: str = "concat",
-        train: str = "all",
-        lr: float = 1e-3,
-        batch_tokens: int = 1024,
-        label_weight: float = 0.0,
-        block_steps: int | None = None,
-        seed: int = 0,
-    ):
-        if width is not None and width <= 0:
-            raise MoecError(f"--dense-width must be > 0, not {width}")
-        if steps < 0:
-            raise MoecError(f"--distill-steps must be >= 0, not {steps}")
-        if block_steps is not None and block_steps < 0:
-            raise MoecError(f"distillation block steps must be >= 0, not {block_steps}")
-        if not lr > 0:
-            raise MoecError(f"distillation learning rate must be > 0, not {lr}")
-        if batch_tokens <= 0:
-            raise MoecError(f"distillation batch tokens must be > 0, not {batch_tokens}")
-        if init not in DISTILL_INITS:
-            raise MoecError(f"distillation init {init!r}: choose one of {DISTILL_INITS}")
-        if train not in DISTILL_TRAIN:
-            raise MoecError(f"--distill-train {train!r}: choose one of {DISTILL_TRAIN}")
-        if not 0.0 <= label_weight <= 1.0:
-            raise MoecError(f"distillation label weight must be in [0, 1], not {label_weight}")
-        self.train = train
-        self.width, self.steps, self.blocks, self.init = width, steps, blocks, init
-        self.lr, self.batch_tokens, self.seed = lr, batch_tokens, seed
-        self.label_weight, self.block_steps = label_weight, block_steps
+    def __init__(self, options: DistillOptions | None = None, **fields):
+        """``options``, or its fields by name (checked by `DistillOptions`)."""
+        self.options = dataclasses.replace(options or DistillOptions(), **fields)
         self.on_step: Callable[[int, int], None] | None = None
 
     def call(self, state: CompressionState) -> PassResult:
         names = state.moe_blocks()
-        if self.blocks is not None:
-            unknown = sorted(set(self.blocks) - set(names))
+        if self.options.blocks is not None:
+            unknown = sorted(set(self.options.blocks) - set(names))
             if unknown:
                 raise MoecError(
                     f"--distill-blocks names {unknown}, which are not MoE blocks of this model; "
                     f"its MoE blocks: {names}"
                 )
-            names = [n for n in names if n in self.blocks]
+            names = [n for n in names if n in self.options.blocks]
         # The MoE op has no gradient: with MoE blocks left, each dense FFN trains on its own.
-        end_to_end = self.steps > 0 and not set(state.moe_blocks()) - set(names)
-        block_steps = self.block_steps
+        end_to_end = self.options.steps > 0 and not set(state.moe_blocks()) - set(names)
+        block_steps = self.options.block_steps
         if block_steps is None:
-            block_steps = 0 if end_to_end else self.steps
+            block_steps = 0 if end_to_end else self.options.steps
         report = []
         for index, name in enumerate(names):
             spec, weights = state.moe(name)
@@ -130,8 +99,8 @@ class DistillDensePass(Pass):
             stats = state.stats(_fit_tokens(spec.hidden_size)).get(name)
             if stats is None:
                 continue
-            width = self.width or spec.expert_size * spec.top_k
-            dense_spec, dense = initial_dense(spec, weights, stats, width, self.init)
+            width = self.options.width or spec.expert_size * spec.top_k
+            dense_spec, dense = initial_dense(spec, weights, stats, width, self.options.init)
             x, target = _fit_data(spec, weights, dense_spec, stats)
             errors = {"init": _rel_error(dense_spec, dense, x, target)}
             dense = _least_squares_down(dense_spec, dense, x, target)
@@ -152,16 +121,16 @@ class DistillDensePass(Pass):
                 }
             )
         summary: dict = {
-            "init": self.init,
-            "steps": self.steps,
+            "init": self.options.init,
+            "steps": self.options.steps,
             "block_steps": block_steps,
             "blocks": report,
         }
-        summary["training"] = f"end to end ({self.train})" if end_to_end else "per block"
+        summary["training"] = f"end to end ({self.options.train})" if end_to_end else "per block"
         if end_to_end and report:
             summary.update(self._train_end_to_end(state, [r["block"] for r in report]))
         else:  # every block trains on batches of the same calibration tokens
-            tokens = min([self.batch_tokens] + [r["fit_tokens"] for r in report])
+            tokens = min([self.options.batch_tokens] + [r["fit_tokens"] for r in report])
             summary["train_tokens"] = block_steps * tokens if report else 0
         return PassResult(state, bool(report), summary)
 
@@ -172,11 +141,11 @@ class DistillDensePass(Pass):
             for n in EXPERT_TENSORS
             if getattr(weights, n) is not None
         }
-        optimiser = torch.optim.Adam(params.values(), lr=self.lr)
+        optimiser = torch.optim.Adam(params.values(), lr=self.options.lr)
         schedule = warmup_cosine(optimiser, steps)
-        g = torch.Generator().manual_seed(self.seed + index)
+        g = torch.Generator().manual_seed(self.options.seed + index)
         scale = target.square().mean().clamp_min(1e-12)
-        batch = min(self.batch_tokens, x.shape[0])
+        batch = min(self.options.batch_tokens, x.shape[0])
         for step in range(steps):
             rows = torch.randint(0, x.shape[0], (batch,), generator=g)
             current = dataclasses.replace(weights, **params)
@@ -192,7 +161,7 @@ class DistillDensePass(Pass):
     def _train_end_to_end(self, state: CompressionState, names: list[str]) -> dict:
         """Adam on the model's weights (all, or its dense FFNs'), matching the model before the
         pass: its next-token distribution (KL) for a language model, else its first output."""
-        if self.train == "all":
+        if self.options.train == "all":
             params = [p for p in state.model.parameters() if p.is_floating_point()]
         else:
             params = [
@@ -206,30 +175,30 @@ class DistillDensePass(Pass):
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        optimiser = torch.optim.Adam(params, lr=self.lr)
-        schedule = warmup_cosine(optimiser, self.steps)
+        optimiser = torch.optim.Adam(params, lr=self.options.lr)
+        schedule = warmup_cosine(optimiser, self.options.steps)
         fit = state.calibration.fit
-        rows_per_step = max(1, self.batch_tokens // max(fit.shape[1], 1))
-        epochs = self.steps * rows_per_step / len(fit)
+        rows_per_step = max(1, self.options.batch_tokens // max(fit.shape[1], 1))
+        epochs = self.options.steps * rows_per_step / len(fit)
         if epochs > MAX_EPOCHS:
             log.warning(
                 "distillation reads its %d calibration rows %.1f times over (%d steps of %d "
                 "rows): give it more calibration data (--calib, --calib-samples) or fewer steps",
                 len(fit),
                 epochs,
-                self.steps,
+                self.options.steps,
                 rows_per_step,
             )
-        g = np.random.default_rng(self.seed)
+        g = np.random.default_rng(self.options.seed)
         losses = []
         try:
-            for step in range(self.steps):
+            for step in range(self.options.steps):
                 inputs = model_inputs(state.source, fit[g.integers(0, len(fit), rows_per_step)])
                 with torch.no_grad():
                     teacher = first_output(state.reference(*inputs))
                 student = first_output(state.model(*inputs))
                 loss = _distillation_loss(
-                    teacher, student, inputs[0], state.calibration, self.label_weight
+                    teacher, student, inputs[0], state.calibration, self.options.label_weight
                 )
                 optimiser.zero_grad()
                 loss.backward()
@@ -237,14 +206,14 @@ class DistillDensePass(Pass):
                 schedule.step()
                 losses.append(float(loss.detach()))
                 if self.on_step is not None:
-                    self.on_step(step + 1, self.steps)
+                    self.on_step(step + 1, self.options.steps)
         finally:
             for p, flag in flags.items():
                 p.requires_grad_(flag)
         tail = losses[-10:]
         return {
             "loss": {"first": losses[0], "last": sum(tail) / len(tail)},
-            "train_tokens": self.steps * rows_per_step * fit.shape[1],
+            "train_tokens": self.options.steps * rows_per_step * fit.shape[1],
             "calibration_epochs": epochs,
         }
 

@@ -30,6 +30,7 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.optimize import linear_sum_assignment
 
 from moec.compiler.moe_block import op_block
+from moec.compression_options import MERGE_METHODS
 from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights, router_logits
 from moec.ir.moe_op import expert_ffn, expert_hidden
@@ -43,9 +44,8 @@ from moec.passes.compression_state import (
 )
 from moec.passes.pass_base import Pass, PassResult
 
-__all__ = ["MERGE_METHODS", "MergeExpertsPass", "merge_clusters"]
+__all__ = ["MergeExpertsPass", "merge_clusters"]
 
-MERGE_METHODS = ("hc", "router-logits", "random")
 CLUSTER_TOKENS = 512  # tokens whose outputs describe an expert for clustering
 RIDGE = 1e-3
 ALIGN_MAX_WIDTH = 4096

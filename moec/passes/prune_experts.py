@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from moec.compiler.moe_block import op_block
+from moec.compression_options import PRUNE_METHODS
 from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights, route, router_logits
 from moec.ir.moe_op import expert_ffn
@@ -34,9 +35,8 @@ from moec.passes.compression_state import (
 )
 from moec.passes.pass_base import Pass, PassResult
 
-__all__ = ["PRUNE_METHODS", "PruneExpertsPass", "prune_block"]
+__all__ = ["PruneExpertsPass", "prune_block"]
 
-PRUNE_METHODS = ("frequency", "reap", "reconstruction")
 RECONSTRUCTION_TOKENS = 1024
 
 
