@@ -9,9 +9,10 @@ torch.compile of the eager block, ONNX Runtime on a plain torch.onnx.export of t
 implementation (where its per-token weight copies fit in memory), and moec compiled from the same
 block for each target and lowering (``*`` marks each target's default). Every row is first
 checked against eager transformers (relative L2), then timed: median of --repeat runs. A burst
-of load on a shared host can double a run's time for seconds, so every row, the GEMMs alone and
-both bandwidths are measured in round-robin rounds (--rounds at T <= 16, where a run takes
-milliseconds; --large-rounds above), and each figure is the median of its rounds.
+of load on a shared host can double a run's time for seconds, so every row, the GEMMs alone, the
+compute floor and both bandwidths are measured in round-robin rounds (--rounds at T <= 16,
+where a run takes milliseconds; --large-rounds above), and each figure is the median of its
+rounds.
 
 Floors measured in the same run: compute = the same FLOPs as one dense chain of matmuls
 ([T*k, H] x [H, 2I], gate and up as one matrix, then [T*k, I] x [I, H], plus the shared
@@ -178,10 +179,10 @@ class BandwidthProbe:
         return self.bytes / (median_ms(self.src.sum, 7) / 1e3)
 
 
-def compute_floor_ms(shape: dict, tokens: int, repeat: int) -> float:
+def compute_floor(shape: dict, tokens: int) -> MatMulChains:
     """The layer's FLOPs as one dense chain (routed pairs, then the shared expert on T rows)."""
     chains = [(tokens * shape["k"], shape["I"])]
-    return min(MatMulChains(shape["H"], chains + _shared_chain(shape, tokens)).ms(repeat).values())
+    return MatMulChains(shape["H"], chains + _shared_chain(shape, tokens))
 
 
 def _shared_chain(shape: dict, tokens: int) -> list[tuple[int, int]]:
@@ -391,7 +392,7 @@ def bench_config(
         x = torch.randn(1, t, shape["H"], generator=torch.Generator().manual_seed(t))
         with torch.no_grad():
             ref = block(x).numpy()
-        floor_c = compute_floor_ms(shape, t, repeat)
+        floor_chains = compute_floor(shape, t)
         counts = routed_counts(block, x)
         touched = touched_bytes(shape, counts)
         activations = (2 * t * shape["H"] + 3 * t * shape["k"] * shape["I"]) * 4
@@ -422,7 +423,8 @@ def bench_config(
         # round robin: every row and both bandwidths sampled in each round, so a burst of
         # load on a shared host falls on all of them alike
         rounds = rounds_by_size[0] if t <= SMALL_T else rounds_by_size[1]
-        samples, gemm_ms, copy_bw, read_bw = {label: [] for label, _ in candidates}, [], [], []
+        samples = {label: [] for label, _ in candidates}
+        gemm_ms, floor_c_ms, copy_bw, read_bw = [], [], [], []
         gemm_timer = gemms.timer(counts, t)
         for _ in range(rounds):
             for label, fn in candidates:
@@ -430,9 +432,11 @@ def bench_config(
                 read_bw.append(probe.read())
                 samples[label].append(_settled_median_ms(fn, repeat))
             gemm_ms.append(gemm_timer(repeat))
+            floor_c_ms.append(min(floor_chains.ms(repeat).values()))
         timings = {label: statistics.median(ms) for label, ms in samples.items()}
         gemm_kernels = {k: statistics.median(m[k] for m in gemm_ms) for k in gemm_ms[0]}
         floor_g = min(gemm_kernels.values())
+        floor_c = statistics.median(floor_c_ms)
         floor_m = touched / statistics.median(copy_bw) * 1e3
         floor_r = touched / statistics.median(read_bw) * 1e3
         in_place = {  # where the torch target's time goes at a few tokens

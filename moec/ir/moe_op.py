@@ -227,12 +227,8 @@ def grouped_experts(spec: MoESpec, w: MoEWeights, rows: torch.Tensor, counts: li
 
 def expert_segments(rows: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
     """(e, expert e's rows) for each expert with rows, from ``rows`` grouped by expert."""
-    segments, start = [], 0
-    for e, n in enumerate(counts):  # slicing only the experts with rows: most are idle at T=1
-        if n:
-            segments.append((e, rows[start : start + n]))
-            start += n
-    return segments
+    active = [e for e, n in enumerate(counts) if n]  # most experts are idle at a few tokens
+    return list(zip(active, rows.split([counts[e] for e in active]), strict=True))
 
 
 def shared_ffn(spec: MoESpec, w: MoEWeights, x: torch.Tensor, project=linear) -> torch.Tensor:
