@@ -560,8 +560,7 @@ def main() -> None:
                 probe,
             )
     print_table(rows, args.repeat, (args.rounds, args.large_rounds))
-    flushed = slice(0, 16 << 20)  # 64 MiB of float32, about the weights one token touches
-    small_op = small_op_us(lambda: probe.dst[flushed].copy_(probe.src[flushed]))
+    small_op = small_op_us(probe.src, probe.dst)
     print(
         "one small op (sigmoid of [1, 64]): "
         + ", ".join(f"{us:.1f} us {when}" for when, us in small_op.items())

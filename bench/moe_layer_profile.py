@@ -6,7 +6,7 @@
   top-level oneDNN GEMMs, ``mkldnn::_linear_pointwise``), ``other_ms`` (the rest: the other ops
   and the Python between them) and ``other_ops`` (how many other top-level ops ran). Both parts
   come from the same run; the profiler adds a microsecond or two to every op.
-- `small_op_us(flush)`: one small op timed on warm caches and right after ``flush()``.
+- `small_op_us(src, dst)`: one small op timed on warm caches and right after a large copy.
 
 ONNX Runtime's profiler cannot split its rows the same way: with it on, the MatMul nodes alone
 took longer than a whole unprofiled run of the graph (it records memory statistics per node).
@@ -44,19 +44,22 @@ def torch_split(module, x: torch.Tensor, calls: int) -> dict:
     )
 
 
-def small_op_us(flush, calls: int = 50) -> dict:
+def small_op_us(src: torch.Tensor, dst: torch.Tensor, mib: int = 64) -> dict:
     """The median time of one small op (a sigmoid over [1, 64], a router's size) on warm caches
-    and right after ``flush()`` has streamed as many bytes as a layer's weights through them."""
-    x = torch.randn(1, 64)
+    and right after copying ``mib`` MiB of ``src`` into ``dst`` (about a layer's weights at one
+    token) has pushed everything else out of them."""
+    x, n = torch.randn(1, 64), (mib << 20) // src.element_size()
 
-    def once(before) -> float:
-        before()
+    def once(flush) -> float:
+        if flush:
+            dst[:n].copy_(src[:n])
         start = time.perf_counter()
         x.sigmoid()
         return (time.perf_counter() - start) * 1e6
 
     for _ in range(WARMUP):
         x.sigmoid()
-    warm = sorted(once(lambda: None) for _ in range(calls))[calls // 2]
-    cold = sorted(once(flush) for _ in range(calls))[calls // 2]
-    return {"warm": warm, "after streaming 64 MiB": cold}
+    calls = 51
+    warm = sorted(once(False) for _ in range(calls))[calls // 2]
+    cold = sorted(once(True) for _ in range(calls))[calls // 2]
+    return {"warm": warm, f"after streaming {mib} MiB": cold}
