@@ -302,20 +302,24 @@ def _pairs_from_ids(spec: MoESpec, ids: torch.Tensor, weights: torch.Tensor):
     order = flat.argsort(stable=True)
     tokens = order.div(ids.shape[-1], rounding_mode="floor")
     gates = weights.reshape(-1).index_select(0, order).float()
-    chosen = torch.zeros((*ids.shape[:-1], spec.num_experts), dtype=torch.bool, device=ids.device)
-    chosen = chosen.scatter(-1, ids, True)
-    return chosen, (tokens, torch.bincount(flat, minlength=spec.num_experts), gates)
+    pairs = (tokens, torch.bincount(flat, minlength=spec.num_experts), gates)
+    return _chosen_from_ids(spec, ids), pairs
 
 
 def scatter_routing(
     spec: MoESpec, ids: torch.Tensor, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing given as (ids, weights) [..., k] -> dense weights and chosen mask [..., E]."""
+    dense = torch.zeros(
+        (*ids.shape[:-1], spec.router_experts), dtype=torch.float32, device=ids.device
+    )
+    return dense.scatter(-1, ids, weights.float()), _chosen_from_ids(spec, ids)
+
+
+def _chosen_from_ids(spec: MoESpec, ids: torch.Tensor) -> torch.Tensor:
+    """Top-k ids [..., k] -> which of the router's experts each token chose, bool [..., E]."""
     shape = (*ids.shape[:-1], spec.router_experts)
-    dense = torch.zeros(shape, dtype=torch.float32, device=ids.device)
-    dense = dense.scatter(-1, ids, weights.float())
-    chosen = torch.zeros(shape, dtype=torch.bool, device=ids.device).scatter(-1, ids, True)
-    return dense, chosen
+    return torch.zeros(shape, dtype=torch.bool, device=ids.device).scatter(-1, ids, True)
 
 
 @functools.lru_cache(maxsize=256)

@@ -189,15 +189,14 @@ def _drop_noop_conversions(graph: fx.Graph) -> int:
             continue
         if node.target is torch.ops.aten.to.dtype:
             noop = node.args[1:] == (value.dtype,) and not node.kwargs
-            if noop:
-                node.replace_all_uses_with(source)
         elif node.target is torch.ops.aten._assert_tensor_metadata.default:
             noop = set(node.kwargs) <= set(ASSERTED) and all(
                 want is None or getattr(value, key) == want for key, want in node.kwargs.items()
             )
         else:
             continue
-        if noop:
+        if noop:  # a conversion's users read its input instead; a check has no users
+            node.replace_all_uses_with(source)
             graph.erase_node(node)
             dropped += 1
     return dropped
