@@ -45,9 +45,9 @@ def test_packed_block_computes_the_ops_kernel(case):
 
 
 @pytest.mark.parametrize("b, s", SHAPES)
-def test_routing_given_as_ids_is_grouped_like_the_ops_kernel(b, s):
-    """Routing from the block's own router (ids and weights): the packed block is bit-for-bit
-    the op's kernel on the same GEMMs."""
+def test_routing_given_as_ids_runs_like_the_ops_kernel(b, s):
+    """Routing from the block's own router (ids and weights): the packed block computes what
+    the op's kernel computes on the stored weights."""
     spec = dataclasses.replace(CASES["qwen-shared-gated"], routing="external")
     dense = random_weights("qwen-shared-gated", seed=3)
     weights = dataclasses.replace(dense, router_weight=None, output_bias=torch.randn(H))
@@ -58,10 +58,8 @@ def test_routing_given_as_ids_is_grouped_like_the_ops_kernel(b, s):
     gates = torch.rand(b, s, spec.top_k, generator=g)
     with torch.no_grad():
         out, chosen = packed(x, ids, gates)
-        general = moe_eager(
-            spec, packed.routing, x, ids, gates, experts=packed.experts, shared=packed._shared
-        )
-    assert torch.equal(out, general[0]) and torch.equal(chosen, general[1])
+        expected, expected_chosen = moe_eager(spec, weights, x, ids, gates)
+    assert rel_l2(out, expected) <= 1e-6 and torch.equal(chosen, expected_chosen)
 
 
 def test_noop_conversions_are_dropped_and_their_weight_packed():
