@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from moe_layer_profile import small_op_us, torch_split
+from moe_layer_profile import idle_matmul_us, small_op_us, torch_split
 from moe_layer_targets import SMALL_T, check_targets, print_targets
 from rich.console import Console
 from rich.table import Table
@@ -565,6 +565,8 @@ def main() -> None:
         "one small op (sigmoid of [1, 64]): "
         + ", ".join(f"{us:.1f} us {when}" for when, us in small_op.items())
     )
+    idle_us = idle_matmul_us(h=1024, i=512, experts=64)  # config B's experts
+    print(f"one ONNX Runtime MatMul with no rows (an idle expert's node, B): {idle_us:.2f} us")
     targets = check_targets(rows)
     print_targets(targets)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -574,6 +576,7 @@ def main() -> None:
         "rounds": {f"T <= {SMALL_T}": args.rounds, f"T > {SMALL_T}": args.large_rounds},
         "torch": torch.__version__,
         "small_op_us": small_op,
+        "idle_matmul_us": idle_us,
     }
     (args.out / "moe_layer.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "targets": targets}, indent=1)

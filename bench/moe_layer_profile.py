@@ -7,6 +7,9 @@
   and the Python between them) and ``other_ops`` (how many other top-level ops ran). Both parts
   come from the same run; the profiler adds a microsecond or two to every op.
 - `small_op_us(src, dst)`: one small op timed on warm caches and right after a large copy.
+- `idle_matmul_us(h, i)`: what ONNX Runtime spends on a MatMul with no rows, which is what the
+  gather lowering's two nodes per expert cost on every expert the tokens did not choose (58 of
+  64 at one token on config B).
 
 ONNX Runtime's profiler cannot split its rows the same way: with it on, the MatMul nodes alone
 took longer than a whole unprofiled run of the graph (it records memory statistics per node).
@@ -63,3 +66,41 @@ def small_op_us(src: torch.Tensor, dst: torch.Tensor, mib: int = 64) -> dict:
     warm = sorted(once(False) for _ in range(calls))[calls // 2]
     cold = sorted(once(True) for _ in range(calls))[calls // 2]
     return {"warm": warm, f"after streaming {mib} MiB": cold}
+
+
+def idle_matmul_us(h: int, i: int, experts: int = 64) -> float:
+    """Median microseconds per node of a graph of ``experts`` pairs of MatMuls on zero rows,
+    [0, h] x [h, 2i] and [0, i] x [i, h] (an idle expert of the gather lowering), 2 threads."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inputs = {"x": (h, 2 * i), "hidden": (i, h)}
+    nodes, weights, outputs = [], [], []
+    for e in range(experts):
+        for name, shape in inputs.items():
+            w, y = f"{name}_w{e}", f"{name}_y{e}"
+            weights.append(numpy_helper.from_array(rng.standard_normal(shape, np.float32), w))
+            nodes.append(helper.make_node("MatMul", [name, w], [y]))
+            outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes,
+        "idle_experts",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [0, s[0]]) for n, s in inputs.items()],
+        outputs,
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(model.SerializeToString(), options)
+    feeds = {n: np.zeros((0, s[0]), np.float32) for n, s in inputs.items()}
+    for _ in range(WARMUP):
+        session.run(None, feeds)
+    runs = []
+    for _ in range(21):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        runs.append((time.perf_counter() - start) * 1e6 / len(nodes))
+    return sorted(runs)[len(runs) // 2]

@@ -10,11 +10,16 @@ one GEMM per expert instead of two. No-op dtype conversions (a family's ``.float
 tensors) and the exporter's metadata checks before them are dropped first: each costs a dispatch
 at every call, and a conversion on a weight hides it from packing.
 
-Why: on this AVX-512 CPU with 2 threads, a packed [3584, 1024] float32 weight runs at 33, 265
-and 444 GFLOPS for 1, 16 and 128 rows against 23, 143 and 310 for the same GEMM reading the
-dense weight (measured). Routing, grouping and combining are the eager kernel's own
-(`moec.ir.moe_eager`), so the packed block computes the same function; only float32 blocks on a
-torch built with oneDNN are packed, any other node keeps running the op's kernel.
+Why (measured, 2 threads): on an AVX-512 Xeon a packed [3584, 1024] float32 weight ran at 33,
+265 and 444 GFLOPS for 1, 16 and 128 rows against 23, 143 and 310 for the same GEMM reading the
+dense weight. On an AMD EPYC (the host of ``bench/results``) the benchmark's layers with dense
+expert weights took 1.29-1.58x the packed time at 16 tokens and 1.11-1.15x at 512, but
+0.86-0.89x at one token, where oneDNN's GEMV on a dense weight streams faster; oneDNN's
+batch-size hint for packing changed nothing there. One layout serves every token count, so the
+packed one is kept (two would double the weights). Routing, grouping and combining are the
+eager kernel's own (`moec.ir.moe_eager`), so the packed block computes the same function; only
+float32 blocks on a torch built with oneDNN are packed, any other node keeps running the op's
+kernel.
 """
 
 from __future__ import annotations
