@@ -85,32 +85,43 @@ MOEC_ROWS = [  # (target, lowering or None for the target's default)
 ]
 
 
+# E experts of width I, top-k, a shared expert of width Is (0: none), hidden H
+SHAPES = {
+    "A": dict(E=8, k=2, I=3584, Is=0, H=1024),
+    "B": dict(E=64, k=6, I=512, Is=1024, H=1024),
+}
+
+
 def build_block(config: str) -> tuple[torch.nn.Module, dict]:
     """The transformers block of the config, weights N(0, 0.02), default experts implementation."""
+    shape = SHAPES[config]
     if config == "A":
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
         cfg = MixtralConfig(
-            hidden_size=1024, intermediate_size=3584, num_local_experts=8, num_experts_per_tok=2
+            hidden_size=shape["H"],
+            intermediate_size=shape["I"],
+            num_local_experts=shape["E"],
+            num_experts_per_tok=shape["k"],
         )
-        block, shape = MixtralSparseMoeBlock(cfg), dict(E=8, k=2, I=3584, Is=0)
+        block = MixtralSparseMoeBlock(cfg)
     else:
         from transformers import DeepseekV3Config
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
         cfg = DeepseekV3Config(
-            hidden_size=1024,
-            moe_intermediate_size=512,
-            n_routed_experts=64,
-            num_experts_per_tok=6,
-            n_shared_experts=2,
+            hidden_size=shape["H"],
+            moe_intermediate_size=shape["I"],
+            n_routed_experts=shape["E"],
+            num_experts_per_tok=shape["k"],
+            n_shared_experts=shape["Is"] // shape["I"],
             n_group=8,
             topk_group=4,
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
         )
-        block, shape = DeepseekV3MoE(cfg), dict(E=64, k=6, I=512, Is=1024)
+        block = DeepseekV3MoE(cfg)
     cfg._experts_implementation = "grouped_mm"  # what a full model gets by default
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -118,7 +129,7 @@ def build_block(config: str) -> tuple[torch.nn.Module, dict]:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         for b in block.buffers():
             b.copy_(torch.randn(b.shape, generator=g) * 0.01)
-    return block.eval(), {**shape, "H": 1024}
+    return block.eval(), dict(shape)
 
 
 def _settled_median_ms(fn, repeat: int) -> float:
@@ -565,7 +576,8 @@ def main() -> None:
         "one small op (sigmoid of [1, 64]): "
         + ", ".join(f"{us:.1f} us {when}" for when, us in small_op.items())
     )
-    idle_us = idle_matmul_us(h=1024, i=512, experts=64)  # config B's experts
+    b = SHAPES["B"]
+    idle_us = idle_matmul_us(b["H"], b["I"], b["E"], THREADS)
     print(f"one ONNX Runtime MatMul with no rows (an idle expert's node, B): {idle_us:.2f} us")
     targets = check_targets(rows)
     print_targets(targets)

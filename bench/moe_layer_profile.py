@@ -7,9 +7,9 @@
   and the Python between them) and ``other_ops`` (how many other top-level ops ran). Both parts
   come from the same run; the profiler adds a microsecond or two to every op.
 - `small_op_us(src, dst)`: one small op timed on warm caches and right after a large copy.
-- `idle_matmul_us(h, i)`: what ONNX Runtime spends on a MatMul with no rows, which is what the
-  gather lowering's two nodes per expert cost on every expert the tokens did not choose (58 of
-  64 at one token on config B).
+- `idle_matmul_us(h, i, experts, threads)`: what ONNX Runtime spends on a MatMul with no rows,
+  which is what the gather lowering's two nodes per expert cost on every expert the tokens did
+  not choose (58 of 64 at one token on config B).
 
 ONNX Runtime's profiler cannot split its rows the same way: with it on, the MatMul nodes alone
 took longer than a whole unprofiled run of the graph (it records memory statistics per node).
@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
+
+from moec.benchmark import median_ms
 
 GEMM_OP = "mkldnn::_linear_pointwise"
 WARMUP = 5
@@ -68,10 +71,9 @@ def small_op_us(src: torch.Tensor, dst: torch.Tensor, mib: int = 64) -> dict:
     return {"warm": warm, f"after streaming {mib} MiB": cold}
 
 
-def idle_matmul_us(h: int, i: int, experts: int = 64) -> float:
+def idle_matmul_us(h: int, i: int, experts: int, threads: int) -> float:
     """Median microseconds per node of a graph of ``experts`` pairs of MatMuls on zero rows,
-    [0, h] x [h, 2i] and [0, i] x [i, h] (an idle expert of the gather lowering), 2 threads."""
-    import numpy as np
+    [0, h] x [h, 2i] and [0, i] x [i, h] (an idle expert of the gather lowering)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -93,14 +95,8 @@ def idle_matmul_us(h: int, i: int, experts: int = 64) -> float:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options)
     feeds = {n: np.zeros((0, s[0]), np.float32) for n, s in inputs.items()}
-    for _ in range(WARMUP):
-        session.run(None, feeds)
-    runs = []
-    for _ in range(21):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        runs.append((time.perf_counter() - start) * 1e6 / len(nodes))
-    return sorted(runs)[len(runs) // 2]
+    ms = median_ms(lambda: session.run(None, feeds), repeat=21, warmup=WARMUP)
+    return ms * 1e3 / len(nodes)
