@@ -169,3 +169,14 @@ def test_gather_is_exact_on_many_tokens(tmp_path):
     for _ in range(3):
         out = runner(x)
         assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_gather_sorts_the_pairs_of_top_k_routing(tmp_path):
+    """Top-k blocks take the sorted-pairs path (no NonZero, no position CumSums); a block with
+    capacity, whose tokens may keep fewer than k pairs, takes the routing-mask path."""
+    ops = {}
+    for name in ("mixtral", "switch"):
+        art = moec.compile(f"zoo:{name}", target="onnx", lowering="gather", output=tmp_path / name)
+        ops[name] = {n.op_type for n in onnx.load(str(art.path / "model.onnx")).graph.node}
+    assert "NonZero" not in ops["mixtral"] and "CumSum" not in ops["mixtral"]
+    assert "NonZero" in ops["switch"]

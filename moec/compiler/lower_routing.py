@@ -24,7 +24,14 @@ from moec.compiler.onnx_ops import (
 from moec.ir import MoESpec
 from moec.ir.routing import expert_map_matrix
 
-__all__ = ["lower_router_logits", "lower_routing", "pair_ids", "scatter_chosen"]
+__all__ = [
+    "lower_router_logits",
+    "lower_routing",
+    "pair_ids",
+    "scatter_chosen",
+    "scatter_ids",
+    "topk_pairs",
+]
 
 
 def lower_router_logits(x, w: dict):
@@ -68,7 +75,17 @@ def pair_ids(spec: MoESpec, w: dict, chosen2):
 
 def scatter_chosen(logits, idx, values):
     """Dense [..., E] float: ``values`` [..., k] at expert indices ``idx``, zero elsewhere."""
-    return op.ScatterElements(op.ConstantOfShape(op.Shape(logits)), idx, values, axis=-1)
+    return _scatter(op.Shape(logits), idx, values)
+
+
+def scatter_ids(ids, values, num_experts: int):
+    """``scatter_chosen`` with the shape taken from the ids: [..., k] -> [..., num_experts]."""
+    shape = op.Concat(op.Shape(ids, end=-1), const_i([num_experts]), axis=0)
+    return _scatter(shape, ids, values)
+
+
+def _scatter(shape, idx, values):
+    return op.ScatterElements(op.ConstantOfShape(shape), idx, values, axis=-1)
 
 
 def _scores(spec: MoESpec, logits):
@@ -79,7 +96,23 @@ def _scores(spec: MoESpec, logits):
     return logits
 
 
-def _topk(spec: MoESpec, logits, selection_bias):
+def topk_pairs(spec: MoESpec, x3, w: dict):
+    """(ids [..., k] int64, weights [..., k] float32, k) where every token keeps exactly k
+    distinct experts (top-k or the family's own router, no capacity, no merged experts);
+    None otherwise."""
+    if spec.expert_map is not None or spec.has_capacity:
+        return None
+    if spec.routing == "external":
+        ids = w["routed_ids"]
+        return ids, op.Cast(w["routed_weights"], to=FLOAT), int(ids.shape[-1])
+    if spec.routing != "topk":
+        return None
+    logits = lower_router_logits(x3, w)
+    return *_topk_pairs(spec, logits, w.get("selection_bias")), spec.top_k
+
+
+def _topk_pairs(spec: MoESpec, logits, selection_bias):
+    """([..., k] expert ids, [..., k] float32 weights) before capacity."""
     scores = _scores(spec, logits)
     choice = logits if spec.topk_before_softmax else scores
     if selection_bias is not None:
@@ -95,6 +128,11 @@ def _topk(spec: MoESpec, logits, selection_bias):
             weight = op.Div(weight, op.ReduceSum(weight, const_i([-1]), keepdims=1))
     if spec.routed_scaling_factor != 1.0:
         weight = op.Mul(weight, const_f(spec.routed_scaling_factor))
+    return idx, weight
+
+
+def _topk(spec: MoESpec, logits, selection_bias):
+    idx, weight = _topk_pairs(spec, logits, selection_bias)
     if spec.has_capacity:
         keep = _within_capacity(spec, idx)
         weight = op.Mul(weight, keep)
@@ -152,10 +190,9 @@ def _scalar_i(value: int):
 def _external(spec: MoESpec, w: dict):
     """Routing the block's own router computed: (ids, weights) [..., k] scattered to [..., E]."""
     ids = w["routed_ids"]
-    shape = op.Concat(op.Shape(ids, end=-1), const_i([spec.router_experts]), axis=0)
-    zeros = op.ConstantOfShape(shape)
-    weights = op.ScatterElements(zeros, ids, op.Cast(w["routed_weights"], to=FLOAT), axis=-1)
-    return weights, op.ScatterElements(zeros, ids, ones_like(ids), axis=-1)
+    weights = op.Cast(w["routed_weights"], to=FLOAT)
+    e = spec.router_experts
+    return scatter_ids(ids, weights, e), scatter_ids(ids, ones_like(ids), e)
 
 
 def _expert_choice(spec: MoESpec, logits):
