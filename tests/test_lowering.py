@@ -10,6 +10,7 @@ import torch
 from moe_cases import CASES, H, random_weights
 
 import moec
+from moec.compiler import lower_moe_gather
 from moec.compiler.lowering_support import unsupported_reasons
 from moec.compiler.moe_block import MoEBlock
 from moec.compiler.onnx_ops import register_ort_schemas
@@ -91,6 +92,24 @@ def test_every_routing_family_lowers_exactly(tmp_path, case, lowering):
     result = moec.compile(block, (torch.randn(2, 8, H),), **compile_args)
     exact = lowering if not unsupported_reasons(spec, lowering) else "gather"
     assert result.blocks[0].lowering == exact
+    assert_verified(moec.verify(result.path, source=block), blocks=1)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gather_with_the_activation_over_all_experts_at_once_is_exact(tmp_path, monkeypatch, case):
+    """Blocks of more than PER_EXPERT_ACTIVATION_MAX experts concatenate the experts' first
+    projections and run the activation once; the cases are smaller, so lower the threshold."""
+    block = MoEBlock(CASES[case], random_weights(case, seed=2))
+
+    def compile_nodes(name):
+        args = dict(target="onnx", lowering="gather", output=tmp_path / name)
+        result = moec.compile(block, (torch.randn(2, 8, H),), **args)
+        return result, len(onnx.load(str(result.path / "model.onnx")).graph.node)
+
+    _, per_expert_nodes = compile_nodes("per-expert")
+    monkeypatch.setattr(lower_moe_gather, "PER_EXPERT_ACTIVATION_MAX", 0)
+    result, nodes = compile_nodes("at-once")
+    assert nodes < per_expert_nodes
     assert_verified(moec.verify(result.path, source=block), blocks=1)
 
 

@@ -6,13 +6,18 @@ into expert order; otherwise one ``NonZero`` of the transposed routing mask list
 expert. One ``Gather`` picks their rows and one ``Split`` by the per-expert counts
 hands each expert its tokens. Each expert runs one MatMul for its gate and up projections
 together ([H, 2I], its slices of the stacked weights side by side, folded into one initializer
-by the optimizer); the results are concatenated, the activation runs once over every expert's
-rows, a second ``Split`` hands the hidden rows back, and each expert runs its down MatMul: two
-nodes per expert. ONNX Runtime spends one to two microseconds per node, even on an expert with
-no rows, so at a few tokens the per-expert nodes are a large part of a 64-expert block's time:
-going from five nodes per expert to two took the DeepSeek-like block of ``bench/moe_layer.py``
-from 2.04 to 1.65 ms at T=1 (2 threads), with bit-identical outputs; the concatenation costs a
-copy of the first projection's output, within the noise at T=512 and 2048. (Selecting each
+by the optimizer). In a block of more than ``PER_EXPERT_ACTIVATION_MAX`` experts the results
+are concatenated, the activation runs once over every expert's rows, a second ``Split`` hands
+the hidden rows back, and each expert runs its down MatMul: two nodes per expert. ONNX Runtime
+spends one to two microseconds per node, even on an expert with no rows, so at a few tokens the
+per-expert nodes are a large part of a 64-expert block's time: going from five nodes per expert
+to two took the DeepSeek-like block of ``bench/moe_layer.py`` from 2.04 to 1.65 ms at T=1
+(2 threads), with bit-identical outputs. The concatenation and the second ``Split`` copy the
+first projection's output and the hidden rows, [T*k, 2I] and [T*k, I]; a block of few, wide
+experts runs the activation on each expert's own rows instead (three nodes more per expert, no
+copies). Measured interleaved on a 480 MiB-L3 Xeon, per expert over concatenated: 0.93-0.96 at
+T=1, 0.98-1.01 at 16, 0.94 at 512 and 0.93 at 2048 on the Mixtral-like block (8 experts), but
+1.09 at T=1 and 1.04 at 16 on the DeepSeek-like one (64; 0.97 at 2048). (Selecting each
 expert's tokens itself would cost four more nodes per expert.)
 Combining them back does not scatter. Sorted pairs come back by the inverse of the sort (a
 second ``TopK``), k rows per token; that path has 17 nodes fewer than the one below on the
@@ -47,6 +52,8 @@ from moec.ir import MoESpec
 
 __all__ = ["grouped_experts_onnx", "lower_moe_gather"]
 
+PER_EXPERT_ACTIVATION_MAX = 16  # experts in a block that still run the activation one by one
+
 
 def _pick(w: dict, name: str, e: int):
     """Expert ``e``'s slice of the stacked tensor ``name`` (None if the block has none)."""
@@ -80,17 +87,23 @@ def grouped_experts_onnx(spec: MoESpec, w: dict, rows, counts, parts: int) -> li
         _linear(part, *_first_projection(spec, w, e))
         for e, part in enumerate(_split(rows, counts, parts))
     ]
-    first = first[0] if parts == 1 else op.Concat(*first, axis=0)  # [P, n]
-    if spec.expert_kind == "gated":
-        size = spec.expert_size
-        gate, up = op.Split(first, const_i([size, size]), axis=1, num_outputs=2)
-        hidden = gated_activation(spec, gate, up)
+    if parts <= PER_EXPERT_ACTIVATION_MAX:
+        hidden = [_hidden(spec, f) for f in first]
     else:
-        hidden = activation(spec.activation, first)
+        hidden = _split(_hidden(spec, op.Concat(*first, axis=0)), counts, parts)
     return [
         _linear(h, op.Transpose(_pick(w, "w_down", e), perm=[1, 0]), _pick(w, "b_down", e))
-        for e, h in enumerate(_split(hidden, counts, parts))
+        for e, h in enumerate(hidden)
     ]
+
+
+def _hidden(spec: MoESpec, first):
+    """The hidden rows [n, I] from the first projection's output [n, 2I] (gated) or [n, I]."""
+    if spec.expert_kind != "gated":
+        return activation(spec.activation, first)
+    size = spec.expert_size
+    gate, up = op.Split(first, const_i([size, size]), axis=1, num_outputs=2)
+    return gated_activation(spec, gate, up)
 
 
 def lower_moe_gather(spec: MoESpec, x, w: dict):
