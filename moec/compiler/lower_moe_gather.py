@@ -15,10 +15,10 @@ to two took the DeepSeek-like block of ``bench/moe_layer.py`` from 2.04 to 1.65 
 (2 threads), with bit-identical outputs. The concatenation and the second ``Split`` copy the
 first projection's output and the hidden rows, [T*k, 2I] and [T*k, I]; a block of few, wide
 experts runs the activation on each expert's own rows instead (three nodes more per expert, no
-copies). Measured interleaved on a 480 MiB-L3 Xeon, per expert over concatenated: 0.93-0.96 at
-T=1, 0.98-1.01 at 16, 0.94 at 512 and 0.93 at 2048 on the Mixtral-like block (8 experts), but
-1.09 at T=1 and 1.04 at 16 on the DeepSeek-like one (64; 0.97 at 2048). (Selecting each
-expert's tokens itself would cost four more nodes per expert.)
+Concat and no second Split). Measured interleaved on a 480 MiB-L3 Xeon, per expert over
+concatenated: 0.93-0.96 at T=1, 0.98-1.01 at 16, 0.94 at 512 and 0.93 at 2048 on the
+Mixtral-like block (8 experts), but 1.09 at T=1 and 1.04 at 16 on the DeepSeek-like one (64;
+0.97 at 2048). (Selecting each expert's tokens itself would cost four more nodes per expert.)
 Combining them back does not scatter. Sorted pairs come back by the inverse of the sort (a
 second ``TopK``), k rows per token; that path has 17 nodes fewer than the one below on the
 DeepSeek-like block and took it from 1.70 to 1.59 ms at T=1 (the Mixtral-like one from 2.88
