@@ -108,14 +108,20 @@ def _hidden(spec: MoESpec, first):
 
 def lower_moe_gather(spec: MoESpec, x, w: dict):
     """x [B, S, H] or [T, H] -> (out like x, chosen [..., E] bool)."""
-    e_count, h = spec.num_experts, spec.hidden_size
-    x2 = op.Reshape(x, const_i([-1, h]))
+    x2 = op.Reshape(x, const_i([-1, spec.hidden_size]))
     pairs = topk_pairs(spec, to_3d(x), w)
     if pairs is not None:
         y, chosen = _sorted_pairs(spec, w, x2, *pairs)
-        return op.Reshape(add_shared_and_bias(spec, y, x2, w), op.Shape(x)), reshape_chosen(
-            chosen, x, e_count
-        )
+    else:
+        y, chosen = _masked_pairs(spec, w, x, x2)
+    y = add_shared_and_bias(spec, y, x2, w)
+    return op.Reshape(y, op.Shape(x)), reshape_chosen(chosen, x, spec.num_experts)
+
+
+def _masked_pairs(spec: MoESpec, w: dict, x, x2):
+    """Any routing: the pairs are the routing mask's nonzeros, grouped by expert.
+    -> (y [T, H], chosen [..., E] float 0/1)"""
+    e_count = spec.num_experts
     weights, chosen = lower_routing(spec, to_3d(x), w)
     combine = op.CastLike(op.Reshape(weights, const_i([-1, e_count])), x)  # [T, E]
     chosen2 = op.Reshape(chosen, const_i([-1, e_count]))  # [T, E] float 0/1
@@ -127,8 +133,7 @@ def lower_moe_gather(spec: MoESpec, x, w: dict):
         y = _scatter_per_expert(x2, combine, _split(tokens, counts, e_count), outputs)
     else:
         y = _gather_back(spec, w, x2, combine, chosen2, outputs)
-    y = add_shared_and_bias(spec, y, x2, w)
-    return op.Reshape(y, op.Shape(x)), reshape_chosen(chosen, x, e_count)
+    return y, chosen
 
 
 def _sorted_pairs(spec: MoESpec, w: dict, x2, ids, weights, k: int):

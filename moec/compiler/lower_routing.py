@@ -66,7 +66,7 @@ def pair_ids(spec: MoESpec, w: dict, chosen2):
     The router's own ids where they are the stored experts; otherwise the chosen columns of
     ``chosen2`` [T, E] (a token of a merged block may have fewer than k: check ``chosen2``).
     """
-    top_k = int(w["routed_ids"].shape[-1]) if spec.routing == "external" else spec.top_k
+    top_k = _router_k(spec, w)
     if spec.routing == "external" and spec.expert_map is None:
         return op.Reshape(w["routed_ids"], const_i([-1, top_k])), top_k
     _, ids = op.TopK(chosen2, const_i([min(top_k, spec.num_experts)]), axis=-1)
@@ -103,12 +103,16 @@ def topk_pairs(spec: MoESpec, x3, w: dict):
     if spec.expert_map is not None or spec.has_capacity:
         return None
     if spec.routing == "external":
-        ids = w["routed_ids"]
-        return ids, op.Cast(w["routed_weights"], to=FLOAT), int(ids.shape[-1])
+        return *_external_pairs(w), _router_k(spec, w)
     if spec.routing != "topk":
         return None
     logits = lower_router_logits(x3, w)
-    return *_topk_pairs(spec, logits, w.get("selection_bias")), spec.top_k
+    return *_topk_pairs(spec, logits, w.get("selection_bias")), _router_k(spec, w)
+
+
+def _router_k(spec: MoESpec, w: dict) -> int:
+    """Experts per token of top-k or external routing."""
+    return int(w["routed_ids"].shape[-1]) if spec.routing == "external" else spec.top_k
 
 
 def _topk_pairs(spec: MoESpec, logits, selection_bias):
@@ -189,10 +193,14 @@ def _scalar_i(value: int):
 
 def _external(spec: MoESpec, w: dict):
     """Routing the block's own router computed: (ids, weights) [..., k] scattered to [..., E]."""
-    ids = w["routed_ids"]
-    weights = op.Cast(w["routed_weights"], to=FLOAT)
+    ids, weights = _external_pairs(w)
     e = spec.router_experts
     return scatter_ids(ids, weights, e), scatter_ids(ids, ones_like(ids), e)
+
+
+def _external_pairs(w: dict):
+    """The block's own router's (ids, float32 weights) [..., k]."""
+    return w["routed_ids"], op.Cast(w["routed_weights"], to=FLOAT)
 
 
 def _expert_choice(spec: MoESpec, logits):
