@@ -82,6 +82,8 @@ MOEC_ROWS = [  # (target, lowering or None for the target's default)
     ("onnx", "dense"),
     ("onnx", "capacity"),
     ("torch", None),
+    ("torch", "kernel"),
+    ("torch", "grouped_mm"),
 ]
 
 

@@ -51,7 +51,7 @@ class KeepType(click.ParamType):
 
 
 KEEP = KeepType()
-LOWERINGS = ["fused", "gather", "capacity", "dense", "kernel"]
+LOWERINGS = ["fused", "gather", "capacity", "dense", "kernel", "grouped_mm"]
 
 
 def _friendly_errors(command):

@@ -11,7 +11,7 @@ from moe_cases import CASES, H, random_weights
 
 import moec
 from moec.compiler import lower_moe_gather
-from moec.compiler.lowering_support import unsupported_reasons
+from moec.compiler.lowering_support import TARGET_LOWERINGS, unsupported_reasons
 from moec.compiler.moe_block import MoEBlock
 from moec.compiler.onnx_ops import register_ort_schemas
 from moec.errors import LoweringError
@@ -28,6 +28,8 @@ COMBOS = [
     ("onnx", "dense", None),
     ("onnx", "capacity", DROPLESS),
     ("torch", None, None),
+    ("torch", "kernel", None),
+    ("torch", "grouped_mm", None),
 ]
 
 
@@ -76,12 +78,14 @@ def test_every_lowering_of_every_zoo_model(tmp_path, name, target, lowering, cap
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
 
 
-@pytest.mark.parametrize("lowering", ["fused", "gather", "dense", "capacity", "kernel"])
+@pytest.mark.parametrize(
+    "lowering", ["fused", "gather", "dense", "capacity", "kernel", "grouped_mm"]
+)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_routing_family_lowers_exactly(tmp_path, case, lowering):
     spec, weights = CASES[case], random_weights(case, seed=1)
     block = MoEBlock(spec, weights)
-    target = "torch" if lowering == "kernel" else "ort"
+    target = "torch" if lowering in TARGET_LOWERINGS["torch"] else "ort"
     compile_args = dict(target=target, lowering=lowering, output=tmp_path / "a")
     if lowering == "capacity":
         compile_args["capacity"] = DROPLESS

@@ -6,16 +6,20 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import moec
+from moec.compiler.moe_block import MoEBlock
+from moec.errors import LoweringError
+from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights
 from moec.models import build_zoo
 
 
 def test_torch_artifact_runs_moecs_kernel(tmp_path):
     result = moec.compile("zoo:deepseek-lm", target="torch", output=tmp_path / "a")
     assert [f.path for f in result.manifest.files.values()] == ["model.pt2"]
-    assert {b.lowering for b in result.blocks} == {"kernel"}
+    assert {b.lowering for b in result.blocks} <= {"kernel", "grouped_mm"}
     ids = np.random.default_rng(0).integers(0, 256, (2, 9))
     with torch.no_grad():
         ref = build_zoo("deepseek-lm").model(torch.from_numpy(ids)).numpy()
@@ -39,3 +43,45 @@ def test_pt2_needs_moecs_op_registered(tmp_path):
     )
     assert through_moec.returncode == 0, through_moec.stderr
     assert "(1, 3, 32)" in through_moec.stdout
+
+
+def test_default_torch_lowering_is_the_faster_kernel_measured(tmp_path):
+    result = moec.compile("zoo:mixtral", target="torch", output=tmp_path / "a")
+    (grouped_gemm,) = [p for p in result.manifest.passes if p["name"] == "grouped-gemm"]
+    (relative,) = grouped_gemm["report"]["relative_time"].values()
+    assert set(relative) == {"kernel", "grouped_mm"} and min(relative.values()) == 1.0
+    (block,) = result.blocks
+    assert block.lowering == min(relative, key=relative.get)
+    assert block.reason.startswith("faster on PyTorch")
+
+
+def test_grouped_mm_runs_on_the_stored_weights(tmp_path, monkeypatch):
+    args = dict(target="torch", lowering="grouped_mm", output=tmp_path / "a")
+    result = moec.compile("zoo:deepseek-lm", **args)
+    calls = []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(
+        torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k)
+    )
+    ids = np.random.default_rng(0).integers(0, 256, (2, 9))
+    with torch.no_grad():
+        ref = build_zoo("deepseek-lm").model(torch.from_numpy(ids)).numpy()
+    with moec.load(result.path) as runner:
+        out = runner(ids)
+        assert runner.packing.moe_blocks == 0 and runner.packing.linears > 0
+    assert len(calls) == 3 * len(result.blocks)  # gate, up and down of every block
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-6
+
+
+def test_grouped_mm_refuses_sizes_it_cannot_stride(tmp_path):
+    spec = MoESpec(num_experts=4, top_k=2, hidden_size=12, expert_size=20, expert_kind="gated")
+    g = torch.Generator().manual_seed(0)
+    shapes = MoEWeights.expected_shapes(spec)
+    tensors = {n: torch.randn(*s, generator=g) for n, s in shapes.items() if s is not None}
+    block = MoEBlock(spec, MoEWeights(**{n: tensors.get(n) for n in WEIGHT_NAMES}))
+    x = (torch.randn(1, 5, 12),)
+    result = moec.compile(block, x, target="torch", output=tmp_path / "a")
+    assert result.blocks[0].lowering == "kernel"
+    assert "not grouped_mm: torch._grouped_mm needs sizes divisible by 8" in result.blocks[0].reason
+    with pytest.raises(LoweringError, match="hidden size is 12"):
+        moec.compile(block, x, target="torch", lowering="grouped_mm", output=tmp_path / "b")

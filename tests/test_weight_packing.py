@@ -111,7 +111,8 @@ def test_a_bfloat16_block_keeps_the_ops_kernel():
 
 
 def test_torch_artifact_is_packed_when_loaded(tmp_path):
-    result = moec.compile("zoo:qwen-moe-lm", target="torch", output=tmp_path / "a")
+    args = dict(target="torch", lowering="kernel", output=tmp_path / "a")
+    result = moec.compile("zoo:qwen-moe-lm", **args)
     ids = np.random.default_rng(0).integers(0, 256, (2, 9))
     with moec.load(result.path) as packed, moec.load(result.path, pack=False) as stored:
         assert packed.packing.moe_blocks == len(result.blocks)

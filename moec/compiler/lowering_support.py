@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from moec.compiler.lower_moe_fused import fused_unsupported_reasons
 from moec.ir import MoESpec
+from moec.ir.moe_op import GROUPED_MM_ALIGN
 
 __all__ = ["EXACT_DEFAULT", "TARGET_LOWERINGS", "unsupported_reasons"]
 
@@ -15,7 +16,7 @@ TARGET_LOWERINGS: dict[str, tuple[str, ...]] = {
     "ort": ("fused", "gather", "capacity", "dense"),
     "onnx": ("gather", "capacity", "dense"),
     "trt": ("capacity", "gather", "dense"),
-    "torch": ("kernel",),
+    "torch": ("kernel", "grouped_mm"),
 }
 # the exact lowering a block falls back to when the preferred one does not fit it
 EXACT_DEFAULT = {"ort": "gather", "onnx": "gather", "trt": "gather", "torch": "kernel"}
@@ -29,4 +30,11 @@ def unsupported_reasons(spec: MoESpec, lowering: str) -> list[str]:
         return fused_unsupported_reasons(spec)
     if lowering == "capacity" and spec.routing == "expert_choice":
         return ["expert-choice routing has no fixed k per token to give capacity slots"]
+    if lowering == "grouped_mm":
+        sizes = {"hidden": spec.hidden_size, "expert": spec.expert_size}
+        return [
+            f"torch._grouped_mm needs sizes divisible by {GROUPED_MM_ALIGN}: {name} size is {n}"
+            for name, n in sizes.items()
+            if n % GROUPED_MM_ALIGN
+        ]
     return []

@@ -1,4 +1,4 @@
-"""Time a block's candidate ONNX lowerings on ONNX Runtime, for picking the fastest.
+"""Time a block's candidate lowerings, on ONNX Runtime or in PyTorch, for picking the fastest.
 
 The timing model is a single block with random weights of the block's shapes (speed does not
 depend on the values) and, for external routing, a softmax top-k router in front; it is captured
@@ -12,6 +12,7 @@ choice between two lowerings that differ by 20%.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import tempfile
@@ -68,35 +69,28 @@ def _timing_model(spec: MoESpec, present: set[str]) -> ModelSource:
 
 
 def time_lowerings(
-    spec: MoESpec, present: set[str], lowerings: list[str], tokens=TIMED_TOKENS
+    spec: MoESpec, present: set[str], lowerings: list[str], target: str, tokens=TIMED_TOKENS
 ) -> dict[str, float]:
     """Per lowering, its time relative to the fastest, as the geometric mean over ``tokens``
-    (1.0: fastest at every size); each size weighs alike, whatever its absolute time."""
-    import onnxruntime as ort
-
-    source = _timing_model(spec, present)
-    captured = capture(source)
+    (1.0: fastest at every size); each size weighs alike, whatever its absolute time. ``target``
+    ``ort`` times the lowered ONNX graphs on ONNX Runtime, ``torch`` the loaded program as
+    `TorchRunner` runs it (weights packed)."""
+    captured = capture(_timing_model(spec, present))
     g = torch.Generator().manual_seed(1)
-    feeds = []
+    inputs = []
     for t in tokens:
         shape = (t, spec.hidden_size) if spec.routing == "external" else (1, t, spec.hidden_size)
-        feeds.append({"x": torch.randn(*shape, generator=g).numpy()})
-    sessions = {}
-    with tempfile.TemporaryDirectory(prefix="moec-timing-") as tmp:
-        for lowering in lowerings:
-            (node,) = moe_nodes(captured.program)
-            node.args = (*node.args[:-1], spec.with_lowering(lowering).to_json())
-            # a file with external data: a large layer's weights exceed protobuf's 2 GB
-            path = Path(tmp) / f"{lowering}.onnx"
-            ir.save(lower_to_onnx(captured, "ort"), path, external_data=f"{lowering}.onnx.data")
-            sessions[lowering] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            for feed in feeds:  # warm-up: first runs allocate and prepack
-                sessions[lowering].run(None, feed)
+        inputs.append(torch.randn(*shape, generator=g))
+    build = _torch_runs if target == "torch" else _ort_runs
+    runs = build(captured, spec, lowerings, inputs)
+    for calls in runs.values():
+        for call in calls:  # warm-up: first runs allocate and prepack
+            call()
     rounds: dict[str, list[list[float]]] = {lowering: [] for lowering in lowerings}
     for _ in range(ROUNDS):
-        for lowering, session in sessions.items():
+        for lowering, calls in runs.items():
             time.sleep(SETTLE_S)
-            rounds[lowering].append([_median_s(session, feed) for feed in feeds])
+            rounds[lowering].append([_median_s(call) for call in calls])
     per_size = {
         lowering: [statistics.median(r[i] for r in timed) for i in range(len(tokens))]
         for lowering, timed in rounds.items()
@@ -110,11 +104,50 @@ def time_lowerings(
     }
 
 
-def _median_s(session, feed: dict) -> float:
-    session.run(None, feed)
+def _with_lowering(captured, spec: MoESpec, lowering: str) -> None:
+    (node,) = moe_nodes(captured.program)
+    node.args = (*node.args[:-1], spec.with_lowering(lowering).to_json())
+
+
+def _ort_runs(captured, spec: MoESpec, lowerings: list[str], inputs: list[torch.Tensor]):
+    import onnxruntime as ort
+
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="moec-timing-") as tmp:
+        for lowering in lowerings:
+            _with_lowering(captured, spec, lowering)
+            # a file with external data: a large layer's weights exceed protobuf's 2 GB
+            path = Path(tmp) / f"{lowering}.onnx"
+            ir.save(lower_to_onnx(captured, "ort"), path, external_data=f"{lowering}.onnx.data")
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            runs[lowering] = [
+                functools.partial(session.run, None, {"x": x.numpy()}) for x in inputs
+            ]
+    return runs
+
+
+def _torch_runs(captured, spec: MoESpec, lowerings: list[str], inputs: list[torch.Tensor]):
+    from moec.runtime.weight_packing import pack_weights
+
+    runs = {}
+    for lowering in lowerings:
+        _with_lowering(captured, spec, lowering)
+        module = captured.program.module()
+        pack_weights(module)
+        runs[lowering] = [functools.partial(_no_grad, module, x) for x in inputs]
+    return runs
+
+
+def _no_grad(module, x: torch.Tensor):
+    with torch.no_grad():
+        return module(x)
+
+
+def _median_s(call) -> float:
+    call()
     times = []
     for _ in range(REPEAT):
         start = time.perf_counter()
-        session.run(None, feed)
+        call()
         times.append(time.perf_counter() - start)
     return statistics.median(times)

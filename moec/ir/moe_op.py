@@ -41,6 +41,7 @@ __all__ = [
     "expert_segments",
     "gated_activation",
     "grouped_experts",
+    "grouped_mm_experts",
     "linear",
     "moe_eager",
     "onednn_linear",
@@ -190,6 +191,11 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
+# the dtypes torch._grouped_mm multiplies; its strides must be multiples of 16 bytes
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GROUPED_MM_ALIGN = 8  # elements: hidden and expert sizes divisible by this suit every dtype
+
+
 def _at(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
     return None if t is None else t[e]
 
@@ -226,6 +232,28 @@ def grouped_experts(spec: MoESpec, w: MoEWeights, rows: torch.Tensor, counts: li
     return torch.cat([expert_ffn(spec, w, e, part) for e, part in expert_segments(rows, counts)])
 
 
+def grouped_mm_experts(spec: MoESpec, w: MoEWeights, rows: torch.Tensor, counts: list[int]):
+    """`grouped_experts` with one ``torch._grouped_mm`` per projection over every expert's rows
+    (the stacked weights read in place, as transformers' ``grouped_mm`` does), for float32,
+    bfloat16 and float16 rows (``torch._grouped_mm``'s dtypes; others take the per-expert loop).
+    """
+    if rows.dtype not in GROUPED_MM_DTYPES:
+        return grouped_experts(spec, w, rows, counts)
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    sizes = torch.tensor(counts)
+
+    def project(x, weight, bias):  # x [P, in] @ weight[e] [out, in].T per segment (+ bias[e])
+        out = torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)
+        return out if bias is None else out + bias.repeat_interleave(sizes, dim=0)
+
+    up = project(rows, w.w_up, w.b_up)
+    if spec.expert_kind == "plain":
+        hidden = _act(spec.activation, up)
+    else:
+        hidden = gated_activation(spec, project(rows, w.w_gate, w.b_gate), up)
+    return project(hidden, w.w_down, w.b_down)
+
+
 def expert_segments(rows: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
     """(e, expert e's rows) for each expert with rows, from ``rows`` grouped by expert."""
     active = [e for e, n in enumerate(counts) if n]  # most experts are idle at a few tokens
@@ -258,8 +286,9 @@ def moe_eager(
 
     ``experts(rows [P, H], counts) -> [P, H]`` computes the experts on their tokens (rows
     grouped by expert, ``counts[e]`` rows for expert e) and ``shared(x [T, H]) -> [T, H]`` the
-    shared expert (default: `grouped_experts` and `shared_ffn` on ``w``); only the routing
-    tensors of ``w`` are read otherwise."""
+    shared expert (default: `shared_ffn`, and `grouped_mm_experts` for a block lowered to
+    ``grouped_mm``, `grouped_experts` otherwise, on ``w``); only the routing tensors of ``w``
+    are read otherwise."""
     if spec.routing == "external":
         if routed_ids is None or routed_weights is None:
             raise SpecError("moec::moe: external routing needs routed_ids and routed_weights")
@@ -272,7 +301,9 @@ def moe_eager(
         logits = router_logits(x, w.router_weight, w.router_bias)
         weights, chosen = map_experts(spec, *route(spec, logits, w.selection_bias))
         tokens, counts, gates = _pairs_from_dense(spec, weights, chosen)
-    experts = experts or functools.partial(grouped_experts, spec, w)
+    if experts is None:
+        grouped = grouped_mm_experts if spec.lowering == "grouped_mm" else grouped_experts
+        experts = functools.partial(grouped, spec, w)
     flat_x = x.reshape(-1, x.shape[-1])
     out = shared(flat_x) if shared else shared_ffn(spec, w, flat_x)
     # one gather in, one matmul chain per expert on its own tokens, one scatter-add out

@@ -60,7 +60,7 @@ CAPACITY_SCOPES = ("sequence", "batch")
 EXPERT_KINDS = ("gated", "plain", "module")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu")
 PLAIN_ACTIVATIONS = ACTIVATIONS[:5]
-LOWERINGS = ("fused", "dense", "gather", "capacity", "kernel")
+LOWERINGS = ("fused", "dense", "gather", "capacity", "kernel", "grouped_mm")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ expert weights took 1.29-1.58x the packed time at 16 tokens and 1.11-1.15x at 51
 batch-size hint for packing changed nothing there. One layout serves every token count, so the
 packed one is kept (two would double the weights). Routing, grouping and combining are the
 eager kernel's own (`moec.ir.moe_eager`), so the packed block computes the same function; only
-float32 blocks on a torch built with oneDNN are packed, any other node keeps running the op's
-kernel.
+float32 blocks of the ``kernel`` lowering on a torch built with oneDNN are packed, any other node
+keeps running the op's kernel.
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ ASSERTED = ("dtype", "device", "layout")  # what _assert_tensor_metadata checks 
 
 
 def packable(spec: MoESpec, weights: MoEWeights) -> bool:
-    """Whether `PackedMoE` can hold this block: FFN experts, float32, oneDNN built in."""
+    """Whether `PackedMoE` can hold this block: FFN experts, float32, oneDNN built in, and not
+    lowered to ``grouped_mm`` (which runs on the stored weights)."""
     return (
         ONEDNN
         and spec.expert_kind != "module"
+        and spec.lowering != "grouped_mm"
         and all(t.dtype == torch.float32 for _, t in weights.items())
     )
 
