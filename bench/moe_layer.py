@@ -536,10 +536,12 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(configs), figsize=(7 * len(configs), 5), squeeze=False)
     for ax, config in zip(axes[0], configs, strict=True):
         timed = [r for r in rows if r["config"] == config and "ms" in r]
-        for label in dict.fromkeys(r["row"] for r in timed):
+        colors = plt.get_cmap("tab20").colors  # more rows than the default cycle's 10 colours
+        for i, label in enumerate(dict.fromkeys(r["row"] for r in timed)):
             pts = sorted((r["tokens"], r["vs_floor"]) for r in timed if r["row"] == label)
             style = "-" if label.startswith("moec") else "--"
-            ax.plot(*zip(*pts, strict=True), style, marker="o", label=label)
+            color = colors[i % len(colors)]
+            ax.plot(*zip(*pts, strict=True), style, marker="o", color=color, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("tokens T")
