@@ -239,8 +239,8 @@ def grouped_mm_experts(spec: MoESpec, w: MoEWeights, rows: torch.Tensor, counts:
     """
     if rows.dtype not in GROUPED_MM_DTYPES:
         return grouped_experts(spec, w, rows, counts)
-    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     sizes = torch.tensor(counts)
+    offs = sizes.cumsum(0, dtype=torch.int32)  # where each expert's rows end
 
     def project(x, weight, bias):  # x [P, in] @ weight[e] [out, in].T per segment (+ bias[e])
         out = torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)

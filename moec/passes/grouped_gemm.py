@@ -23,7 +23,7 @@ from moec.compiler.lowering_timer import TIMED_TOKENS, time_lowerings
 from moec.ir import WEIGHT_NAMES, MoESpec
 from moec.passes.pass_base import Pass, PassResult
 
-__all__ = ["MEASURED_CANDIDATES", "GroupedGemmPass"]
+__all__ = ["GroupedGemmPass"]
 
 # per target, the exact lowerings timed against each other
 MEASURED_CANDIDATES = {"ort": ("fused", "gather"), "torch": ("kernel", "grouped_mm")}
