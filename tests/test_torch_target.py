@@ -49,7 +49,8 @@ def test_default_torch_lowering_is_the_faster_kernel_measured(tmp_path):
     result = moec.compile("zoo:mixtral", target="torch", output=tmp_path / "a")
     (grouped_gemm,) = [p for p in result.manifest.passes if p["name"] == "grouped-gemm"]
     (relative,) = grouped_gemm["report"]["relative_time"].values()
-    assert set(relative) == {"kernel", "grouped_mm"} and min(relative.values()) == 1.0
+    # each kernel's time over the fastest at each size, geometric mean: 1.0 only if it wins at all
+    assert set(relative) == {"kernel", "grouped_mm"} and min(relative.values()) >= 1.0
     (block,) = result.blocks
     assert block.lowering == min(relative, key=relative.get)
     assert block.reason.startswith("faster on PyTorch")
