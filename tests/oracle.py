@@ -94,13 +94,20 @@ def _token_choice(spec, w, x):
     return list(zip(picked, weights * spec.routed_scaling_factor, strict=True))
 
 
-def oracle_moe(spec: MoESpec, weights: MoEWeights, x) -> np.ndarray:
-    """x: [B, S, H] tensor -> [B, S, H] float64."""
+def oracle_moe(spec: MoESpec, weights: MoEWeights, x, routed=None) -> np.ndarray:
+    """x: [B, S, H] tensor -> [B, S, H] float64. External routing takes ``routed``: (ids,
+    weights) [B, S, k] tensors, one (expert, weight) pair per slot, a repeated expert included
+    as often as it is repeated (transformers' loops add each slot's output)."""
     w = {k: _np(getattr(weights, k)) for k in weights.__dataclass_fields__}
     xs = x.detach().double().numpy()
     b, s, _ = xs.shape
     pairs = {}  # (b, t) -> [(expert, weight)]
-    if spec.routing == "expert_choice":
+    if spec.routing == "external":
+        ids, gates = (t.detach().double().numpy() for t in routed)
+        for bi in range(b):
+            for t in range(s):
+                pairs[(bi, t)] = list(zip(ids[bi, t].astype(int), gates[bi, t], strict=True))
+    elif spec.routing == "expert_choice":
         cap = min(
             s, math.ceil((spec.capacity_factor or 1.0) * s * spec.top_k / spec.router_experts)
         )

@@ -1,28 +1,28 @@
 """The ``gather`` lowering: each expert runs on its own tokens only. Standard ops only.
 
-Where every token has exactly k distinct experts (top-k or the family's own router, no capacity,
-no merged experts), one ``TopK`` over the flat [T*k] expert ids sorts the (token, expert) pairs
-into expert order; otherwise one ``NonZero`` of the transposed routing mask lists them grouped by
-expert. One ``Gather`` picks their rows and one ``Split`` by the per-expert counts
-hands each expert its tokens. Each expert runs one MatMul for its gate and up projections
-together ([H, 2I], its slices of the stacked weights side by side, folded into one initializer
-by the optimizer). In a block of more than ``PER_EXPERT_ACTIVATION_MAX`` experts the results
-are concatenated, the activation runs once over every expert's rows, a second ``Split`` hands
-the hidden rows back, and each expert runs its down MatMul: two nodes per expert. ONNX Runtime
-spends one to two microseconds per node, even on an expert with no rows, so at a few tokens the
-per-expert nodes are a large part of a 64-expert block's time: going from five nodes per expert
-to two took the DeepSeek-like block of ``bench/moe_layer.py`` from 2.04 to 1.65 ms at T=1
-(2 threads), with bit-identical outputs. The concatenation and the second ``Split`` copy the
-first projection's output and the hidden rows, [T*k, 2I] and [T*k, I]; a block of few, wide
-experts runs the activation on each expert's own rows instead (three nodes more per expert, no
-Concat and no second Split). Measured interleaved on a 480 MiB-L3 Xeon, per expert over
-concatenated: 0.93-0.96 at T=1, 0.98-1.01 at 16, 0.94 at 512 and 0.93 at 2048 on the
-Mixtral-like block (8 experts), but 1.09 at T=1 and 1.04 at 16 on the DeepSeek-like one (64;
-0.97 at 2048). (Selecting each expert's tokens itself would cost four more nodes per expert.)
-Combining them back does not scatter. Sorted pairs come back by the inverse of the sort (a
-second ``TopK``), k rows per token; that path has 17 nodes fewer than the one below on the
-DeepSeek-like block and took it from 1.70 to 1.59 ms at T=1 (the Mixtral-like one from 2.88
-to 2.65), bit-identical. Otherwise token t's output from expert e sits in Y at
+Where every token has exactly k pairs (top-k, or the family's own router, which may repeat an
+expert: a pair per slot; no capacity, no merged experts), one ``TopK`` over the flat [T*k]
+expert ids sorts the (token, expert) pairs into expert order; otherwise one ``NonZero`` of the
+transposed routing mask lists them grouped by expert. One ``Gather`` picks their rows and one
+``Split`` by the per-expert counts hands each expert its tokens. Each expert runs one MatMul for
+its gate and up projections together ([H, 2I], its slices of the stacked weights side by side,
+folded into one initializer by the optimizer). In a block of more than
+``PER_EXPERT_ACTIVATION_MAX`` experts the results are concatenated, the activation runs once
+over every expert's rows, a second ``Split`` hands the hidden rows back, and each expert runs
+its down MatMul: two nodes per expert. ONNX Runtime spends one to two microseconds per node,
+even on an expert with no rows, so at a few tokens the per-expert nodes are a large part of a
+64-expert block's time: going from five nodes per expert to two took the DeepSeek-like block of
+``bench/moe_layer.py`` from 2.04 to 1.65 ms at T=1 (2 threads), with bit-identical outputs. The
+concatenation and the second ``Split`` copy the first projection's output and the hidden rows,
+[T*k, 2I] and [T*k, I]; a block of few, wide experts runs the activation on each expert's own
+rows instead (three nodes more per expert, no Concat and no second Split). Measured interleaved
+on a 480 MiB-L3 Xeon, per expert over concatenated: 0.93-0.96 at T=1, 0.98-1.01 at 16, 0.94 at
+512 and 0.93 at 2048 on the Mixtral-like block (8 experts), but 1.09 at T=1 and 1.04 at 16 on
+the DeepSeek-like one (64; 0.97 at 2048). (Selecting each expert's tokens itself would cost four
+more nodes per expert.) Combining them back does not scatter. Sorted pairs come back by the
+inverse of the sort (a second ``TopK``), k rows per token; that path has 17 nodes fewer than the
+one below on the DeepSeek-like block and took it from 1.70 to 1.59 ms at T=1 (the Mixtral-like
+one from 2.88 to 2.65), bit-identical. Otherwise token t's output from expert e sits in Y at
 ``offset_e + (number of tokens before t routed to e)``, so every token gathers its k rows of Y
 and sums them with its routing weights. (ONNX Runtime 1.32's CPU ``ScatterND`` with
 ``reduction="add"`` races when indices repeat and more than one thread runs it; measured here.)
@@ -137,7 +137,7 @@ def _masked_pairs(spec: MoESpec, w: dict, x, x2):
 
 
 def _sorted_pairs(spec: MoESpec, w: dict, x2, ids, weights, k: int):
-    """Exactly k distinct experts per token: group the pairs by sorting their expert ids.
+    """Exactly k pairs per token: group the pairs by sorting their expert ids.
 
     Sorting the flat [T*k] ids (``TopK`` over all of them) groups the pairs by expert; sorting
     that order again inverts it, so gathering the experts' output rows by the inverse puts each
@@ -149,8 +149,9 @@ def _sorted_pairs(spec: MoESpec, w: dict, x2, ids, weights, k: int):
     pair_count = op.Shape(flat)
     _, order = op.TopK(flat, pair_count, axis=0, largest=0)  # [P], grouped by expert
     tokens = op.Div(order, const_i([k]))
-    chosen = scatter_ids(ids, ones_like(ids), e_count)
-    counts = op.ReduceSum(op.Reshape(chosen, const_i([-1, e_count])), const_i([0]), keepdims=0)
+    pairs = scatter_ids(ids, ones_like(ids), e_count)  # [..., E]: slots per expert
+    counts = op.ReduceSum(op.Reshape(pairs, const_i([-1, e_count])), const_i([0]), keepdims=0)
+    chosen = op.Min(pairs, const_f(1.0))
     rows = op.Gather(x2, tokens, axis=0)
     outputs = grouped_experts_onnx(spec, w, rows, op.Cast(counts, to=INT64), e_count)
     _, inverse = op.TopK(order, pair_count, axis=0, largest=0)

@@ -61,14 +61,11 @@ def lower_routing(spec: MoESpec, x3, w: dict):
 
 
 def pair_ids(spec: MoESpec, w: dict, chosen2):
-    """([T, k] stored-expert ids of each token's pairs, the router's k) for top-k routing.
-
-    The router's own ids where they are the stored experts; otherwise the chosen columns of
-    ``chosen2`` [T, E] (a token of a merged block may have fewer than k: check ``chosen2``).
-    """
+    """([T, k] stored-expert ids of each token's pairs, the router's k) for top-k routing: the
+    chosen columns of ``chosen2`` [T, E], one per distinct expert. A token may have fewer than
+    k (merged experts, or a family's router repeating an expert, whose weights the dense
+    routing has summed): check ``chosen2``."""
     top_k = _router_k(spec, w)
-    if spec.routing == "external" and spec.expert_map is None:
-        return op.Reshape(w["routed_ids"], const_i([-1, top_k])), top_k
     _, ids = op.TopK(chosen2, const_i([min(top_k, spec.num_experts)]), axis=-1)
     return ids, top_k
 
@@ -79,13 +76,14 @@ def scatter_chosen(logits, idx, values):
 
 
 def scatter_ids(ids, values, num_experts: int):
-    """``scatter_chosen`` with the shape taken from the ids: [..., k] -> [..., num_experts]."""
+    """``values`` [..., k] summed per expert id: [..., k] -> [..., num_experts]. The ids of a
+    family's own router may repeat an expert within a token (hash routing); each slot counts."""
     shape = op.Concat(op.Shape(ids, end=-1), const_i([num_experts]), axis=0)
-    return _scatter(shape, ids, values)
+    return _scatter(shape, ids, values, reduction="add")
 
 
-def _scatter(shape, idx, values):
-    return op.ScatterElements(op.ConstantOfShape(shape), idx, values, axis=-1)
+def _scatter(shape, idx, values, reduction: str = "none"):
+    return op.ScatterElements(op.ConstantOfShape(shape), idx, values, axis=-1, reduction=reduction)
 
 
 def _scores(spec: MoESpec, logits):
@@ -98,8 +96,8 @@ def _scores(spec: MoESpec, logits):
 
 def topk_pairs(spec: MoESpec, x3, w: dict):
     """(ids [..., k] int64, weights [..., k] float32, k) where every token keeps exactly k
-    distinct experts (top-k or the family's own router, no capacity, no merged experts);
-    None otherwise."""
+    pairs (top-k, whose experts are distinct, or the family's own router, which may repeat
+    one; no capacity, no merged experts); None otherwise."""
     if spec.expert_map is not None or spec.has_capacity:
         return None
     if spec.routing == "external":
@@ -192,10 +190,11 @@ def _scalar_i(value: int):
 
 
 def _external(spec: MoESpec, w: dict):
-    """Routing the block's own router computed: (ids, weights) [..., k] scattered to [..., E]."""
+    """Routing the block's own router computed: (ids, weights) [..., k] scattered to [..., E]
+    (the weights of a repeated expert add up)."""
     ids, weights = _external_pairs(w)
     e = spec.router_experts
-    return scatter_ids(ids, weights, e), scatter_ids(ids, ones_like(ids), e)
+    return scatter_ids(ids, weights, e), op.Min(scatter_ids(ids, ones_like(ids), e), const_f(1.0))
 
 
 def _external_pairs(w: dict):

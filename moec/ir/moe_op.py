@@ -325,11 +325,14 @@ def _pairs_from_dense(spec: MoESpec, weights: torch.Tensor, chosen: torch.Tensor
 
 
 def _pairs_from_ids(spec: MoESpec, ids: torch.Tensor, weights: torch.Tensor):
-    """`_pairs_from_dense` for routing given as top-k ids (distinct per token) and weights,
-    grouped from the ids with one stable sort instead of scattering them into dense [T, E]
-    tensors and finding the nonzeros again: the same pairs in the same order (by expert, then
-    token), so the result is bit-for-bit the same, in fewer ops (at a few tokens the torch
-    target's time is mostly small ops). Returns (chosen [..., E], pairs)."""
+    """`_pairs_from_dense` for routing given as top-k ids and weights, grouped from the ids
+    with one stable sort instead of scattering them into dense [T, E] tensors and finding the
+    nonzeros again (at a few tokens the torch target's time is mostly small ops). With distinct
+    ids per token these are the same pairs in the same order (by expert, then token), so the
+    result is bit-for-bit the same. Each slot is a pair: an expert that a family's router
+    repeats within a token (hash routing) runs once per slot and its outputs add up, as the
+    family's loop adds them (the dense path computes it once with the summed weight).
+    Returns (chosen [..., E], pairs)."""
     flat = ids.reshape(-1)
     order = flat.argsort(stable=True)
     tokens = order.div(ids.shape[-1], rounding_mode="floor")
@@ -341,11 +344,13 @@ def _pairs_from_ids(spec: MoESpec, ids: torch.Tensor, weights: torch.Tensor):
 def scatter_routing(
     spec: MoESpec, ids: torch.Tensor, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing given as (ids, weights) [..., k] -> dense weights and chosen mask [..., E]."""
+    """Routing given as (ids, weights) [..., k] -> dense weights and chosen mask [..., E]. A
+    family's router may repeat an expert within a token (hash routing): its weights add up,
+    as its loop over slots adds the expert's output once per slot."""
     dense = torch.zeros(
         (*ids.shape[:-1], spec.router_experts), dtype=torch.float32, device=ids.device
     )
-    return dense.scatter(-1, ids, weights.float()), _chosen_from_ids(spec, ids)
+    return dense.scatter_add(-1, ids, weights.float()), _chosen_from_ids(spec, ids)
 
 
 def _chosen_from_ids(spec: MoESpec, ids: torch.Tensor) -> torch.Tensor:
