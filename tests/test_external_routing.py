@@ -69,7 +69,7 @@ def test_a_repeated_expert_counts_once_per_slot(mapped):
     """The op's kernel, from the ids (sorted pairs) and through an identity expert map (dense
     routing), against the oracle's loop over slots."""
     spec = dataclasses.replace(SPEC, expert_map=tuple(range(SPEC.num_experts))) if mapped else SPEC
-    model, x = HashRouted(), torch.randn(2, 12, H, dtype=torch.float64).float()
+    model, x = HashRouted(), torch.randn(2, 12, H)
     ids, gates = model.routing(x)
     out, chosen = moe_eager(spec, _weights(), x, ids, gates)
     expected = oracle_moe(SPEC, _weights(), x, routed=(ids, gates))
