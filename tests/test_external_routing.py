@@ -9,16 +9,15 @@ import dataclasses
 
 import pytest
 import torch
+from lowering_checks import assert_verified, compile_with_lowering
 from moe_cases import CASES, H, random_weights
 from oracle import oracle_moe
-from test_lowering import DROPLESS, assert_verified
 from torch import nn
 
 import moec
-from moec.compiler.lowering_support import TARGET_LOWERINGS, unsupported_reasons
 from moec.compiler.moe_block import MoEExpertsBlock
-from moec.errors import LoweringError
 from moec.ir import moe_eager
+from moec.ir.moe_spec import LOWERINGS
 
 BUCKETS = 16
 CASE = "qwen-shared-gated"  # 8 gated experts, top-4, a gated shared expert
@@ -77,19 +76,9 @@ def test_a_repeated_expert_counts_once_per_slot(mapped):
     assert torch.equal(chosen, torch.zeros_like(chosen).scatter(-1, ids, True))
 
 
-@pytest.mark.parametrize(
-    "lowering", ["fused", "gather", "dense", "capacity", "kernel", "grouped_mm"]
-)
+@pytest.mark.parametrize("lowering", LOWERINGS)
 def test_every_lowering_adds_a_repeated_expert_per_slot(tmp_path, lowering):
     model = HashRouted().eval()
-    target = "torch" if lowering in TARGET_LOWERINGS["torch"] else "ort"
-    args = dict(target=target, lowering=lowering, output=tmp_path / "a")
-    if lowering == "capacity":
-        args["capacity"] = DROPLESS
-    example = (torch.randn(2, 8, H),)
-    if unsupported_reasons(SPEC, lowering) and lowering != "capacity":
-        with pytest.raises(LoweringError):
-            moec.compile(model, example, **args)
-        return
-    result = moec.compile(model, example, **args)
-    assert_verified(moec.verify(result.path, source=model), blocks=1)
+    result = compile_with_lowering(model, (torch.randn(2, 8, H),), SPEC, lowering, tmp_path / "a")
+    if result is not None:
+        assert_verified(moec.verify(result.path, source=model), blocks=1)

@@ -7,17 +7,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from lowering_checks import DROPLESS, assert_verified, compile_with_lowering
 from moe_cases import CASES, H, random_weights
 
 import moec
 from moec.compiler import lower_moe_gather
-from moec.compiler.lowering_support import TARGET_LOWERINGS, unsupported_reasons
+from moec.compiler.lowering_support import unsupported_reasons
 from moec.compiler.moe_block import MoEBlock
 from moec.compiler.onnx_ops import register_ort_schemas
 from moec.errors import LoweringError
+from moec.ir.moe_spec import LOWERINGS
 from moec.models import build_zoo, find_moe_blocks, zoo_names
 
-DROPLESS = 1000.0  # a capacity factor that gives every expert T slots
 # (target, lowering, capacity factor); lowering None is the target's default pipeline
 COMBOS = [
     ("ort", None, None),
@@ -31,15 +32,6 @@ COMBOS = [
     ("torch", "kernel", None),
     ("torch", "grouped_mm", None),
 ]
-
-
-def assert_verified(report, blocks: int):
-    assert report, report.to_dict()
-    shapes = [tuple(next(iter(s.values()))) for s in report.shapes]
-    assert len(shapes) >= 3 and any(s[0] == 1 for s in shapes) and any(s[1] == 1 for s in shapes)
-    assert all(o.rel_l2 <= 1e-5 for o in report.outputs)
-    assert len(report.routing) == blocks
-    assert all(r.agreement >= 0.999 and r.tokens > 0 for r in report.routing)
 
 
 def compile_zoo(name, target, lowering, capacity, out):
@@ -78,22 +70,14 @@ def test_every_lowering_of_every_zoo_model(tmp_path, name, target, lowering, cap
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
 
 
-@pytest.mark.parametrize(
-    "lowering", ["fused", "gather", "dense", "capacity", "kernel", "grouped_mm"]
-)
+@pytest.mark.parametrize("lowering", LOWERINGS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_routing_family_lowers_exactly(tmp_path, case, lowering):
     spec, weights = CASES[case], random_weights(case, seed=1)
     block = MoEBlock(spec, weights)
-    target = "torch" if lowering in TARGET_LOWERINGS["torch"] else "ort"
-    compile_args = dict(target=target, lowering=lowering, output=tmp_path / "a")
-    if lowering == "capacity":
-        compile_args["capacity"] = DROPLESS
-    if unsupported_reasons(spec, lowering) and lowering != "capacity":
-        with pytest.raises(LoweringError):
-            moec.compile(block, (torch.randn(2, 8, H),), **compile_args)
+    result = compile_with_lowering(block, (torch.randn(2, 8, H),), spec, lowering, tmp_path / "a")
+    if result is None:
         return
-    result = moec.compile(block, (torch.randn(2, 8, H),), **compile_args)
     exact = lowering if not unsupported_reasons(spec, lowering) else "gather"
     assert result.blocks[0].lowering == exact
     assert_verified(moec.verify(result.path, source=block), blocks=1)
