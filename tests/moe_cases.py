@@ -61,6 +61,7 @@ CASES: dict[str, MoESpec] = {
     "plain-gelu-tanh": spec(expert_kind="plain", activation="gelu_tanh"),
     "plain-silu-scores-none": spec(expert_kind="plain", activation="silu", score="none"),
     "gated-gelu": spec(activation="gelu"),
+    "silu-capped": spec(activation_limit=0.5),  # Step-3.7: min(silu(gate), L) * clamp(up, ±L)
     # compressed blocks: 8 router experts onto 5 stored ones (two merged pairs, one pruned)
     "merged-mixtral": spec(
         num_experts=5, norm_topk_prob=True, expert_map=(0, 1, 2, 0, 3, -1, 4, 1)

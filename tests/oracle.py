@@ -41,6 +41,9 @@ def _expert(spec, w, e, x):
                 gate = np.minimum(gate, spec.swiglu_limit)
                 up = np.clip(up, -spec.swiglu_limit, spec.swiglu_limit)
             hidden = gate / (1 + np.exp(-spec.swiglu_alpha * gate)) * (up + spec.swiglu_beta)
+        elif spec.activation_limit is not None:
+            limit = spec.activation_limit
+            hidden = np.minimum(_act(spec.activation, gate), limit) * np.clip(up, -limit, limit)
         else:
             hidden = _act(spec.activation, gate) * up
     return w["w_down"][e] @ hidden + (w["b_down"][e] if w["b_down"] is not None else 0)

@@ -12,6 +12,7 @@ from hf_families import FAMILIES, build_tiny, save_tiny
 
 import moec
 from moec.errors import SourceError, UnsupportedBlockError
+from moec.models import find_moe_blocks
 from moec.passes import DistillOptions, lossy_passes
 
 # The families the issue names; the rest are covered by bench/hf_coverage.py (README table).
@@ -100,6 +101,51 @@ def test_family_moec_cannot_convert_is_named(tmp_path):
     message = str(info.value)
     assert "model.model.layers.0.mlp.experts (MixtralExperts)" in message
     assert "matches none of moec's activations" in message
+
+
+@pytest.mark.parametrize("target", ["ort", "torch"])
+def test_undecorated_experts_module_verifies(tmp_path, target):
+    """Step-3.7 writes its experts without @use_experts_implementation's flags, and caps the
+    activation's output on its first layer (the fused ORT op cannot: that block is gathered)."""
+    model = build_tiny("step3p7")
+    result = moec.compile(model, target=target, output=tmp_path / "out")
+    assert [b.class_name for b in result.blocks] == ["Step3p7Experts"] * 2
+    assert ["silu<=7 " in b.summary for b in result.blocks] == [True, False]
+    if target == "ort":
+        assert result.blocks[0].lowering == "gather"
+    assert moec.verify(result.path, source=model)
+
+
+class TransposedExperts(torch.nn.Module):
+    """Stacked like transformers' default layout, but its forward reads gate_up_proj as
+    [E, H, 2I]: the shapes fit (H = 2I), the function is another."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(4, 16, 16))
+        self.down_proj = torch.nn.Parameter(torch.randn(4, 16, 8))
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for slot in range(top_k_index.shape[1]):
+            for t, e in enumerate(top_k_index[:, slot].tolist()):
+                h = self._apply_gate(hidden_states[t] @ self.gate_up_proj[e])
+                out[t] += top_k_weights[t, slot] * (self.down_proj[e] @ h)
+        return out
+
+
+def test_undecorated_experts_module_that_is_not_what_it_looks_like_is_refused():
+    block = torch.nn.Module()
+    block.experts = TransposedExperts()
+    with pytest.raises(UnsupportedBlockError) as info:
+        find_moe_blocks(block)
+    message = str(info.value)
+    assert "experts (TransposedExperts): its forward is not the experts" in message
+    assert "register an adapter" in message
 
 
 def test_model_that_is_not_moe(tmp_path):

@@ -111,6 +111,8 @@ def test_zoo_model_equals_its_op_form(name):
         ({"expert_capacity": 2, "capacity_factor": 1.0}, "not both"),
         ({"activation": "swiglu", "expert_kind": "plain"}, "gated activation"),
         ({"topk_before_softmax": True, "score": "sigmoid"}, "implies score='softmax'"),
+        ({"activation_limit": 7.0, "expert_kind": "plain"}, "on gated experts"),
+        ({"activation_limit": 7.0, "activation": "swiglu"}, "swiglu takes swiglu_limit"),
     ],
 )
 def test_inconsistent_spec_is_refused(changes, message):

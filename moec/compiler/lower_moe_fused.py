@@ -49,6 +49,11 @@ def fused_unsupported_reasons(spec: MoESpec) -> list[str]:
         )
     if spec.expert_kind == "gated" and spec.activation not in ("silu", "swiglu"):
         reasons.append(f"com.microsoft.MoE on CPU has no gated {spec.activation} (only SwiGLU)")
+    if spec.activation_limit is not None:
+        reasons.append(
+            "com.microsoft.MoE clamps SwiGLU's inputs (swiglu_limit), not the activation's "
+            "output (activation_limit)"
+        )
     if spec.expert_kind == "plain" and spec.activation not in ORT_PLAIN_ACTIVATIONS:
         why = " (its gelu is the tanh approximation)" if spec.activation == "gelu" else ""
         reasons.append(f"com.microsoft.MoE on CPU has no plain {spec.activation}{why}")

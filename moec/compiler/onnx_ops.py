@@ -140,9 +140,14 @@ def activation(name: str, x):
 
 
 def gated_activation(spec: MoESpec, gate, up):
-    """The gated hidden state ``act(gate) * up``, or the parameterised ``swiglu``."""
+    """The gated hidden state ``act(gate) * up`` (clamped by ``activation_limit``), or the
+    parameterised ``swiglu``."""
     if spec.activation != "swiglu":
-        return op.Mul(activation(spec.activation, gate), up)
+        limit = spec.activation_limit
+        if limit is None:
+            return op.Mul(activation(spec.activation, gate), up)
+        capped = op.Min(activation(spec.activation, gate), const_f(limit, gate))
+        return op.Mul(capped, op.Max(op.Min(up, const_f(limit, up)), const_f(-limit, up)))
     limit = spec.swiglu_limit
     if limit is not None:
         gate = op.Min(gate, const_f(limit, gate))

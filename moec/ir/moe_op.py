@@ -207,6 +207,9 @@ def gated_activation(spec: MoESpec, gate: torch.Tensor, up: torch.Tensor) -> tor
             gate = gate.clamp(max=spec.swiglu_limit)
             up = up.clamp(-spec.swiglu_limit, spec.swiglu_limit)
         return gate * torch.sigmoid(spec.swiglu_alpha * gate) * (up + spec.swiglu_beta)
+    if spec.activation_limit is not None:
+        limit = spec.activation_limit
+        return _act(spec.activation, gate).clamp(max=limit) * up.clamp(-limit, limit)
     return _act(spec.activation, gate) * up
 
 

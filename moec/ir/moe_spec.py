@@ -24,6 +24,8 @@ Experts, stacked with the expert index first:
 - ``gated``: ``down(act(gate(x)) * up(x))``; ``swiglu`` is the parameterised form
   ``g = min(gate, limit); u = clamp(up, -limit, limit); g * sigmoid(alpha * g) * (u + beta)``
   (GPT-OSS: alpha 1.702, beta 1, limit 7; DeepSeek-V4: alpha 1, beta 0, a limit; no limit: None).
+  Any other gated activation may be clamped after it with ``activation_limit`` L:
+  ``min(act(gate), L) * clamp(up, -L, L)`` (Step-3.7).
 - ``plain``: ``down(act(up(x)))`` (``up`` is the input projection).
 - ``module``: any nn.Module per expert (attention experts, ...), kept as exported subgraphs and
   run on each expert's own tokens; no stacked weights.
@@ -87,6 +89,7 @@ class MoESpec:
     swiglu_alpha: float = 1.0
     swiglu_beta: float = 0.0
     swiglu_limit: float | None = None
+    activation_limit: float | None = None
     shared_expert_size: int = 0
     shared_expert_gated: bool = False
     shared_activation: str = "silu"
@@ -179,7 +182,10 @@ class MoESpec:
             if self.has_capacity:
                 route += f", capacity/{self.capacity_scope}"
         shared = f" + shared {self.shared_expert_size}" if self.shared_expert_size else ""
-        experts = f"{self.num_experts}x{self.expert_kind} {self.activation} {self.expert_size}"
+        act = self.activation
+        if self.activation_limit is not None:
+            act += f"<={self.activation_limit:g}"
+        experts = f"{self.num_experts}x{self.expert_kind} {act} {self.expert_size}"
         if self.expert_kind == "module":
             experts = f"{self.num_experts}x module experts"
         if self.expert_map is not None:
@@ -204,6 +210,15 @@ class MoESpec:
             need(value in allowed, f"{name}={value!r}; expected one of {allowed}")
         need(self.shared_activation in PLAIN_ACTIVATIONS, "shared_activation must be a plain one")
         need(self.swiglu_limit is None or self.swiglu_limit > 0, "swiglu_limit must be > 0")
+        need(
+            self.activation_limit is None
+            or (self.activation_limit > 0 and self.expert_kind == "gated"),
+            "activation_limit must be > 0, on gated experts",
+        )
+        need(
+            self.activation_limit is None or self.activation != "swiglu",
+            "swiglu takes swiglu_limit (a clamp before the activation), not activation_limit",
+        )
         need(self.lowering is None or self.lowering in LOWERINGS, f"lowering={self.lowering!r}")
         need(
             self.lowering_capacity_factor is None or self.lowering_capacity_factor > 0,

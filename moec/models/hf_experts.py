@@ -11,17 +11,25 @@ Recognised by structure, not by class: the decorator's flags (``has_gate``, ``is
 identified by probing the module's own ``_apply_gate`` (or ``act_fn``) against moec's activations
 on random values, clamp ranges included. A new family with a known layout and activation needs no
 new code.
+
+A family may write its experts module without the decorator (Step-3.7): a module called as
+``experts(hidden_states, top_k_index, top_k_weights)`` with stacked ``gate_up_proj`` [E, 2I, H]
+and ``down_proj`` [E, H, I] is read in the decorator's default layout, and since nothing declares
+that layout, the module's own forward is run on random routing and must match moec's kernel.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from moec.errors import UnsupportedBlockError
-from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, MoESpec, MoEWeights
+from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, MoESpec, MoEWeights, moe_eager
 
 __all__ = ["HFExpertsAdapter", "probe_plain_activation", "top_k_of"]
 
@@ -38,29 +46,94 @@ PROBE_TOKENS = 257
 PROBE_RTOL = 1e-5
 
 
+CALL = ["hidden_states", "top_k_index", "top_k_weights"]  # how a block calls its experts
+FORWARD_PROBE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an experts module stores its weights: the decorator's flags, and its defaults."""
+
+    has_gate: bool = True
+    is_transposed: bool = False
+    is_concatenated: bool = True
+    has_bias: bool = False
+    declared: bool = True  # False: read in the default layout from an undecorated module
+
+
 class HFExpertsAdapter:
     name = "hf-experts"
 
     def convert(self, module: nn.Module) -> tuple[MoESpec, MoEWeights] | None:
-        if not all(hasattr(module, a) for a in ("has_gate", "is_transposed", "has_bias")):
-            return None
-        if not isinstance(getattr(module, "down_proj", None), torch.Tensor):
+        layout = _layout(module)
+        if layout is None or not isinstance(getattr(module, "down_proj", None), torch.Tensor):
             return None
         if getattr(module, "has_post_expert_norm", False):
             raise UnsupportedBlockError("experts with a post-expert norm are not supported yet")
-        weights = _stacked_weights(module)
+        weights = _stacked_weights(module, layout)
         e, i, h = weights.w_up.shape
-        activation = _probe_activation(module, i)
+        activation = _probe_activation(module, i, layout)
         spec = MoESpec(
             num_experts=e,
             top_k=top_k_of(getattr(module, "config", None), default=1),
             hidden_size=h,
             expert_size=i,
             routing="external",
-            expert_kind="gated" if module.has_gate else "plain",
+            expert_kind="gated" if layout.has_gate else "plain",
             **activation,
         )
+        if not layout.declared:
+            _check_forward(module, spec, weights)
         return spec, weights
+
+
+def _layout(m: nn.Module) -> Layout | None:
+    """The module's declared layout; the default one for an undecorated experts module (called
+    like one, with stacked gate_up_proj and down_proj); None for any other module."""
+    if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "has_bias")):
+        concatenated = getattr(m, "is_concatenated", True)
+        return Layout(m.has_gate, m.is_transposed, concatenated, m.has_bias)
+    gate_up, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (gate_up, down)):
+        return None
+    if list(inspect.signature(m.forward).parameters) != CALL:
+        return None
+    if gate_up.shape[0] != down.shape[0]:
+        raise UnsupportedBlockError(
+            f"its gate_up_proj holds {gate_up.shape[0]} experts and its down_proj "
+            f"{down.shape[0]}: experts without weights of their own (identity experts) "
+            "are not supported yet"
+        )
+    e, h, i = down.shape
+    if tuple(gate_up.shape) != (e, 2 * i, h):
+        raise UnsupportedBlockError(
+            f"its gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are "
+            f"not [E, 2I, H] and [E, H, I], the only layout moec reads from an experts module "
+            "without transformers' @use_experts_implementation flags; register an adapter"
+        )
+    return Layout(declared=False)
+
+
+def _check_forward(m: nn.Module, spec: MoESpec, weights: MoEWeights) -> None:
+    """Run the module's own forward on random tokens and routing against moec's kernel on the
+    weights read from it; raise if they differ (the layout was a guess)."""
+    g = torch.Generator().manual_seed(0)
+    dtype = weights.w_down.dtype
+    x = torch.randn(FORWARD_PROBE_TOKENS, spec.hidden_size, generator=g).to(dtype)
+    k = min(2, spec.num_experts)
+    ids = torch.stack([torch.randperm(spec.num_experts, generator=g)[:k] for _ in range(len(x))])
+    gates = torch.rand(len(x), k, generator=g).to(dtype)
+    with torch.no_grad():
+        theirs = m(x, ids, gates).float()
+        ours = moe_eager(spec, weights, x, ids, gates)[0].float()
+    error = float((ours - theirs).norm() / theirs.norm().clamp_min(1e-30))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    if not error <= tolerance:
+        raise UnsupportedBlockError(
+            f"its forward is not the experts moec reads from its gate_up_proj and down_proj "
+            f"(rel. L2 {error:.1e} on random routing); register an adapter for it "
+            "(docs/adapters.md)"
+        )
 
 
 def top_k_of(config: Any, default: int) -> int:
@@ -72,7 +145,7 @@ def top_k_of(config: Any, default: int) -> int:
     return default
 
 
-def _stacked_weights(m: nn.Module) -> MoEWeights:
+def _stacked_weights(m: nn.Module, layout: Layout) -> MoEWeights:
     """Canonical [E, I, H] / [E, H, I] weights from the module's layout."""
 
     def param(name: str) -> torch.Tensor | None:
@@ -80,23 +153,23 @@ def _stacked_weights(m: nn.Module) -> MoEWeights:
         return None if t is None else t.detach()
 
     def as_out_in(t: torch.Tensor) -> torch.Tensor:  # [E, in, out] -> [E, out, in]
-        return t.transpose(1, 2) if m.is_transposed else t
+        return t.transpose(1, 2) if layout.is_transposed else t
 
     def split(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if getattr(m, "is_concatenated", True):
+        if layout.is_concatenated:
             return t.chunk(2, dim=dim)
         index = torch.arange(t.shape[dim])
         return t.index_select(dim, index[0::2]), t.index_select(dim, index[1::2])
 
     down = as_out_in(param("down_proj"))
-    b_down = param("down_proj_bias") if m.has_bias else None
-    if not m.has_gate:
+    b_down = param("down_proj_bias") if layout.has_bias else None
+    if not layout.has_gate:
         up = as_out_in(param("up_proj"))
-        b_up = param("up_proj_bias") if m.has_bias else None
+        b_up = param("up_proj_bias") if layout.has_bias else None
         return MoEWeights(router_weight=None, w_up=up, w_down=down, b_up=b_up, b_down=b_down)
     gate, up = split(as_out_in(param("gate_up_proj")), dim=1)
     b_gate = b_up = None
-    if m.has_bias:
+    if layout.has_bias:
         b_gate, b_up = split(param("gate_up_proj_bias"), dim=1)
     return MoEWeights(
         router_weight=None,
@@ -142,12 +215,12 @@ def probe_plain_activation(fn, size: int) -> str:
         return _first_match(fn(up), candidates, f"its activation {type(fn).__name__}")["activation"]
 
 
-def _probe_activation(m: nn.Module, size: int) -> dict[str, Any]:
+def _probe_activation(m: nn.Module, size: int, layout: Layout) -> dict[str, Any]:
     """MoESpec activation fields reproducing the module's own gating, found by probing it."""
-    if not m.has_gate:
+    if not layout.has_gate:
         return {"activation": probe_plain_activation(m.act_fn, size)}
     gate, up = _probe_values(size)
-    if getattr(m, "is_concatenated", True):
+    if layout.is_concatenated:
         packed = torch.cat([gate, up], dim=-1)
     else:
         packed = torch.stack([gate, up], dim=-1).flatten(-2)
@@ -163,6 +236,13 @@ def _gated_candidates(m: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> dic
     }
     alphas = {1.0, *(_attr_floats(m, "alpha", "swiglu_alpha", "activation_alpha"))}
     limits = {None, *(_attr_floats(m, "limit", "swiglu_limit"))}
+    for limit in sorted(limits - {None}):  # clamped after the activation (Step-3.7)
+        for name, f in PLAIN_ACTIVATION_FUNCTIONS.items():
+            capped = f(gate).clamp(max=limit) * up.clamp(-limit, limit)
+            found[f"{name}(capped at {limit})"] = (
+                {"activation": name, "activation_limit": limit},
+                capped,
+            )
     for alpha in sorted(alphas):
         for beta in (0.0, 1.0):
             for limit in sorted(limits, key=lambda v: -1 if v is None else v):
@@ -183,6 +263,7 @@ def _attr_floats(m: nn.Module, *names: str) -> list[float]:
     for source in sources:
         for name in names:
             value = getattr(source, name, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and math.isfinite(value) and value > 0:  # inf: no clamp
                 values.append(float(value))
     return values
