@@ -4,7 +4,8 @@
 Every family of the installed transformers whose modeling code mentions experts is listed; one
 without a tiny configuration in tests/hf_families.json says so. Each (family, target) runs in its
 own process. Writes bench/results/hf_coverage.json and, with --readme, the table between the
-coverage markers in README.md.
+coverage markers in README.md. With --families, only those are re-run and their rows replace the
+ones in the existing results (each row records the commit it ran on); the table covers them all.
 
     python bench/hf_coverage.py [--families mixtral qwen2_moe] [--jobs 2] [--readme]
 """
@@ -82,6 +83,16 @@ def check_one(family: str, target: str) -> dict:
             row["passed"] = False
             row["error"] = f"{type(e).__name__}: {e}"
     return row
+
+
+def current_commit() -> str:
+    """The checked-out commit, marked ``+dirty`` when the tree has uncommitted changes."""
+    git = ["git", "-C", str(ROOT)]
+    sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
+    return sha.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def run_child(family: str, target: str) -> dict:
@@ -172,14 +183,20 @@ def main() -> None:
         return
     families = args.families or sorted(set(installed_moe_families()) | set(FAMILIES))
     jobs = [(f, t) for f in families if f in FAMILIES and f not in NOT_MOE for t in TARGETS]
+    commit = current_commit()
 
     def run(job: tuple[str, str]) -> dict:
-        row = run_child(*job)
+        row = {**run_child(*job), "commit": commit}
         print(json.dumps(row), flush=True)
         return row
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(run, jobs))
+    if args.families and args.json.exists():  # a partial run: merge into the full results
+        previous = json.loads(args.json.read_text())
+        rows += [r for r in previous["rows"] if r["family"] not in args.families]
+        families = sorted(set(previous["families"]) | set(families))
+        rows.sort(key=lambda r: (r["family"], TARGETS.index(r["target"])))
     results = {(r["family"], r["target"]): r for r in rows}
     text = table(families, results)
     print(text)
