@@ -29,10 +29,11 @@ for this input (and the shared expert's), no routing, gathering or combining, ti
 on packed weights and as PyTorch and ONNX Runtime MatMul chains (gate and up as one matrix), the
 fastest counting. Where the GEMMs alone are already well above the memory floor, what stands
 between a lowering and that floor is this machine's GEMMs on a few rows, not the lowering.
-At T <= 16 the torch target is also profiled in place (moe_layer_profile.py): how much of its
-run its GEMMs take and how many other ops share the rest; and one small op is timed on warm
+At T <= 16 the torch target's default is also split (moe_layer_profile.py): the GEMMs one call
+makes, alone, and the program with those GEMMs replayed from a recorded call (its other ops
+alone); on warm caches their sum is a lower bound on the program. One small op is timed on warm
 caches and right after 64 MiB have streamed through them, which is what every small op between
-the GEMMs meets.
+the GEMMs meets in the timed runs.
 Peak memory: the most the process's anonymous memory grows during a row's first call (sampled),
 plus the layer's weights, over weights + activations (weights that ONNX Runtime memory-maps from
 the artifact's external data and pages in on first use are the weights, not growth).
@@ -70,7 +71,7 @@ from moec.runtime.weight_packing import PackedMoE
 
 THREADS = 2
 SETTLE_S = 0.3
-PROFILED_CALLS = 50
+SPLIT_REPEAT = 51  # calls of each half of the torch target's split
 BATCHED_MM_BUDGET = 4 << 30  # bytes of per-token weight copies the batched_mm export may make
 MOEC_ROWS = [  # (target, lowering or None for the target's default)
     ("ort", None),
@@ -452,10 +453,10 @@ def bench_config(
         floor_c = statistics.median(floor_c_ms)
         floor_m = touched / statistics.median(copy_bw) * 1e3
         floor_r = touched / statistics.median(read_bw) * 1e3
-        in_place = {  # where the torch target's time goes at a few tokens
-            label: torch_split(runner.module, x, PROFILED_CALLS)
+        split = {  # the torch target's GEMMs alone and the rest alone, at a few tokens
+            label: torch_split(runner.module, x, SPLIT_REPEAT)
             for label, runner in artifacts.items()
-            if t <= SMALL_T and label.startswith("moec torch")
+            if t <= SMALL_T and label.startswith("moec torch") and label.endswith(" *")
         }
         for label, (err, peak_ratio) in checked.items():
             rows.append(
@@ -473,7 +474,7 @@ def bench_config(
                     gemm_kernels_ms=gemm_kernels,
                     copy_gb_s=[min(copy_bw) / 1e9, max(copy_bw) / 1e9],
                     peak_ratio=peak_ratio,
-                    **({"in_place": in_place[label]} if label in in_place else {}),
+                    **({"split": split[label]} if split.get(label) else {}),
                 )
             )
     eager = {r["tokens"]: r["ms"] for r in rows if r["row"].startswith("eager transformers")}

@@ -1,13 +1,18 @@
 """Where the torch target's time goes at a few tokens, and why a small op costs so much there.
 
-- `torch_split(module, x, calls)`: torch.profiler over ``calls`` calls of a loaded ``torch``
-  program, in place (the weights streaming through the caches between the small ops, as in the
-  timed runs): per call, ``profiled_ms`` (the profiled run's wall time), ``gemm_ms`` (its
-  GEMMs: oneDNN's ``mkldnn::_linear_pointwise`` of the ``kernel`` lowering, ``aten::_grouped_mm``
-  of ``grouped_mm``, at any depth), ``other_ms`` (the rest: the other ops and the Python between
-  them) and ``other_ops`` (how many other top-level ops ran; an op-kernel ``moec::moe`` node
-  counts as one). Both parts come from the same run; the profiler adds a microsecond or two to
-  every op.
+- `torch_split(module, x, repeat)`: a loaded ``torch`` program split into its GEMMs and the
+  rest, each timed on its own. One call is recorded: every oneDNN GEMM it makes (router, experts,
+  shared expert: the packed program's ``onednn_linear`` calls), with its inputs and output. Then
+  ``gemm_ms`` is those GEMMs alone, run again back to back on the same inputs and packed weights,
+  and ``other_ms`` the program with each GEMM replaced by its recorded output (the same routing,
+  bit for bit, and no other GEMM: both are checked), which leaves its other ops and the Python
+  between them, timed on warm caches (where a small op is cheapest); ``other_ops`` counts its
+  aten ops. The whole program (``ms``), the GEMMs and the rest are timed in turn, round after
+  round, so that all three see the host alike; ``gemm_ms + other_ms`` is a lower bound on what
+  this program can take per call, and ``ms`` minus it what running in place adds (the small
+  ops on caches the weights have streamed through).
+  The profiler is no use for this split: it inflates each small op by a microsecond or two,
+  and index_add (the combine) by 200 us.
 - `small_op_us(src, dst)`: one small op timed on warm caches and right after a large copy.
 - `idle_matmul_us(h, i, experts, threads)`: what ONNX Runtime spends on a MatMul with no rows,
   which is what the gather lowering's two nodes per expert cost on every expert the tokens did
@@ -19,36 +24,91 @@ took longer than a whole unprofiled run of the graph (it records memory statisti
 
 from __future__ import annotations
 
+import statistics
 import time
+from unittest import mock
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moec.benchmark import median_ms
+from moec.runtime import weight_packing
 
-GEMM_OPS = ("mkldnn::_linear_pointwise", "aten::_grouped_mm")  # kernel's, grouped_mm's
 WARMUP = 5
+GEMMS = ("mm", "addmm", "bmm", "matmul", "linear", "_grouped_mm", "_linear_pointwise")
 
 
-def torch_split(module, x: torch.Tensor, calls: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
 
-    with torch.no_grad():
-        for _ in range(WARMUP):
-            module(x)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            for _ in range(calls):
-                module(x)
-            wall_us = (time.perf_counter() - start) * 1e6
-    gemm_us = sum(e.cpu_time_total for e in prof.events() if e.name in GEMM_OPS)
-    top = [e for e in prof.events() if e.cpu_parent is None and e.name not in GEMM_OPS]
-    return dict(
-        profiled_ms=wall_us / calls / 1e3,
-        gemm_ms=gemm_us / calls / 1e3,
-        other_ms=(wall_us - gemm_us) / calls / 1e3,
-        other_ops=round(len(top) / calls),
-    )
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def torch_split(module, x: torch.Tensor, repeat: int) -> dict | None:
+    """``module`` (a loaded, packed ``torch`` program) on ``x``: ms per call of the whole program,
+    its GEMMs alone and the rest alone (module docstring), medians of ``repeat`` rounds; None if
+    it runs no packed GEMM."""
+    real, calls = weight_packing.onednn_linear, []
+    outputs = None  # while replaying: the recorded outputs, in call order
+
+    def gemm(a, weight, bias=None):
+        if outputs is None:
+            out = real(a, weight, bias)
+            if recording:
+                calls.append((a, weight, bias, out))
+            return out
+        out = next(outputs)
+        if out.shape[:-1] != a.shape[:-1]:
+            raise AssertionError("the replayed program made other GEMMs than the recorded one")
+        return out
+
+    def whole():
+        nonlocal outputs
+        outputs = None
+        return module(x)
+
+    def rest():
+        nonlocal outputs
+        outputs = iter([c[-1] for c in calls])
+        return module(x)
+
+    def gemms():
+        for a, weight, bias, _ in calls:
+            real(a, weight, bias)
+
+    with torch.no_grad(), mock.patch.object(weight_packing, "onednn_linear", gemm):
+        recording = True
+        expected = whole()
+        recording = False
+        if not calls:
+            return None
+        with _CountOps() as ops:
+            replayed = rest()
+        pairs = zip(_flat(replayed), _flat(expected), strict=True)
+        if not all(torch.equal(a, b) for a, b in pairs):
+            raise AssertionError("the program with its GEMMs replayed computed another result")
+        if left := sorted(set(ops.names) & set(GEMMS)):
+            raise AssertionError(f"GEMMs left in the program with its GEMMs replayed: {left}")
+        times = {"ms": [], "gemm_ms": [], "other_ms": []}
+        for round_ in range(WARMUP + repeat):
+            for key, fn in zip(times, (whole, gemms, rest), strict=True):
+                if fn is rest:
+                    rest()  # warms the caches the GEMMs streamed through: the rest at its fastest
+                start = time.perf_counter()
+                fn()
+                if round_ >= WARMUP:
+                    times[key].append((time.perf_counter() - start) * 1e3)
+    split = {key: statistics.median(ms) for key, ms in times.items()}
+    return dict(split, gemm_calls=len(calls), other_ops=len(ops.names))
+
+
+def _flat(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 def small_op_us(src: torch.Tensor, dst: torch.Tensor, mib: int = 64) -> dict:
