@@ -30,8 +30,8 @@ on packed weights and as PyTorch and ONNX Runtime MatMul chains (gate and up as 
 fastest counting. Where the GEMMs alone are already well above the memory floor, what stands
 between a lowering and that floor is this machine's GEMMs on a few rows, not the lowering.
 At T <= 16 the torch target's default is also split (moe_layer_profile.py): the GEMMs one call
-makes, alone, and the program with those GEMMs replayed from a recorded call (its other ops
-alone); on warm caches their sum is a lower bound on the program. One small op is timed on warm
+makes, alone, and the program with those GEMMs replaced by their recorded outputs (its other ops
+alone, on warm caches); their sum is a lower bound on the program. One small op is timed on warm
 caches and right after 64 MiB have streamed through them, which is what every small op between
 the GEMMs meets in the timed runs.
 Peak memory: the most the process's anonymous memory grows during a row's first call (sampled),
@@ -71,7 +71,7 @@ from moec.runtime.weight_packing import PackedMoE
 
 THREADS = 2
 SETTLE_S = 0.3
-SPLIT_REPEAT = 51  # calls of each half of the torch target's split
+SPLIT_REPEAT = 51  # rounds of the torch target's split
 BATCHED_MM_BUDGET = 4 << 30  # bytes of per-token weight copies the batched_mm export may make
 MOEC_ROWS = [  # (target, lowering or None for the target's default)
     ("ort", None),

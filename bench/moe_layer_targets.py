@@ -17,6 +17,7 @@ COMPUTE_LIMIT = {"A": 1.3, "B": 2.0}
 MEMORY_LIMIT = 1.3
 PEAK_LIMIT = 1.5
 LARGE_T, SMALL_T = 512, 16
+KERNEL_NAMES = {"onednn packed": "oneDNN, the torch target's kernel", "ort matmul": "ORT's MatMul"}
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -101,9 +102,6 @@ def _memory_bounds(label: str, rows: dict[int, dict], limit: float) -> str:
     if beyond:
         text += f"; even GEMMs + other ops miss {limit} at T={', '.join(map(str, beyond))}"
     return text
-
-
-KERNEL_NAMES = {"onednn packed": "oneDNN, the torch target's kernel", "ort matmul": "ORT's MatMul"}
 
 
 def print_targets(checks: list[dict]) -> None:
