@@ -56,12 +56,14 @@ def torch_split(module, x: torch.Tensor, repeat: int) -> dict | None:
     real, calls = weight_packing.onednn_linear, []
     outputs = None  # while replaying: the recorded outputs, in call order
 
-    def gemm(a, weight, bias=None):
+    def record(a, weight, bias=None):
+        out = real(a, weight, bias)
+        calls.append((a, weight, bias, out))
+        return out
+
+    def gemm(a, weight, bias=None):  # the real GEMM, or while replaying its recorded output
         if outputs is None:
-            out = real(a, weight, bias)
-            if recording:
-                calls.append((a, weight, bias, out))
-            return out
+            return real(a, weight, bias)
         out = next(outputs)
         if out.shape[:-1] != a.shape[:-1]:
             raise AssertionError("the replayed program made other GEMMs than the recorded one")
@@ -81,13 +83,13 @@ def torch_split(module, x: torch.Tensor, repeat: int) -> dict | None:
         for a, weight, bias, _ in calls:
             real(a, weight, bias)
 
-    with torch.no_grad(), mock.patch.object(weight_packing, "onednn_linear", gemm):
-        recording = True
-        expected = whole()
-        recording = False
+    with torch.no_grad():
+        with mock.patch.object(weight_packing, "onednn_linear", record):
+            expected = module(x)
         if not calls:
             return None
-        with _CountOps() as ops:
+        patched = mock.patch.object(weight_packing, "onednn_linear", gemm)
+        with patched, _CountOps() as ops:
             replayed = rest()
         pairs = zip(_flat(replayed), _flat(expected), strict=True)
         if not all(torch.equal(a, b) for a, b in pairs):
@@ -95,14 +97,15 @@ def torch_split(module, x: torch.Tensor, repeat: int) -> dict | None:
         if left := sorted(set(ops.names) & set(GEMMS)):
             raise AssertionError(f"GEMMs left in the program with its GEMMs replayed: {left}")
         times = {"ms": [], "gemm_ms": [], "other_ms": []}
-        for round_ in range(WARMUP + repeat):
-            for key, fn in zip(times, (whole, gemms, rest), strict=True):
-                if fn is rest:
-                    rest()  # warms the caches the GEMMs streamed through: the rest at its fastest
-                start = time.perf_counter()
-                fn()
-                if round_ >= WARMUP:
-                    times[key].append((time.perf_counter() - start) * 1e3)
+        with patched:
+            for round_ in range(WARMUP + repeat):
+                for key, fn in zip(times, (whole, gemms, rest), strict=True):
+                    if fn is rest:
+                        rest()  # warms the caches the GEMMs streamed through
+                    start = time.perf_counter()
+                    fn()
+                    if round_ >= WARMUP:
+                        times[key].append((time.perf_counter() - start) * 1e3)
     split = {key: statistics.median(ms) for key, ms in times.items()}
     return dict(split, gemm_calls=len(calls), other_ops=len(ops.names))
 
