@@ -11,7 +11,7 @@ import torch
 
 import moec
 from moec.compiler.moe_block import MoEBlock
-from moec.errors import LoweringError
+from moec.errors import InputError, LoweringError
 from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights
 from moec.models import build_zoo
 
@@ -43,6 +43,17 @@ def test_pt2_needs_moecs_op_registered(tmp_path):
     )
     assert through_moec.returncode == 0, through_moec.stderr
     assert "(1, 3, 32)" in through_moec.stdout
+
+
+def test_runner_checks_inputs_once(tmp_path):
+    """The runner checks feeds against the manifest, so the exported module's per-call pytree
+    check of the same inputs is off; a feed the program cannot take still fails, naming it."""
+    result = moec.compile("zoo:mixtral", target="torch", output=tmp_path / "a")
+    with moec.load(result.path) as runner:
+        assert runner.module.validate_inputs is False
+        assert runner(np.zeros((2, 3, 32), np.float32)).shape == (2, 3, 32)
+        with pytest.raises(InputError, match="input 'x' dim 2 is 31, expected 32"):
+            runner(np.zeros((1, 3, 31), np.float32))
 
 
 def test_default_torch_lowering_is_the_faster_kernel_measured(tmp_path):
