@@ -173,9 +173,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [n, in] @ weight [out, in].T (+ bias [out]).
 
     Without autograd, float32 runs oneDNN's GEMM on the dense weight in place, which beat
-    ``F.linear`` (MKL) with 2 threads wherever it was measured: 1.5-2.5x at every row count
-    from 1 to 512 on an AVX-512 Xeon, 1.4-1.7x at one row on an AMD EPYC. Anything else takes
-    ``F.linear``."""
+    ``F.linear`` (MKL) with 2 threads at every row count from 1 to 512 on an AVX-512 Xeon
+    (1.5-2.5x) and at one row on an AMD EPYC (1.4-1.7x), but not on an AMX Xeon: there MKL
+    was faster up to 4 rows (six of config B's experts: 0.93 against 1.41 ms at one row, 0.88
+    against 2.02 at two) and slower from 16 (4.2 against 3.6 ms). Which library wins is a
+    property of the host, not of the block; oneDNN stays the one choice here. Anything else
+    takes ``F.linear``."""
     if (
         ONEDNN
         and x.dtype == weight.dtype == torch.float32
