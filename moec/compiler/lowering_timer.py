@@ -127,13 +127,13 @@ def _ort_runs(captured, spec: MoESpec, lowerings: list[str], inputs: list[torch.
 
 
 def _torch_runs(captured, spec: MoESpec, lowerings: list[str], inputs: list[torch.Tensor]):
-    from moec.runtime.weight_packing import pack_weights
+    from moec.runtime.torch_runner import prepare_program
 
     runs = {}
     for lowering in lowerings:
         _with_lowering(captured, spec, lowering)
         module = captured.program.module()
-        pack_weights(module)
+        prepare_program(module)
         runs[lowering] = [functools.partial(_no_grad, module, x) for x in inputs]
     return runs
 

@@ -17,7 +17,7 @@ from moec.runtime.manifest import Manifest
 from moec.runtime.runner import Runner
 from moec.runtime.weight_packing import PackingReport, pack_weights
 
-__all__ = ["TorchRunner"]
+__all__ = ["TorchRunner", "prepare_program"]
 
 
 class TorchRunner(Runner):
@@ -38,14 +38,7 @@ class TorchRunner(Runner):
             if "moec" in str(e):
                 hint = " (its moec::moe op is registered by importing moec; load it with moec.load)"
             raise ArtifactError(f"torch cannot load {path}: {e}{hint}") from e
-        # The runner hands the program a flat tuple of tensors in the manifest's order, checked
-        # against the manifest first (`check_feeds`), so the exported module's pre-hook that
-        # flattens them again to compare pytree structures on every call (0.14 ms measured, a
-        # twentieth of a DeepSeek-like layer at one token) has nothing left to find; the
-        # program's own shape guards (its _guards_fn node) still run.
-        self.module.validate_inputs = False
-        if self.pack:
-            self.packing = pack_weights(self.module)
+        self.packing = prepare_program(self.module, self.pack)
         if self.threads is not None:
             torch.set_num_threads(self.threads)
 
@@ -59,3 +52,16 @@ class TorchRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.module = None
+
+
+def prepare_program(module: torch.fx.GraphModule, pack: bool = True) -> PackingReport:
+    """Ready a loaded program (``ExportedProgram.module()``) to run as `TorchRunner` runs it:
+    weights packed (`pack_weights`) unless ``pack`` is false, and no per-call pytree check.
+
+    The runner hands the program a flat tuple of tensors in the manifest's order, checked
+    against the manifest first (`check_feeds`), so the exported module's pre-hook that flattens
+    them again to compare pytree structures on every call (0.14 ms measured, a twentieth of a
+    DeepSeek-like layer at one token) has nothing left to find; the program's own shape guards
+    (its _guards_fn node) still run."""
+    module.validate_inputs = False
+    return pack_weights(module) if pack else PackingReport()
