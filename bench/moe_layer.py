@@ -27,10 +27,11 @@ stays near 72 GB/s; one measurement per T made the floor a coin toss). For refer
 also gives each row against a read floor: the same bytes over the bandwidth of summing a large
 tensor (reading only, which is what streaming weights does), measured the same way; and
 against the GEMMs alone: each expert's matrix products on as many rows as the router gives it
-for this input (and the shared expert's), no routing, gathering or combining, timed with oneDNN
-on packed weights and as PyTorch and ONNX Runtime MatMul chains (gate and up as one matrix), the
-fastest counting. Where the GEMMs alone are already well above the memory floor, what stands
-between a lowering and that floor is this machine's GEMMs on a few rows, not the lowering.
+for this input (and the shared expert's), no routing, gathering or combining, timed on packed
+weights (as the torch target runs them: oneDNN, or MKL on a few rows) and as PyTorch and ONNX
+Runtime MatMul chains (gate and up as one matrix), the fastest counting. Where the GEMMs alone
+are already well above the memory floor, what stands between a lowering and that floor is this
+machine's GEMMs on a few rows, not the lowering.
 At T <= 16 the torch target's default is also split (moe_layer_profile.py): the GEMMs one call
 makes, alone, and the program with those GEMMs replaced by their recorded outputs (its other ops
 alone, on warm caches); their sum is a lower bound on the program. One small op is timed on warm
@@ -288,9 +289,9 @@ def touched_bytes(shape: dict, counts: list[int]) -> int:
 
 class ExpertGemms:
     """The layer's matrix products alone: each expert's on as many rows as the router gives it,
-    the shared expert's on all T rows; no routing, gathering or combining. Timed with oneDNN on
-    packed weights (as moec's torch target runs them), and as chains of PyTorch and ONNX Runtime
-    MatMuls (`MatMulChains`); the fastest counts."""
+    the shared expert's on all T rows; no routing, gathering or combining. Timed on packed
+    weights (as moec's torch target runs them, `PackedGemm`), and as chains of PyTorch and ONNX
+    Runtime MatMuls (`MatMulChains`); the fastest counts."""
 
     def __init__(self, block, shape: dict):
         match = find_moe_blocks(block)[0]
@@ -305,7 +306,7 @@ class ExpertGemms:
             self.shared = PackedMoE(spec, weights)
 
     def timer(self, counts: list[int], tokens: int):
-        """``ms(repeat) -> {"onednn packed" | "torch matmul" | "ort matmul": ms}`` for this
+        """``ms(repeat) -> {"packed" | "torch matmul" | "ort matmul": ms}`` for this
         routing, its inputs and sessions built once."""
         g = torch.Generator().manual_seed(5)
         rows = torch.randn(sum(counts), self.shape["H"], generator=g)
@@ -313,15 +314,15 @@ class ExpertGemms:
         chains = [(c, self.shape["I"]) for c in counts if c] + _shared_chain(self.shape, tokens)
         matmuls = MatMulChains(self.shape["H"], chains)
 
-        def onednn():
+        def packed():
             self.experts.experts(rows, counts)
             if self.shared is not None:
                 self.shared.experts(x, [tokens])
 
         def ms(repeat: int) -> dict[str, float]:
             with torch.no_grad():
-                packed = _settled_median_ms(onednn, repeat)
-            return {"onednn packed": packed, **matmuls.ms(repeat)}
+                packed_ms = _settled_median_ms(packed, repeat)
+            return {"packed": packed_ms, **matmuls.ms(repeat)}
 
         return ms
 

@@ -1,8 +1,8 @@
 """Where the torch target's time goes at a few tokens, and why a small op costs so much there.
 
 - `torch_split(module, x, repeat)`: a loaded ``torch`` program split into its GEMMs and the
-  rest, each timed on its own. One call is recorded: every oneDNN GEMM it makes (router, experts,
-  shared expert: the packed program's ``onednn_linear`` calls), with its inputs and output. Then
+  rest, each timed on its own. One call is recorded: every GEMM it makes on a packed weight
+  (experts, shared expert, linear layers: its `PackedGemm` calls), with inputs and output. Then
   ``gemm_ms`` is those GEMMs alone, run again back to back on the same inputs and packed weights,
   and ``other_ms`` the program with each GEMM replaced by its recorded output (the same routing,
   bit for bit, and no other GEMM: both are checked), which leaves its other ops and the Python
@@ -33,7 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moec.benchmark import median_ms
-from moec.runtime import weight_packing
+from moec.runtime.packed_gemm import PackedGemm
 
 WARMUP = 5
 GEMMS = ("mm", "addmm", "bmm", "matmul", "linear", "_grouped_mm", "_linear_pointwise")
@@ -53,17 +53,17 @@ def torch_split(module, x: torch.Tensor, repeat: int) -> dict | None:
     """``module`` (a loaded, packed ``torch`` program) on ``x``: ms per call of the whole program,
     its GEMMs alone and the rest alone (module docstring), medians of ``repeat`` rounds; None if
     it runs no packed GEMM."""
-    real, calls = weight_packing.onednn_linear, []
+    real, calls = PackedGemm.__call__, []
     outputs = None  # while replaying: the recorded outputs, in call order
 
-    def record(a, weight, bias=None):
-        out = real(a, weight, bias)
-        calls.append((a, weight, bias, out))
+    def record(weight, a, bias=None):
+        out = real(weight, a, bias)
+        calls.append((weight, a, bias, out))
         return out
 
-    def gemm(a, weight, bias=None):  # the real GEMM, or while replaying its recorded output
+    def gemm(weight, a, bias=None):  # the real GEMM, or while replaying its recorded output
         if outputs is None:
-            return real(a, weight, bias)
+            return real(weight, a, bias)
         out = next(outputs)
         if out.shape[:-1] != a.shape[:-1]:
             raise AssertionError("the replayed program made other GEMMs than the recorded one")
@@ -80,15 +80,15 @@ def torch_split(module, x: torch.Tensor, repeat: int) -> dict | None:
         return module(x)
 
     def gemms():
-        for a, weight, bias, _ in calls:
-            real(a, weight, bias)
+        for weight, a, bias, _ in calls:
+            real(weight, a, bias)
 
     with torch.no_grad():
-        with mock.patch.object(weight_packing, "onednn_linear", record):
+        with mock.patch.object(PackedGemm, "__call__", record):
             expected = module(x)
         if not calls:
             return None
-        patched = mock.patch.object(weight_packing, "onednn_linear", gemm)
+        patched = mock.patch.object(PackedGemm, "__call__", gemm)
         with patched, _CountOps() as ops:
             replayed = rest()
         pairs = zip(_flat(replayed), _flat(expected), strict=True)

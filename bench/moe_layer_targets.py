@@ -17,7 +17,7 @@ COMPUTE_LIMIT = {"A": 1.3, "B": 2.0}
 MEMORY_LIMIT = 1.3
 PEAK_LIMIT = 1.5
 LARGE_T, SMALL_T = 512, 16
-KERNEL_NAMES = {"onednn packed": "oneDNN, the torch target's kernel", "ort matmul": "ORT's MatMul"}
+KERNEL_NAMES = {"packed": "the torch target's packed weights", "ort matmul": "ORT's MatMul"}
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -73,7 +73,7 @@ def _floor(config, label, default, kind, limit) -> list[dict]:
 
 def _memory_bounds(label: str, rows: dict[int, dict], limit: float) -> str:
     """Beside the ratios: the GEMMs alone over the same floor (the fastest kernel, and the one
-    the row's runtime runs: ORT's MatMul, or oneDNN's packed GEMM for the torch target), and the
+    the row's runtime runs: ORT's MatMul, or the packed weights for the torch target), and the
     torch target's split into its GEMMs alone and the rest alone, whose sum bounds the program
     from below: the sizes where even that bound misses the limit are named."""
 
@@ -83,7 +83,7 @@ def _memory_bounds(label: str, rows: dict[int, dict], limit: float) -> str:
     def listed(ratios: dict[int, float]) -> str:
         return ", ".join(f"{v:.2f}" for v in ratios.values())
 
-    kernel = "onednn packed" if label.startswith("moec torch") else "ort matmul"
+    kernel = "packed" if label.startswith("moec torch") else "ort matmul"
     fastest = listed(over(lambda r: r["gemm_floor_ms"]))
     own = listed(over(lambda r: r["gemm_kernels_ms"][kernel]))
     text = f" (the GEMMs alone: {fastest}; on {KERNEL_NAMES[kernel]}: {own})"

@@ -84,8 +84,9 @@ WITH_BIASES = {"gpt-oss", "plain-gelu-tanh"}
 WITH_SELECTION_BIAS = {"deepseek-v3", "merged-deepseek-v3", "softmax-bias"}
 
 
-def random_weights(name: str, seed: int = 0) -> MoEWeights:
-    s = CASES[name]
+def random_weights(name: str, seed: int = 0, shape: MoESpec | None = None) -> MoEWeights:
+    """Weights of case ``name`` (biases as it has them) for ``shape`` (default: its spec)."""
+    s = shape or CASES[name]
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=None):

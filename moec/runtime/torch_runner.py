@@ -38,9 +38,9 @@ class TorchRunner(Runner):
             if "moec" in str(e):
                 hint = " (its moec::moe op is registered by importing moec; load it with moec.load)"
             raise ArtifactError(f"torch cannot load {path}: {e}{hint}") from e
-        self.packing = prepare_program(self.module, self.pack)
-        if self.threads is not None:
+        if self.threads is not None:  # first: packing measures GEMMs with these threads
             torch.set_num_threads(self.threads)
+        self.packing = prepare_program(self.module, self.pack)
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [torch.from_numpy(feeds[spec.name]) for spec in self.manifest.inputs]

@@ -1,7 +1,8 @@
 """Load-time weight packing for ``torch`` artifacts.
 
 `pack_weights` replaces every ``moec::moe`` node of a loaded program by a `PackedMoE` module
-that holds the block's expert weights in oneDNN's blocked GEMM layout, and every
+that holds the block's expert weights in oneDNN's blocked GEMM layout (`PackedGemm`, which
+also lets MKL read that layout where it is faster, on a few rows on some hosts), and every
 ``aten.linear`` with a stored weight (attention, a family's shared expert, the LM head) by a
 `PackedLinear`. Weights are packed once when the artifact is loaded and the dense copies are
 dropped from the module, so memory stays at one copy of the weights (as ONNX Runtime prepacks its
@@ -15,11 +16,11 @@ Why (measured, 2 threads): on an AVX-512 Xeon a packed [3584, 1024] float32 weig
 dense weight. On an AMD EPYC (the host of ``bench/results``) the benchmark's layers with dense
 expert weights took 1.29-1.58x the packed time at 16 tokens and 1.11-1.15x at 512, but
 0.86-0.89x at one token, where oneDNN's GEMV on a dense weight streams faster; oneDNN's
-batch-size hint for packing changed nothing there. One layout serves every token count, so the
-packed one is kept (two would double the weights). Routing, grouping and combining are the
-eager kernel's own (`moec.ir.moe_eager`), so the packed block computes the same function; only
-float32 blocks of the ``kernel`` lowering on a torch built with oneDNN are packed, any other node
-keeps running the op's kernel.
+batch-size hint for packing changed nothing there (nor on an AMX Xeon). One layout serves every
+token count, so the packed one is kept (two would double the weights). Routing, grouping and
+combining are the eager kernel's own (`moec.ir.moe_eager`), so the packed block computes the
+same function; only float32 blocks of the ``kernel`` lowering on a torch built with oneDNN are
+packed, any other node keeps running the op's kernel.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 from torch import fx, nn
 
 from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, WEIGHT_NAMES, MoESpec, MoEWeights, moe_eager
-from moec.ir.moe_op import ONEDNN, expert_segments, gated_activation, onednn_linear
+from moec.ir.moe_op import ONEDNN, expert_segments, gated_activation
+from moec.runtime.packed_gemm import PackedGemm
 
 __all__ = ["PackedLinear", "PackedMoE", "PackingReport", "pack_weights", "packable"]
 
@@ -48,11 +50,6 @@ def packable(spec: MoESpec, weights: MoEWeights) -> bool:
         and spec.lowering != "grouped_mm"
         and all(t.dtype == torch.float32 for _, t in weights.items())
     )
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] float32 -> oneDNN's blocked layout for x @ weight.T (an opaque mkldnn tensor)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
 def _cat_or_none(*tensors: torch.Tensor | None) -> torch.Tensor | None:
@@ -83,24 +80,24 @@ class PackedMoE(nn.Module):
         self.first, self.first_bias, self.down, self.down_bias = [], [], [], []
         for e in range(spec.num_experts):
             if spec.expert_kind == "gated":  # rows gate, then up
-                self.first.append(_pack(torch.cat([w.w_gate[e], w.w_up[e]])))
+                self.first.append(PackedGemm(torch.cat([w.w_gate[e], w.w_up[e]])))
                 self.first_bias.append(_cat_or_none(at(w.b_gate, e), at(w.b_up, e)))
             else:
-                self.first.append(_pack(w.w_up[e]))
+                self.first.append(PackedGemm(w.w_up[e]))
                 self.first_bias.append(at(w.b_up, e))
-            self.down.append(_pack(w.w_down[e]))
+            self.down.append(PackedGemm(w.w_down[e]))
             self.down_bias.append(at(w.b_down, e))
         self.shared_first = self.shared_down = None
         if spec.shared_expert_size:
-            self.shared_first = _pack(torch.cat([w.shared_gate, w.shared_up]))
-            self.shared_down = _pack(w.shared_down)
+            self.shared_first = PackedGemm(torch.cat([w.shared_gate, w.shared_up]))
+            self.shared_down = PackedGemm(w.shared_down)
 
     def experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows grouped by expert [P, H] -> [P, H]: one GEMM per expert and projection, the
         activation once over every expert's rows (not once per expert: at a few tokens per
         expert the per-call cost of small elementwise ops adds up)."""
         active = expert_segments(rows, counts)
-        first = torch.cat([onednn_linear(c, self.first[e], self.first_bias[e]) for e, c in active])
+        first = torch.cat([self.first[e](c, self.first_bias[e]) for e, c in active])
         if self.spec.expert_kind == "gated":
             size = self.spec.expert_size
             hidden = gated_activation(self.spec, first[:, :size], first[:, size:])
@@ -108,22 +105,19 @@ class PackedMoE(nn.Module):
             hidden = PLAIN_ACTIVATION_FUNCTIONS[self.spec.activation](first)
         chunks = hidden.split([len(c) for _, c in active])
         return torch.cat(
-            [
-                onednn_linear(h, self.down[e], self.down_bias[e])
-                for (e, _), h in zip(active, chunks, strict=True)
-            ]
+            [self.down[e](h, self.down_bias[e]) for (e, _), h in zip(active, chunks, strict=True)]
         )
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared_first is None:
             return torch.zeros_like(x)
         size = self.spec.shared_expert_size
-        first = onednn_linear(x, self.shared_first, None)
+        first = self.shared_first(x)
         hidden = (
             PLAIN_ACTIVATION_FUNCTIONS[self.spec.shared_activation](first[:, :size])
             * first[:, size:]
         )
-        out = onednn_linear(hidden, self.shared_down, None)
+        out = self.shared_down(hidden)
         if self.spec.shared_expert_gated:
             out = out * torch.sigmoid(x @ self.routing.shared_expert_gate.T)
         return out
@@ -145,10 +139,10 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.packed, self.bias = _pack(weight), bias
+        self.gemm, self.bias = PackedGemm(weight), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return onednn_linear(x, self.packed, self.bias)  # oneDNN takes any leading dims
+        return self.gemm(x, self.bias)
 
 
 @dataclass
