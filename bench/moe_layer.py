@@ -12,9 +12,10 @@ checked against eager transformers (relative L2), then timed: median of --repeat
 of load on a shared host can double a run's time for seconds, so every row, the GEMMs alone, the
 compute floor and both bandwidths are measured in round-robin rounds (--rounds at T <= 16,
 where a run takes milliseconds; --large-rounds above), and each figure is the median of its
-rounds. The rows take their turns in a new seeded order each round: in a fixed order the torch
-target's default, always timed right after the ONNX rows, came out slower than the identical
-``torch/kernel`` row right after it in 7 of 8 cells of one run (by up to 1.33x).
+rounds (the JSON keeps every round's figure of each row and of the compute floor). The rows
+take their turns in a new seeded order each round: in a fixed order the torch target's default,
+always timed right after the ONNX rows, came out slower than the identical ``torch/kernel`` row
+right after it in 7 of 8 cells of one run (by up to 1.33x).
 
 Floors measured in the same run: compute = the same FLOPs as one dense chain of matmuls
 ([T*k, H] x [H, 2I], gate and up as one matrix, then [T*k, I] x [I, H], plus the shared
@@ -472,7 +473,9 @@ def bench_config(
                     ms=timings[label],
                     rel_l2=err,
                     rounds=rounds,
+                    round_ms=samples[label],  # in round order: for ratios paired per round
                     compute_floor_ms=floor_c,
+                    compute_floor_round_ms=floor_c_ms,
                     memory_floor_ms=floor_m,
                     read_floor_ms=floor_r,
                     gemm_floor_ms=floor_g,
