@@ -1,20 +1,21 @@
 """`PackedGemm`: ``x @ weight.T`` with the weight held once, in oneDNN's blocked layout, and read
 by whichever library is faster on this host for the call's number of rows.
 
-oneDNN packs a float32 [out, in] weight for AVX-512 as ``AB16b64a`` (for AVX2 hosts with a
-smaller block): blocks of ``b`` output rows, each an [in, b] row-major matrix. That is a dense
+oneDNN packs a float32 [out, in] weight for AVX-512 as ``AB16b64a`` (other ISAs may block
+otherwise): blocks of ``b`` output rows, each an [in, b] row-major matrix. That is a dense
 [out/b, in, b] tensor, so MKL reads the same bytes as one batched GEMM (``torch.bmm``), no copy.
 The view is taken only when the packed buffer holds exactly that layout, checked element for
 element against the dense weight when packing; otherwise every call takes oneDNN.
 
-Why (AMX Xeon, 2 threads): a call into oneDNN's GEMM costs about 20 us outside its kernel
-(torch's ideep wrapper builds a primitive descriptor per call; 0.9 us inside for 16x16) and
-its one-row GEMM streams slower than MKL's. The GEMMs of a DeepSeek-like block at one token
-(six experts and the shared one, one row each) took 1.75 ms on oneDNN and 1.43 ms with MKL
-reading the view (medians of 15 interleaved rounds); from two rows on, oneDNN's blocked GEMM
-is as fast or faster (52 distinct [1024, 1024] weights on two rows: 9.0 against 10.0 ms).
-On an AMD EPYC oneDNN won at every row count. Up to how many rows MKL wins is the host's, so
-`mkl_rows_limit` measures it, once per weight shape and thread count in a process.
+Why (AMX Xeon, 2 threads): a call into oneDNN's GEMM costs about 20 us outside its kernel,
+in torch's ideep wrapper (a 16x16 call takes 19 us, of which oneDNN's verbose log counts 1 us
+in the kernel), and its one-row GEMM streams slower than MKL's. The GEMMs of a DeepSeek-like
+block at one token (six experts and the shared one, one row each) took 1.75 ms on oneDNN and
+1.43 ms with MKL reading the view (medians of 15 interleaved rounds); from two rows on,
+oneDNN's blocked GEMM is as fast or faster (52 distinct [1024, 1024] weights on two rows: 9.0
+against 10.0 ms). On an AMD EPYC oneDNN won at every row count. Up to how many rows MKL wins
+is the host's, so `mkl_rows_limit` measures it, once per weight shape and thread count in a
+process.
 """
 
 from __future__ import annotations
