@@ -177,8 +177,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (1.5-2.5x) and at one row on an AMD EPYC (1.4-1.7x), but not on an AMX Xeon: there MKL
     was faster up to 4 rows (six of config B's experts: 0.93 against 1.41 ms at one row, 0.88
     against 2.02 at two) and slower from 16 (4.2 against 3.6 ms). Which library wins is a
-    property of the host, not of the block; oneDNN stays the one choice here. Anything else
-    takes ``F.linear``."""
+    property of the host, not of the block; oneDNN stays the one choice here (a loaded torch
+    artifact's packed weights measure it: `moec.runtime.packed_gemm`). Anything else takes
+    ``F.linear``."""
     if (
         ONEDNN
         and x.dtype == weight.dtype == torch.float32

@@ -55,7 +55,7 @@ class PackedGemm:
             self.mkl_rows = mkl_rows
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.blocked is not None and x.numel() // self.in_features <= self.mkl_rows:
+        if 0 < x.numel() // self.in_features <= self.mkl_rows:  # 0 without a blocked view
             return self.mkl(x, bias)
         return self.onednn(x, bias)
 
