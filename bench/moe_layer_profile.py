@@ -24,6 +24,7 @@ took longer than a whole unprofiled run of the graph (it records memory statisti
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 from unittest import mock
@@ -54,7 +55,7 @@ def torch_split(module, x: torch.Tensor, repeat: int) -> dict | None:
     its GEMMs alone and the rest alone (module docstring), medians of ``repeat`` rounds; None if
     it runs no packed GEMM."""
     real, calls = PackedGemm.__call__, []
-    outputs = None  # while replaying: the recorded outputs, in call order
+    outputs = None  # while replaying: each weight's recorded outputs, in its call order
 
     def record(weight, a, bias=None):
         out = real(weight, a, bias)
@@ -64,7 +65,7 @@ def torch_split(module, x: torch.Tensor, repeat: int) -> dict | None:
     def gemm(weight, a, bias=None):  # the real GEMM, or while replaying its recorded output
         if outputs is None:
             return real(weight, a, bias)
-        out = next(outputs)
+        out = outputs[weight].popleft()  # per weight: experts side by side finish in any order
         if out.shape[:-1] != a.shape[:-1]:
             raise AssertionError("the replayed program made other GEMMs than the recorded one")
         return out
@@ -76,7 +77,9 @@ def torch_split(module, x: torch.Tensor, repeat: int) -> dict | None:
 
     def rest():
         nonlocal outputs
-        outputs = iter([c[-1] for c in calls])
+        outputs = collections.defaultdict(collections.deque)
+        for weight, _, _, out in calls:
+            outputs[weight].append(out)
         return module(x)
 
     def gemms():

@@ -25,6 +25,7 @@ packed, any other node keeps running the op's kernel.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from torch import fx, nn
 
 from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, WEIGHT_NAMES, MoESpec, MoEWeights, moe_eager
 from moec.ir.moe_op import ONEDNN, expert_segments, gated_activation
+from moec.runtime.expert_threads import run_side_by_side, side_by_side
 from moec.runtime.packed_gemm import PackedGemm
 
 __all__ = ["PackedLinear", "PackedMoE", "PackingReport", "pack_weights", "packable"]
@@ -93,20 +95,32 @@ class PackedMoE(nn.Module):
             self.shared_down = PackedGemm(w.shared_down)
 
     def experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Rows grouped by expert [P, H] -> [P, H]: one GEMM per expert and projection, the
-        activation once over every expert's rows (not once per expert: at a few tokens per
-        expert the per-call cost of small elementwise ops adds up)."""
+        """Rows grouped by expert [P, H] -> [P, H]: one GEMM per expert and projection. At many
+        rows per expert the experts run side by side, one per thread (`expert_threads`);
+        otherwise in turn, each GEMM on every thread, with the activation once over every
+        expert's rows (not once per expert: at a few tokens per expert the per-call cost of
+        small elementwise ops adds up)."""
         active = expert_segments(rows, counts)
+        threads = torch.get_num_threads()
+        if side_by_side([len(c) for _, c in active], threads):
+            tasks = [(len(c), functools.partial(self._expert, e, c)) for e, c in active]
+            return torch.cat(run_side_by_side(tasks, threads))
         first = torch.cat([self.first[e](c, self.first_bias[e]) for e, c in active])
-        if self.spec.expert_kind == "gated":
-            size = self.spec.expert_size
-            hidden = gated_activation(self.spec, first[:, :size], first[:, size:])
-        else:
-            hidden = PLAIN_ACTIVATION_FUNCTIONS[self.spec.activation](first)
-        chunks = hidden.split([len(c) for _, c in active])
+        chunks = self._activation(first).split([len(c) for _, c in active])
         return torch.cat(
             [self.down[e](h, self.down_bias[e]) for (e, _), h in zip(active, chunks, strict=True)]
         )
+
+    def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        hidden = self._activation(self.first[e](rows, self.first_bias[e]))
+        return self.down[e](hidden, self.down_bias[e])
+
+    def _activation(self, first: torch.Tensor) -> torch.Tensor:
+        """The experts' activation on their first projection ([n, 2I] gate then up if gated)."""
+        if self.spec.expert_kind == "gated":
+            size = self.spec.expert_size
+            return gated_activation(self.spec, first[:, :size], first[:, size:])
+        return PLAIN_ACTIVATION_FUNCTIONS[self.spec.activation](first)
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared_first is None:

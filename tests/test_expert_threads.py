@@ -1,0 +1,83 @@
+"""Experts side by side: when they run that way, that results come back in order and equal the
+block run in turn, and that the caller's thread count is left as it was."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from moe_cases import CASES, H, random_weights
+
+from moec.ir.moe_op import ONEDNN, moe_eager
+from moec.runtime import expert_threads
+from moec.runtime.expert_threads import MIN_ROWS_PER_EXPERT, run_side_by_side, side_by_side
+from moec.runtime.weight_packing import PackedMoE
+
+
+def test_side_by_side_needs_threads_experts_and_rows():
+    many = MIN_ROWS_PER_EXPERT
+    assert side_by_side([many, many], threads=2)
+    assert side_by_side([2 * many - 1, 1], threads=2)  # the mean counts
+    assert not side_by_side([many, many - 1], threads=2)
+    assert not side_by_side([many, many], threads=1)
+    assert not side_by_side([4 * many], threads=2)  # one expert: nothing to put beside it
+
+
+def test_results_come_back_in_task_order_from_every_worker():
+    seen = set()
+
+    def task(i):
+        def fn():
+            seen.add(threading.get_ident())
+            return torch.full((1,), float(i))
+
+        return fn
+
+    rows = [5, 1, 9, 3, 7, 2]
+    out = run_side_by_side([(r, task(i)) for i, r in enumerate(rows)], threads=2)
+    assert [float(t) for t in out] == [0, 1, 2, 3, 4, 5]
+    assert len(seen) == 2 and threading.get_ident() not in seen
+
+
+def test_workers_are_single_threaded_and_the_caller_keeps_its_count():
+    threads = 3  # a pool of its own, built here
+    torch.set_num_threads(2)
+    counts = run_side_by_side([(1, torch.get_num_threads)] * threads, threads=threads)
+    assert counts == [1] * threads
+    assert torch.get_num_threads() == 2
+    fresh = ThreadPoolExecutor(1).submit(torch.get_num_threads).result()
+    assert fresh == 2  # threads started later begin with the caller's count again
+
+
+def test_a_task_error_reaches_the_caller():
+    def fail():
+        raise ValueError("expert failed")
+
+    with pytest.raises(ValueError, match="expert failed"):
+        run_side_by_side([(1, fail), (1, lambda: torch.zeros(1))], threads=2)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch is built without oneDNN")
+@pytest.mark.parametrize("case", ["gpt-oss", "qwen-shared-gated", "plain-gelu-tanh"])
+def test_packed_block_side_by_side_computes_the_ops_kernel(case, monkeypatch):
+    """Every call with two experts or more goes side by side (the threshold lowered to one row)."""
+    monkeypatch.setattr(expert_threads, "MIN_ROWS_PER_EXPERT", 1)
+    spec, weights = CASES[case], random_weights(case, seed=6)
+    packed = PackedMoE(spec, weights)
+    ran = []
+    real = expert_threads.run_side_by_side
+    monkeypatch.setattr(
+        "moec.runtime.weight_packing.run_side_by_side",
+        lambda tasks, threads: ran.append(len(tasks)) or real(tasks, threads),
+    )
+    torch.set_num_threads(2)
+    for tokens in (1, 7, 40):
+        x = torch.randn(1, tokens, H, generator=torch.Generator().manual_seed(tokens))
+        with torch.no_grad():
+            out, chosen = packed(x)
+            expected, expected_chosen = moe_eager(spec, weights, x)
+        assert float((out - expected).norm() / expected.norm()) <= 1e-6
+        assert torch.equal(chosen, expected_chosen)
+    assert ran and max(ran) > 1
