@@ -19,8 +19,9 @@ expert weights took 1.29-1.58x the packed time at 16 tokens and 1.11-1.15x at 51
 batch-size hint for packing changed nothing there (nor on an AMX Xeon). One layout serves every
 token count, so the packed one is kept (two would double the weights). Routing, grouping and
 combining are the eager kernel's own (`moec.ir.moe_eager`), so the packed block computes the
-same function; only float32 blocks of the ``kernel`` lowering on a torch built with oneDNN are
-packed, any other node keeps running the op's kernel.
+same function (at many rows per expert with its experts side by side, one per thread:
+`moec.runtime.expert_threads`); only float32 blocks of the ``kernel`` lowering on a torch built
+with oneDNN are packed, any other node keeps running the op's kernel.
 """
 
 from __future__ import annotations
