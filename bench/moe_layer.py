@@ -13,9 +13,12 @@ of load on a shared host can double a run's time for seconds, so every row, the 
 compute floor and both bandwidths are measured in round-robin rounds (--rounds at T <= 16,
 where a run takes milliseconds; --large-rounds above), and each figure is the median of its
 rounds (the JSON keeps every round's figure of each row and of the compute floor). The rows
-take their turns in a new seeded order each round: in a fixed order the torch target's default,
-always timed right after the ONNX rows, came out slower than the identical ``torch/kernel`` row
-right after it in 7 of 8 cells of one run (by up to 1.33x).
+take their turns in a new seeded order each round, seeded by config, T and round (so a row's
+place differs from cell to cell too): in a fixed order the torch target's default, always timed
+right after the ONNX rows, came out slower than the identical ``torch/kernel`` row right after
+it in 7 of 8 cells of one run (by up to 1.33x). Five rounds above T = 16 as well: with three, a
+burst of load in one round set the median of a row at T = 2048 (in one run a row's rounds were
+288, 496 and 533 ms while the row running the same program took 296).
 
 Floors measured in the same run: compute = the same FLOPs as one dense chain of matmuls
 ([T*k, H] x [H, 2I], gate and up as one matrix, then [T*k, I] x [I, H], plus the shared
@@ -43,7 +46,7 @@ plus the layer's weights, over weights + activations (weights that ONNX Runtime 
 the artifact's external data and pages in on first use are the weights, not growth).
 
     python bench/moe_layer.py [--configs A B] [--tokens 1 16 512 2048] [--repeat 7]
-                              [--rounds 5] [--large-rounds 3]
+                              [--rounds 5] [--large-rounds 5]
 """
 
 from __future__ import annotations
@@ -447,7 +450,9 @@ def bench_config(
         gemm_ms, floor_c_ms, copy_bw, read_bw = [], [], [], []
         gemm_timer = gemms.timer(counts, t)
         for round_ in range(rounds):
-            for label, fn in random.Random(round_).sample(candidates, len(candidates)):
+            for label, fn in random.Random(f"{config}-{t}-{round_}").sample(
+                candidates, len(candidates)
+            ):
                 copy_bw.append(probe.copy())
                 read_bw.append(probe.read())
                 samples[label].append(_settled_median_ms(fn, repeat))
@@ -568,7 +573,7 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 512, 2048])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=5, help=f"rounds at T <= {SMALL_T}")
-    parser.add_argument("--large-rounds", type=int, default=3, help=f"rounds at T > {SMALL_T}")
+    parser.add_argument("--large-rounds", type=int, default=5, help=f"rounds at T > {SMALL_T}")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
