@@ -25,20 +25,24 @@ def test_side_by_side_needs_threads_experts_and_rows():
     assert not side_by_side([4 * many], threads=2)  # one expert: nothing to put beside it
 
 
-def test_results_come_back_in_task_order_from_every_worker():
-    seen = set()
-
-    def task(i):
-        def fn():
-            seen.add(threading.get_ident())
-            return torch.full((1,), float(i))
-
-        return fn
-
+def test_results_come_back_in_task_order():
     rows = [5, 1, 9, 3, 7, 2]
-    out = run_side_by_side([(r, task(i)) for i, r in enumerate(rows)], threads=2)
-    assert [float(t) for t in out] == [0, 1, 2, 3, 4, 5]
-    assert len(seen) == 2 and threading.get_ident() not in seen
+    tasks = [(r, lambda i=i: torch.full((1,), float(i))) for i, r in enumerate(rows)]
+    assert [float(t) for t in run_side_by_side(tasks, threads=2)] == [0, 1, 2, 3, 4, 5]
+
+
+def test_tasks_run_at_the_same_time_off_the_callers_thread():
+    """Each task waits for the other: they finish only if they run side by side."""
+    both = threading.Barrier(2, timeout=30)
+    seen = []
+
+    def fn():
+        seen.append(threading.get_ident())
+        both.wait()
+        return torch.zeros(1)
+
+    run_side_by_side([(1, fn), (1, fn)], threads=2)
+    assert len(set(seen)) == 2 and threading.get_ident() not in seen
 
 
 def test_workers_are_single_threaded_and_the_caller_keeps_its_count():
