@@ -15,7 +15,7 @@ import moec
 from moec.compiler.moe_block import MoEBlock
 from moec.ir import MoEWeights
 from moec.ir.moe_op import ONEDNN, moe_eager
-from moec.runtime.weight_packing import PackedMoE, pack_weights
+from moec.runtime.weight_packing import MIN_PACKED_OUT_FEATURES, PackedMoE, pack_weights
 
 pytestmark = pytest.mark.skipif(not ONEDNN, reason="this torch is built without oneDNN")
 SHAPES = [(1, 1), (1, 13), (2, 8), (4, 32)]
@@ -66,7 +66,7 @@ def test_noop_conversions_are_dropped_and_their_weight_packed():
     class Router(torch.nn.Module):  # what families write: float32 casts around the router
         def __init__(self):
             super().__init__()
-            self.weight = torch.nn.Parameter(torch.randn(8, H))
+            self.weight = torch.nn.Parameter(torch.randn(64, H))  # 64 experts: packed
 
         def forward(self, x):
             return torch.nn.functional.linear(x.type(torch.float32), self.weight.float()).sigmoid()
@@ -82,6 +82,16 @@ def test_noop_conversions_are_dropped_and_their_weight_packed():
     assert torch.ops.aten.to.dtype not in targets
     assert torch.ops.aten._assert_tensor_metadata.default not in targets
     assert rel_l2(got, expected) <= 1e-6
+
+
+def test_a_linear_of_few_output_rows_stays_dense():
+    """A router over 8 experts: fewer output rows than one block, where oneDNN's cost per call
+    outweighs its kernel."""
+    router = torch.nn.Linear(H, MIN_PACKED_OUT_FEATURES - 1, bias=False)
+    module = torch.export.export(router, (torch.randn(3, H),)).module()
+    report = pack_weights(module)
+    assert report.linears == 0
+    assert torch.ops.aten.linear.default in {n.target for n in module.graph.nodes}
 
 
 def test_packing_drops_the_dense_weights():

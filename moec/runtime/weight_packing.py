@@ -1,19 +1,23 @@
 """Load-time weight packing for ``torch`` artifacts.
 
-`pack_weights` replaces every ``moec::moe`` node of a loaded program by a `PackedMoE` module
-that holds the block's expert weights in oneDNN's blocked GEMM layout (`PackedGemm`, which
-also lets MKL read that layout where it is faster, on a few rows on some hosts), and every
-``aten.linear`` with a stored weight (attention, a family's shared expert, the LM head) by a
-`PackedLinear`. Weights are packed once when the artifact is loaded and the dense copies are
-dropped from the module, so memory stays at one copy of the weights (as ONNX Runtime prepacks its
-MatMul weights at session creation). Gate and up projections are packed as one [2I, H] matrix:
-one GEMM per expert instead of two. No-op dtype conversions (a family's ``.float()`` on float32
-tensors) and the exporter's metadata checks before them are dropped first: each costs a dispatch
-at every call, and a conversion on a weight hides it from packing.
+`pack_weights` replaces every ``moec::moe`` node of a loaded program by a `PackedMoE` module that
+holds the block's expert weights in oneDNN's blocked GEMM layout (`PackedGemm`, which also lets MKL
+read that layout where it is faster, on a few rows on some hosts), and every ``aten.linear`` with a
+stored weight (attention, a family's shared expert, the LM head) by a `PackedLinear`, except
+weights of fewer than 64 output rows (a router over 8 experts), which stay with ``aten.linear``:
+after the experts' weights have streamed through the caches, a [8, 1024] router took 30 us on its
+dense weight and 96 us packed at one row (114 and 158 us at 512 rows), where oneDNN's cost per call
+outweighs its faster kernel; at 64 rows packing won at 512 rows (280 against 358 us). Weights are
+packed once when the artifact is loaded and the dense copies are dropped from the module, so memory
+stays at one copy of the weights (as ONNX Runtime prepacks its MatMul weights at session creation).
+Gate and up projections are packed as one [2I, H] matrix: one GEMM per expert instead of two. No-op
+dtype conversions (a family's ``.float()`` on float32 tensors) and the exporter's metadata checks
+before them are dropped first: each costs a dispatch at every call, and a conversion on a weight
+hides it from packing.
 
 Why (measured, 2 threads): on an AVX-512 Xeon a packed [3584, 1024] float32 weight ran at 33,
 265 and 444 GFLOPS for 1, 16 and 128 rows against 23, 143 and 310 for the same GEMM reading the
-dense weight. On an AMD EPYC (the host of ``bench/results``) the benchmark's layers with dense
+dense weight. On an AMD EPYC (the host of earlier benchmark runs) the benchmark's layers with dense
 expert weights took 1.29-1.58x the packed time at 16 tokens and 1.11-1.15x at 512, but
 0.86-0.89x at one token, where oneDNN's GEMV on a dense weight streams faster; oneDNN's
 batch-size hint for packing changed nothing there (nor on an AMX Xeon). One layout serves every
@@ -38,6 +42,8 @@ from moec.runtime.expert_threads import run_side_by_side, side_by_side
 from moec.runtime.packed_gemm import PackedGemm
 
 __all__ = ["PackedLinear", "PackedMoE", "PackingReport", "pack_weights", "packable"]
+
+MIN_PACKED_OUT_FEATURES = 64  # linear weights with fewer output rows stay dense (see above)
 
 # the tensors the routing and combine read as they are stored
 ROUTING_WEIGHTS = ("router_weight", "router_bias", "selection_bias", "shared_expert_gate")
@@ -259,6 +265,8 @@ def _pack_linear(module: fx.GraphModule, node: fx.Node, index: int) -> int:
     w = _attribute(module, weight.target)
     b = None if bias is None else _attribute(module, bias.target)
     if w.dim() != 2 or w.dtype != torch.float32 or (b is not None and b.dtype != w.dtype):
+        return 0
+    if len(w) < MIN_PACKED_OUT_FEATURES:
         return 0
     packed = PackedLinear(w, None if b is None else b.detach())
     _replace(module, node, f"moec_packed_linear_{index}", packed, [x], [weight, bias])
