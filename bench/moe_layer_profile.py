@@ -1,16 +1,16 @@
 """Where the torch target's time goes at a few tokens, and why a small op costs so much there.
 
-- `torch_split(module, x, repeat)`: a loaded ``torch`` program split into its GEMMs and the
-  rest, each timed on its own. One call is recorded: every GEMM it makes on a packed weight
-  (experts, shared expert, linear layers: its `PackedGemm` calls), with inputs and output. Then
-  ``gemm_ms`` is those GEMMs alone, run again back to back on the same inputs and packed weights,
-  and ``other_ms`` the program with each GEMM replaced by its recorded output (the same routing,
-  bit for bit, and no other GEMM: both are checked), which leaves its other ops and the Python
-  between them, timed on warm caches (where a small op is cheapest); ``other_ops`` counts its
-  aten ops. The whole program (``ms``), the GEMMs and the rest are timed in turn, round after
-  round, so that all three see the host alike; ``gemm_ms + other_ms`` is a lower bound on what
-  this program can take per call, and ``ms`` minus it what running in place adds (the small
-  ops on caches the weights have streamed through).
+- `torch_split(module, x, repeat)`: a loaded ``torch`` program split into its GEMMs and the rest,
+  each timed on its own. One call is recorded: every GEMM it makes on a packed weight (experts,
+  shared expert, linear layers: its `PackedGemm` calls), with inputs and output. Then ``gemm_ms``
+  is those GEMMs alone, run again back to back on the same inputs and packed weights, and
+  ``other_ms`` the program with each GEMM replaced by its recorded output (the same routing, bit
+  for bit, and no other GEMM but those too small to pack, a router's: both are checked), which
+  leaves its other ops and the Python between them, timed on warm caches (where a small op is
+  cheapest); ``other_ops`` counts its aten ops. The whole program (``ms``), the GEMMs and the rest
+  are timed in turn, round after round, so that all three see the host alike; ``gemm_ms +
+  other_ms`` is a lower bound on what this program can take per call, and ``ms`` minus it what
+  running in place adds (the small ops on caches the weights have streamed through).
   The profiler is no use for this split: it inflates each small op by a microsecond or two,
   and index_add (the combine) by 200 us.
 - `small_op_us(src, dst)`: one small op timed on warm caches and right after a large copy.
@@ -35,19 +35,29 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moec.benchmark import median_ms
 from moec.runtime.packed_gemm import PackedGemm
+from moec.runtime.weight_packing import MIN_PACKED_OUT_FEATURES
 
 WARMUP = 5
 GEMMS = ("mm", "addmm", "bmm", "matmul", "linear", "_grouped_mm", "_linear_pointwise")
 
 
 class _CountOps(TorchDispatchMode):
+    """The aten ops a call runs, and the GEMMs among them on at least MIN_PACKED_OUT_FEATURES
+    output columns (those `pack_weights` packs; a smaller one, a router over a few experts,
+    stays a dense GEMM and counts among the other ops)."""
+
     def __init__(self):
         super().__init__()
         self.names: list[str] = []
+        self.large_gemms: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.names.append(name)
+        out = func(*args, **(kwargs or {}))
+        if name in GEMMS and out.shape[-1] >= MIN_PACKED_OUT_FEATURES:
+            self.large_gemms.append(name)
+        return out
 
 
 def torch_split(module, x: torch.Tensor, repeat: int) -> dict | None:
@@ -97,7 +107,7 @@ def torch_split(module, x: torch.Tensor, repeat: int) -> dict | None:
         pairs = zip(_flat(replayed), _flat(expected), strict=True)
         if not all(torch.equal(a, b) for a, b in pairs):
             raise AssertionError("the program with its GEMMs replayed computed another result")
-        if left := sorted(set(ops.names) & set(GEMMS)):
+        if left := sorted(set(ops.large_gemms)):
             raise AssertionError(f"GEMMs left in the program with its GEMMs replayed: {left}")
         times = {"ms": [], "gemm_ms": [], "other_ms": []}
         with patched:
