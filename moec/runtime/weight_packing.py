@@ -266,7 +266,7 @@ def _pack_linear(module: fx.GraphModule, node: fx.Node, index: int) -> int:
     b = None if bias is None else _attribute(module, bias.target)
     if w.dim() != 2 or w.dtype != torch.float32 or (b is not None and b.dtype != w.dtype):
         return 0
-    if len(w) < MIN_PACKED_OUT_FEATURES:
+    if len(w) < MIN_PACKED_OUT_FEATURES:  # a router over a few experts: faster dense
         return 0
     packed = PackedLinear(w, None if b is None else b.detach())
     _replace(module, node, f"moec_packed_linear_{index}", packed, [x], [weight, bias])
