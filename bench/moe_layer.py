@@ -32,10 +32,12 @@ also gives each row against a read floor: the same bytes over the bandwidth of s
 tensor (reading only, which is what streaming weights does), measured the same way; and
 against the GEMMs alone: each expert's matrix products on as many rows as the router gives it
 for this input (and the shared expert's), no routing, gathering or combining, timed on packed
-weights (as the torch target runs them: oneDNN, or MKL on a few rows) and as PyTorch and ONNX
-Runtime MatMul chains (gate and up as one matrix), the fastest counting. Where the GEMMs alone
-are already well above the memory floor, what stands between a lowering and that floor is this
-machine's GEMMs on a few rows, not the lowering.
+weights (as the torch target runs them: oneDNN, or MKL on a few rows), as transformers runs
+them (torch._grouped_mm on its stored weights), and as PyTorch and ONNX Runtime MatMul chains
+(gate and up as one matrix), the fastest counting; where a default is not faster than a
+baseline, the targets give its own kernel's GEMMs and transformers' beside it. Where the GEMMs
+alone are already well above the memory floor, what stands between a lowering and that floor is
+this machine's GEMMs on a few rows, not the lowering.
 At T <= 16 the torch target's default is also split (moe_layer_profile.py): the GEMMs one call
 makes, alone, and the program with those GEMMs replaced by their recorded outputs (its other ops
 alone, on warm caches); their sum is a lower bound on the program. One small op is timed on warm
@@ -294,14 +296,17 @@ def touched_bytes(shape: dict, counts: list[int]) -> int:
 class ExpertGemms:
     """The layer's matrix products alone: each expert's on as many rows as the router gives it,
     the shared expert's on all T rows; no routing, gathering or combining. Timed on packed
-    weights (as moec's torch target runs them, `PackedGemm`), and as chains of PyTorch and ONNX
-    Runtime MatMuls (`MatMulChains`); the fastest counts."""
+    weights (as moec's torch target runs them, `PackedGemm`), as transformers runs them
+    (``torch._grouped_mm`` on its stored [E, out, in] weights, the shared expert's nn.Linear
+    layers), and as chains of PyTorch and ONNX Runtime MatMuls (`MatMulChains`); the fastest
+    counts."""
 
     def __init__(self, block, shape: dict):
         match = find_moe_blocks(block)[0]
         self.experts = PackedMoE(match.spec, match.weights)
         self.shape = shape
         mlp = getattr(block, "shared_experts", None)  # a SwiGLU MLP: one expert on every row
+        self.stored = (block.experts.gate_up_proj.detach(), block.experts.down_proj.detach(), mlp)
         self.shared = None
         if mlp is not None:
             spec = dataclasses.replace(match.spec, num_experts=1, top_k=1, expert_size=shape["Is"])
@@ -310,23 +315,33 @@ class ExpertGemms:
             self.shared = PackedMoE(spec, weights)
 
     def timer(self, counts: list[int], tokens: int):
-        """``ms(repeat) -> {"packed" | "torch matmul" | "ort matmul": ms}`` for this
-        routing, its inputs and sessions built once."""
+        """``ms(repeat) -> {"packed" | "grouped_mm" | "torch matmul" | "ort matmul": ms}`` for
+        this routing, its inputs and sessions built once."""
         g = torch.Generator().manual_seed(5)
         rows = torch.randn(sum(counts), self.shape["H"], generator=g)
         x = torch.randn(tokens, self.shape["H"], generator=g)
         chains = [(c, self.shape["I"]) for c in counts if c] + _shared_chain(self.shape, tokens)
         matmuls = MatMulChains(self.shape["H"], chains)
+        offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
 
         def packed():
             self.experts.experts(rows, counts)
             if self.shared is not None:
                 self.shared.experts(x, [tokens])
 
+        def grouped_mm():
+            gate_up, down, mlp = self.stored
+            gate, up = torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=offsets).chunk(2, -1)
+            hidden = torch.nn.functional.silu(gate) * up
+            torch._grouped_mm(hidden, down.transpose(1, 2), offs=offsets)
+            if mlp is not None:
+                mlp(x)
+
         def ms(repeat: int) -> dict[str, float]:
             with torch.no_grad():
                 packed_ms = _settled_median_ms(packed, repeat)
-            return {"packed": packed_ms, **matmuls.ms(repeat)}
+                grouped_ms = _settled_median_ms(grouped_mm, repeat)
+            return {"packed": packed_ms, "grouped_mm": grouped_ms, **matmuls.ms(repeat)}
 
         return ms
 

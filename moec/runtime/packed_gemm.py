@@ -64,10 +64,12 @@ class PackedGemm:
 
     def mkl(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """MKL's batched GEMM on the blocked view (which must exist)."""
-        rows = x.numel() // self.in_features
-        flat = x.reshape(rows, self.in_features)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        rows = len(flat)
         out = torch.bmm(flat.expand(len(self.blocked), rows, self.in_features), self.blocked)
-        out = out.transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
+        if rows > 1:  # [blocks, rows, b] -> [rows, blocks, b]; one row is in that order already
+            out = out.transpose(0, 1)
+        out = out.reshape(*x.shape[:-1], self.out_features)
         return out if bias is None else out + bias
 
 
