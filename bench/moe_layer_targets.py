@@ -2,7 +2,8 @@
 
 - faster than every row users run today (eager transformers, its eager loop, torch.compile,
   ONNX Runtime on the plain export) at every T (where it is not, in how many rounds it was,
-  and the GEMMs alone on the row's own kernel and on transformers' grouped_mm);
+  the GEMMs alone on the row's own kernel and on transformers' grouped_mm, and at T >= 512
+  how close the baseline itself is to the compute floor);
 - at T >= 512, within 1.3x (config A) or 2.0x (config B) of the compute floor (beside it, the
   GEMMs alone over that floor: the same FLOPs on each expert's own rows and weights);
 - at T <= 16, within 1.3x of the memory floor (beside it, the GEMMs alone over that floor, and
@@ -57,8 +58,9 @@ def _faster(config, label, default, rows) -> list[dict]:
         best = min(users, key=lambda r: r["ms"])
         if mine["ms"] >= best["ms"]:
             kernels, kernel = mine["gemm_kernels_ms"], _kernel(label)
+            floor = f", itself {best['vs_compute_floor']:.2f}x the compute floor" * (t >= LARGE_T)
             losses.append(
-                f"T={t}: {mine['ms']:.2f} vs {best['row']} {best['ms']:.2f}"
+                f"T={t}: {mine['ms']:.2f} vs {best['row']} {best['ms']:.2f}{floor}"
                 f"{_rounds_won(mine, best)}; the GEMMs alone on {KERNEL_NAMES[kernel]}: "
                 f"{kernels[kernel]:.2f}, on transformers' grouped_mm: {kernels['grouped_mm']:.2f}"
             )

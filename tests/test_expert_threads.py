@@ -85,3 +85,25 @@ def test_packed_block_side_by_side_computes_the_ops_kernel(case, monkeypatch):
         assert float((out - expected).norm() / expected.norm()) <= 1e-6
         assert torch.equal(chosen, expected_chosen)
     assert ran and max(ran) > 1
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch is built without oneDNN")
+def test_side_by_side_experts_add_their_gated_rows_at_their_tokens(monkeypatch):
+    """Side by side, each expert gathers its tokens, scales its output and adds it into the
+    block's output: the same sum as one gather, the experts in turn and one scatter-add."""
+    spec, weights = CASES["qwen-shared-gated"], random_weights("qwen-shared-gated", seed=7)
+    packed = PackedMoE(spec, weights)
+    counts = [3, 0, 5, 2] + [0] * (spec.num_experts - 4)
+    g = torch.Generator().manual_seed(7)
+    x, start = torch.randn(6, H, generator=g), torch.randn(6, H, generator=g)
+    tokens = torch.tensor([0, 2, 5, 0, 1, 2, 3, 4, 1, 5])  # each expert's tokens, ascending
+    gates = torch.rand(len(tokens), generator=g)
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        in_turn = packed.routed(start.clone(), x, tokens, counts, gates)
+        expected = start.index_add(0, tokens, packed.experts(x[tokens], counts) * gates[:, None])
+        monkeypatch.setattr(expert_threads, "MIN_ROWS_PER_EXPERT", 1)
+        assert expert_threads.side_by_side([3, 5, 2], 2)
+        side = packed.routed(start.clone(), x, tokens, counts, gates)
+    assert torch.allclose(in_turn, expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(side, expected, rtol=1e-5, atol=1e-6)

@@ -40,6 +40,7 @@ __all__ = [
     "expert_hidden",
     "expert_segments",
     "gated_activation",
+    "gather_experts_scatter",
     "grouped_experts",
     "grouped_mm_experts",
     "linear",
@@ -291,11 +292,13 @@ def moe_eager(
     """The MoE block: route in float32, run each expert on its own tokens only (the kernel of
     the ``torch`` target and the reference every ONNX lowering is checked against).
 
-    ``experts(rows [P, H], counts) -> [P, H]`` computes the experts on their tokens (rows
-    grouped by expert, ``counts[e]`` rows for expert e) and ``shared(x [T, H]) -> [T, H]`` the
-    shared expert (default: `shared_ffn`, and `grouped_mm_experts` for a block lowered to
-    ``grouped_mm``, `grouped_experts` otherwise, on ``w``); only the routing tensors of ``w``
-    are read otherwise."""
+    ``experts(out [T, H], x [T, H], tokens [P], counts, gates [P]) -> [T, H]`` adds the routed
+    experts to ``out`` (a tensor of this call's own, which it may update in place): each
+    (token, expert) pair's expert output on that token, times the pair's gate, the pairs
+    grouped by expert (``counts[e]`` of them for expert e); ``shared(x [T, H]) -> [T, H]``
+    computes the shared expert. Defaults: `shared_ffn`, and `gather_experts_scatter` with
+    `grouped_mm_experts` for a block lowered to ``grouped_mm``, `grouped_experts` otherwise, on
+    ``w``; only the routing tensors of ``w`` are read otherwise."""
     if spec.routing == "external":
         if routed_ids is None or routed_weights is None:
             raise SpecError("moec::moe: external routing needs routed_ids and routed_weights")
@@ -310,17 +313,24 @@ def moe_eager(
         tokens, counts, gates = _pairs_from_dense(spec, weights, chosen)
     if experts is None:
         grouped = grouped_mm_experts if spec.lowering == "grouped_mm" else grouped_experts
-        experts = functools.partial(grouped, spec, w)
+        experts = functools.partial(gather_experts_scatter, functools.partial(grouped, spec, w))
     flat_x = x.reshape(-1, x.shape[-1])
     out = shared(flat_x) if shared else shared_ffn(spec, w, flat_x)
-    # one gather in, one matmul chain per expert on its own tokens, one scatter-add out
     if tokens.numel():
-        rows = flat_x.index_select(0, tokens)  # [P, H], grouped by expert
-        combined = experts(rows, counts.tolist()) * gates.to(x.dtype).unsqueeze(-1)
-        out = out.index_add(0, tokens, combined)
+        out = experts(out, flat_x, tokens, counts.tolist(), gates.to(x.dtype))
     if w.output_bias is not None:
         out = out + w.output_bias
     return out.reshape(x.shape), chosen
+
+
+def gather_experts_scatter(
+    experts, out: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, counts, gates
+) -> torch.Tensor:
+    """`moe_eager`'s ``experts`` step from ``experts(rows [P, H], counts) -> [P, H]`` on rows
+    grouped by expert: one gather in, one matmul chain per expert on its own tokens, one
+    scatter-add out."""
+    rows = x.index_select(0, tokens)
+    return out.index_add(0, tokens, experts(rows, counts) * gates.unsqueeze(-1))
 
 
 def _pairs_from_dense(spec: MoESpec, weights: torch.Tensor, chosen: torch.Tensor):

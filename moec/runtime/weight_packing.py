@@ -37,7 +37,7 @@ import torch
 from torch import fx, nn
 
 from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, WEIGHT_NAMES, MoESpec, MoEWeights, moe_eager
-from moec.ir.moe_op import ONEDNN, expert_segments, gated_activation
+from moec.ir.moe_op import ONEDNN, expert_segments, gated_activation, gather_experts_scatter
 from moec.runtime.expert_threads import run_side_by_side, side_by_side
 from moec.runtime.packed_gemm import PackedGemm
 
@@ -118,6 +118,30 @@ class PackedMoE(nn.Module):
             [self.down[e](h, self.down_bias[e]) for (e, _), h in zip(active, chunks, strict=True)]
         )
 
+    def routed(self, out, x, tokens, counts: list[int], gates: torch.Tensor) -> torch.Tensor:
+        """``out`` plus the routed experts' outputs, each times its gate, at their tokens (the
+        ``experts`` step of `moe_eager`). Side by side, each expert gathers its own rows and
+        scales its own output in its worker, and those outputs are added into ``out`` one by
+        one: no [P, H] tensor of all pairs. A DeepSeek-like block at 2048 tokens has 12288
+        pairs, 50 MB a tensor; gathering them, concatenating the experts' outputs and scaling
+        them took 3, 10 and 9 ms of its 185 or so (each new tensor that large is fresh memory, paged
+        in as it is first written)."""
+        sizes = [n for n in counts if n]
+        threads = torch.get_num_threads()
+        if not side_by_side(sizes, threads):
+            return gather_experts_scatter(self.experts, out, x, tokens, counts, gates)
+        active = [e for e, n in enumerate(counts) if n]
+        parts = list(
+            zip(active, tokens.split(sizes), gates.unsqueeze(-1).split(sizes), strict=True)
+        )
+        tasks = [(len(t), functools.partial(self._gated_expert, e, x, t, g)) for e, t, g in parts]
+        for (_, t, _), y in zip(parts, run_side_by_side(tasks, threads), strict=True):
+            out.index_add_(0, t, y)  # moe_eager's own tensor
+        return out
+
+    def _gated_expert(self, e: int, x, tokens: torch.Tensor, gates: torch.Tensor):
+        return self._expert(e, x.index_select(0, tokens)) * gates
+
     def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         hidden = self._activation(self.first[e](rows, self.first_bias[e]))
         return self.down[e](hidden, self.down_bias[e])
@@ -150,7 +174,7 @@ class PackedMoE(nn.Module):
             x,
             routed_ids,
             routed_weights,
-            experts=self.experts,
+            experts=self.routed,
             shared=self._shared,
         )
 
