@@ -118,14 +118,21 @@ class PackedMoE(nn.Module):
             [self.down[e](h, self.down_bias[e]) for (e, _), h in zip(active, chunks, strict=True)]
         )
 
-    def routed(self, out, x, tokens, counts: list[int], gates: torch.Tensor) -> torch.Tensor:
+    def routed(
+        self,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        tokens: torch.Tensor,
+        counts: list[int],
+        gates: torch.Tensor,
+    ) -> torch.Tensor:
         """``out`` plus the routed experts' outputs, each times its gate, at their tokens (the
         ``experts`` step of `moe_eager`). Side by side, each expert gathers its own rows and
         scales its own output in its worker, and those outputs are added into ``out`` one by
         one: no [P, H] tensor of all pairs. A DeepSeek-like block at 2048 tokens has 12288
         pairs, 50 MB a tensor; gathering them, concatenating the experts' outputs and scaling
-        them took 3, 10 and 9 ms of its 185 or so (each new tensor that large is fresh memory, paged
-        in as it is first written)."""
+        them took 3, 10 and 9 ms of about 185 (each new tensor that large is fresh memory,
+        paged in as it is first written)."""
         sizes = [n for n in counts if n]
         threads = torch.get_num_threads()
         if not side_by_side(sizes, threads):
@@ -139,7 +146,7 @@ class PackedMoE(nn.Module):
             out.index_add_(0, t, y)  # moe_eager's own tensor
         return out
 
-    def _gated_expert(self, e: int, x, tokens: torch.Tensor, gates: torch.Tensor):
+    def _gated_expert(self, e: int, x: torch.Tensor, tokens: torch.Tensor, gates: torch.Tensor):
         return self._expert(e, x.index_select(0, tokens)) * gates
 
     def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
