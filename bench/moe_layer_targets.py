@@ -58,7 +58,9 @@ def _faster(config, label, default, rows) -> list[dict]:
         best = min(users, key=lambda r: r["ms"])
         if mine["ms"] >= best["ms"]:
             kernels, kernel = mine["gemm_kernels_ms"], _kernel(label)
-            floor = f", itself {best['vs_compute_floor']:.2f}x the compute floor" * (t >= LARGE_T)
+            floor = ""
+            if t >= LARGE_T:
+                floor = f", itself {best['vs_compute_floor']:.2f}x the compute floor"
             losses.append(
                 f"T={t}: {mine['ms']:.2f} vs {best['row']} {best['ms']:.2f}{floor}"
                 f"{_rounds_won(mine, best)}; the GEMMs alone on {KERNEL_NAMES[kernel]}: "
