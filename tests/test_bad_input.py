@@ -230,8 +230,12 @@ def test_damaged_artifact_is_refused_at_load(artifact, damage, message):
     ],
 )
 def test_wrong_inputs_at_run_time(artifact, feeds, message):
-    with moec.load(artifact) as runner, pytest.raises(InputError) as info:
-        runner.infer(feeds)
+    """Refused even after a good call (the runner remembers the layouts of good feeds and
+    checks only their values again)."""
+    with moec.load(artifact) as runner:
+        runner.infer({"input_ids": np.zeros((1, 4), np.int64)})
+        with pytest.raises(InputError) as info:
+            runner.infer(feeds)
     assert message in str(info.value)
 
 

@@ -47,11 +47,22 @@ def test_pt2_needs_moecs_op_registered(tmp_path):
 
 def test_runner_checks_inputs_once(tmp_path):
     """The runner checks feeds against the manifest, so the exported module's per-call pytree
-    check of the same inputs is off; a feed the program cannot take still fails, naming it."""
+    check of the same inputs is off, and so is its pytree code (flat tensors in, a flat tuple
+    out: the same numbers); a feed the program cannot take still fails, naming it."""
     result = moec.compile("zoo:mixtral", target="torch", output=tmp_path / "a")
-    with moec.load(result.path) as runner:
+    x = np.random.default_rng(0).standard_normal((2, 3, 32), np.float32)
+    with moec.load(result.path, pack=False) as runner:
         assert runner.module.validate_inputs is False
-        assert runner(np.zeros((2, 3, 32), np.float32)).shape == (2, 3, 32)
+        assert type(runner.module.graph._codegen) is torch.fx.graph.CodeGen
+        stored = torch.export.load(result.path / "model.pt2").module()
+        with torch.no_grad():
+            expected = stored(torch.from_numpy(x))
+        got = runner.module.forward(torch.from_numpy(x))
+        assert isinstance(got, tuple) and isinstance(expected, tuple)
+        assert len(got) == len(expected)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    with moec.load(result.path) as runner:
+        assert runner(x).shape == (2, 3, 32)
         with pytest.raises(InputError, match="input 'x' dim 2 is 31, expected 32"):
             runner(np.zeros((1, 3, 31), np.float32))
 

@@ -36,6 +36,7 @@ __all__ = [
     "PLAIN_ACTIVATION_FUNCTIONS",
     "WEIGHT_NAMES",
     "MoEWeights",
+    "chosen_from_ids",
     "expert_ffn",
     "expert_hidden",
     "expert_segments",
@@ -355,7 +356,7 @@ def _pairs_from_ids(spec: MoESpec, ids: torch.Tensor, weights: torch.Tensor):
     tokens = order.div(ids.shape[-1], rounding_mode="floor")
     gates = weights.reshape(-1).index_select(0, order).float()
     pairs = (tokens, torch.bincount(flat, minlength=spec.num_experts), gates)
-    return _chosen_from_ids(spec, ids), pairs
+    return chosen_from_ids(spec, ids), pairs
 
 
 def scatter_routing(
@@ -367,10 +368,10 @@ def scatter_routing(
     dense = torch.zeros(
         (*ids.shape[:-1], spec.router_experts), dtype=torch.float32, device=ids.device
     )
-    return dense.scatter_add(-1, ids, weights.float()), _chosen_from_ids(spec, ids)
+    return dense.scatter_add(-1, ids, weights.float()), chosen_from_ids(spec, ids)
 
 
-def _chosen_from_ids(spec: MoESpec, ids: torch.Tensor) -> torch.Tensor:
+def chosen_from_ids(spec: MoESpec, ids: torch.Tensor) -> torch.Tensor:
     """Top-k ids [..., k] -> which of the router's experts each token chose, bool [..., E]."""
     shape = (*ids.shape[:-1], spec.router_experts)
     return torch.zeros(shape, dtype=torch.bool, device=ids.device).scatter(-1, ids, True)

@@ -26,6 +26,7 @@ class TorchRunner(Runner):
     ):
         super().__init__(manifest, directory)
         self.threads, self.pack = threads, pack
+        self.output_names = [spec.name for spec in manifest.outputs]
         self.module = None
         self.packing = PackingReport()
 
@@ -43,12 +44,11 @@ class TorchRunner(Runner):
         self.packing = prepare_program(self.module, self.pack)
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [torch.from_numpy(feeds[spec.name]) for spec in self.manifest.inputs]
-        with torch.no_grad():
-            values = self.module(*args)
+        args = [torch.from_numpy(feeds[name]) for name in self.input_names]
+        with torch.no_grad():  # forward: the program's hooks have nothing to do (prepare_program)
+            values = self.module.forward(*args)
         values = values if isinstance(values, (tuple, list)) else (values,)
-        names = [spec.name for spec in self.manifest.outputs]
-        return {name: v.numpy() for name, v in zip(names, values, strict=True)}
+        return {name: v.numpy() for name, v in zip(self.output_names, values, strict=True)}
 
     def deactivate_impl(self) -> None:
         self.module = None
@@ -56,12 +56,37 @@ class TorchRunner(Runner):
 
 def prepare_program(module: torch.fx.GraphModule, pack: bool = True) -> PackingReport:
     """Ready a loaded program (``ExportedProgram.module()``) to run as `TorchRunner` runs it:
-    weights packed (`pack_weights`) unless ``pack`` is false, and no per-call pytree check.
+    weights packed (`pack_weights`) unless ``pack`` is false, and flat tensors in and out with no
+    per-call pytree work.
 
     The runner hands the program a flat tuple of tensors in the manifest's order, checked
-    against the manifest first (`check_feeds`), so the exported module's pre-hook that flattens
-    them again to compare pytree structures on every call (0.14 ms measured, a twentieth of a
-    DeepSeek-like layer at one token) has nothing left to find; the program's own shape guards
-    (its _guards_fn node) still run."""
+    against the manifest first (`check_feeds`), and reads a flat tuple of outputs. So the
+    exported module's pre-hook that flattens the inputs again to compare pytree structures
+    (0.14 ms measured, a twentieth of a DeepSeek-like layer at one token) is switched off, and
+    where the program takes and returns only flat tensors its pytree flattening and
+    unflattening go too (`_flat_signature`): at one token, on caches the layer's weights have
+    just streamed through, they cost about 20 us. The program's own shape guards (its
+    _guards_fn node) still run. Its other hooks enter and leave graph inputs that are modules,
+    which moec's programs never take, so the runner calls ``forward`` past them."""
     module.validate_inputs = False
-    return pack_weights(module) if pack else PackingReport()
+    _flat_signature(module)
+    report = pack_weights(module) if pack else PackingReport()
+    module.recompile()
+    return report
+
+
+def _flat_signature(module: torch.fx.GraphModule) -> None:
+    """Generate ``module``'s code without pytree handling when its inputs are positional tensors
+    and its output one tensor or a flat tuple of them (``forward`` then returns a tuple)."""
+    info = getattr(module.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None or info.out_spec is None:
+        return
+    args, kwargs = info.in_spec.children()
+    if kwargs.num_children == 0 and _flat(args) and _flat(info.out_spec):
+        module.graph.set_codegen(torch.fx.graph.CodeGen())
+
+
+def _flat(spec) -> bool:
+    return spec.is_leaf() or (
+        spec.type in (tuple, list) and all(c.is_leaf() for c in spec.children())
+    )
