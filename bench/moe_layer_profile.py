@@ -5,7 +5,7 @@
   shared expert, linear layers: its `PackedGemm` calls), with inputs and output. Then ``gemm_ms``
   is those GEMMs alone, run again back to back on the same inputs and packed weights, and
   ``other_ms`` the program with each GEMM replaced by its recorded output (the same routing, bit
-  for bit, and no other GEMM but those too small to pack, a router's: both are checked), which
+  for bit, and no other GEMM but those too small to pack: both are checked, see `_CountOps`), which
   leaves its other ops and the Python between them, timed on warm caches (where a small op is
   cheapest); ``other_ops`` counts its aten ops. The whole program (``ms``), the GEMMs and the rest
   are timed in turn, round after round, so that all three see the host alike; ``gemm_ms +
@@ -42,9 +42,10 @@ GEMMS = ("mm", "addmm", "bmm", "matmul", "linear", "_grouped_mm", "_linear_point
 
 
 class _CountOps(TorchDispatchMode):
-    """The aten ops a call runs, and the GEMMs among them on at least MIN_PACKED_OUT_FEATURES
-    output columns (those `pack_weights` packs; a smaller one, a router over a few experts,
-    stays a dense GEMM and counts among the other ops)."""
+    """The aten ops a call runs, and the GEMMs among them with at least MIN_PACKED_OUT_FEATURES
+    output columns and as many inner ones (those `pack_weights` packs). Smaller ones count among
+    the other ops: a router over a few experts, which stays a dense GEMM, and the one-token
+    combine of k expert outputs by their gates, [1, k] x [k, H]."""
 
     def __init__(self):
         super().__init__()
@@ -55,8 +56,10 @@ class _CountOps(TorchDispatchMode):
         name = func.overloadpacket.__name__
         self.names.append(name)
         out = func(*args, **(kwargs or {}))
-        if name in GEMMS and out.shape[-1] >= MIN_PACKED_OUT_FEATURES:
-            self.large_gemms.append(name)
+        if name in GEMMS:
+            inner = (args[1] if name == "addmm" else args[0]).shape[-1]  # addmm: bias first
+            if min(out.shape[-1], inner) >= MIN_PACKED_OUT_FEATURES:
+                self.large_gemms.append(name)
         return out
 
 

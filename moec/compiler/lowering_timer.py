@@ -140,7 +140,7 @@ def _torch_runs(captured, spec: MoESpec, lowerings: list[str], inputs: list[torc
 
 def _no_grad(module, x: torch.Tensor):
     with torch.no_grad():
-        return module(x)
+        return module.forward(x)  # as TorchRunner calls it (prepare_program)
 
 
 def _median_s(call) -> float:

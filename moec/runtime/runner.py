@@ -150,7 +150,7 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, Any]) -> dict[str, np.
             _check_dim(spec, axis, size, dim, dims_seen)
         if spec.value_range is not None:
             _check_values(spec, value)
-        arrays[spec.name] = np.ascontiguousarray(value)
+        arrays[spec.name] = np.asarray(value, order="C")  # ascontiguousarray makes 0-d 1-d
     return arrays
 
 

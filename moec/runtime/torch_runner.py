@@ -2,7 +2,8 @@
 ``moec::moe`` nodes executed by moec's kernel (importing `moec.ir` registers the op).
 
 On activation the program's GEMM weights (MoE experts, linear layers) are packed once for
-oneDNN (`pack_weights`); ``pack=False`` runs the stored program as it is."""
+oneDNN (`pack_weights`); ``pack=False`` runs the stored program's ops and weights as they are
+(either way without its per-call pytree code: `prepare_program`)."""
 
 from __future__ import annotations
 
@@ -70,20 +71,22 @@ def prepare_program(module: torch.fx.GraphModule, pack: bool = True) -> PackingR
     which moec's programs never take, so the runner calls ``forward`` past them."""
     module.validate_inputs = False
     _flat_signature(module)
-    report = pack_weights(module) if pack else PackingReport()
-    module.recompile()
-    return report
+    return pack_weights(module) if pack else PackingReport()
 
 
 def _flat_signature(module: torch.fx.GraphModule) -> None:
     """Generate ``module``'s code without pytree handling when its inputs are positional tensors
     and its output one tensor or a flat tuple of them (``forward`` then returns a tuple)."""
-    info = getattr(module.graph._codegen, "pytree_info", None)
-    if info is None or info.in_spec is None or info.out_spec is None:
+    codegen = module.graph._codegen
+    if type(codegen) is not torch.fx.graph._PyTreeCodeGen:  # what ExportedProgram.module() has
+        return
+    info = codegen.pytree_info
+    if info.in_spec is None or info.out_spec is None:
         return
     args, kwargs = info.in_spec.children()
     if kwargs.num_children == 0 and _flat(args) and _flat(info.out_spec):
         module.graph.set_codegen(torch.fx.graph.CodeGen())
+        module.recompile()
 
 
 def _flat(spec) -> bool:

@@ -24,8 +24,10 @@ batch-size hint for packing changed nothing there (nor on an AMX Xeon). One layo
 token count, so the packed one is kept (two would double the weights). Routing, grouping and
 combining are the eager kernel's own (`moec.ir.moe_eager`), so the packed block computes the
 same function (at many rows per expert with its experts side by side, one per thread:
-`moec.runtime.expert_threads`); only float32 blocks of the ``kernel`` lowering on a torch built
-with oneDNN are packed, any other node keeps running the op's kernel.
+`moec.runtime.expert_threads`), except at one token routed by the family's router, where
+grouping and combining take a shorter path of their own (`PackedMoE._one_token`); only float32
+blocks of the ``kernel`` lowering on a torch built with oneDNN are packed, any other node keeps
+running the op's kernel.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class PackedMoE(nn.Module):
         for name, tensor in kept.items():  # still the module's tensors, for state_dict()
             self.register_buffer(name, tensor)
         self.routing = MoEWeights(w_up=None, w_down=None, **kept)
+        # routing given as the stored experts' ids (not router experts mapped onto merged ones)
+        self.ids_name_experts = spec.routing == "external" and spec.expert_map is None
         w = weights
 
         def at(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
@@ -118,6 +122,10 @@ class PackedMoE(nn.Module):
         if side_by_side([len(c) for _, c in active], threads):
             tasks = [(len(c), functools.partial(self._expert, e, c)) for e, c in active]
             return torch.cat(run_side_by_side(tasks, threads))
+        return self._in_turn(active)
+
+    def _in_turn(self, active: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """(e, expert e's rows) pairs -> their outputs, concatenated in the pairs' order."""
         first = torch.cat([self.first[e](c, self.first_bias[e]) for e, c in active])
         chunks = self._activation(first).split([len(c) for _, c in active])
         return torch.cat(
@@ -153,7 +161,7 @@ class PackedMoE(nn.Module):
         return out
 
     def _one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        """`forward` on one token routed by the family (ids and weights [1, k]): each chosen
+        """`forward` on one token routed by the family (ids and weights [..., k]): each chosen
         expert runs on the token itself (no gather), the activation once over all k, and the
         gates combine the k outputs in one matmul (no scatter). At one token the block's time
         beyond its GEMMs is its small ops and the Python between them, each costing several
@@ -162,13 +170,9 @@ class PackedMoE(nn.Module):
         loaded one-token layer took 1.96 and 1.59 ms against 2.10 and 1.64 (A, B; medians of
         9 interleaved rounds). Each slot is a pair, as in `moe_eager`: an expert chosen twice
         runs twice and its outputs add up."""
+        chosen = chosen_from_ids(self.spec, ids)  # first: an id out of range fails here
         flat = x.reshape(1, -1)
-        chosen = ids.reshape(-1).tolist()
-        first = torch.cat([self.first[e](flat, self.first_bias[e]) for e in chosen])
-        hidden = self._activation(first).split(1)
-        out = torch.cat(
-            [self.down[e](h, self.down_bias[e]) for e, h in zip(chosen, hidden, strict=True)]
-        )
+        out = self._in_turn([(e, flat) for e in ids.reshape(-1).tolist()])
         gates = weights.reshape(1, -1).to(x.dtype)
         if self.shared_first is None:
             out = gates @ out
@@ -176,7 +180,7 @@ class PackedMoE(nn.Module):
             out = torch.addmm(self._shared(flat), gates, out)
         if self.routing.output_bias is not None:
             out = out + self.routing.output_bias
-        return out.reshape(x.shape), chosen_from_ids(self.spec, ids)
+        return out.reshape(x.shape), chosen
 
     def _gated_expert(self, e: int, x: torch.Tensor, tokens: torch.Tensor, gates: torch.Tensor):
         return self._expert(e, x.index_select(0, tokens)) * gates
@@ -207,8 +211,8 @@ class PackedMoE(nn.Module):
         return out
 
     def forward(self, x, routed_ids=None, routed_weights=None):
-        external = self.spec.routing == "external" and self.spec.expert_map is None
-        if external and routed_ids is not None and x.numel() == x.shape[-1]:
+        given = routed_ids is not None and routed_weights is not None
+        if given and self.ids_name_experts and x.numel() == x.shape[-1]:
             return self._one_token(x, routed_ids, routed_weights)
         return moe_eager(
             self.spec,
