@@ -62,21 +62,25 @@ def test_routing_given_as_ids_runs_like_the_ops_kernel(b, s):
     assert rel_l2(out, expected) <= 1e-6 and torch.equal(chosen, expected_chosen)
 
 
-@pytest.mark.parametrize("case", ["gpt-oss", "plain-relu2", "qwen-shared-gated", "mixtral"])
+@pytest.mark.parametrize(
+    "case", ["gpt-oss", "plain-relu2", "qwen-shared-gated", "deepseek-v3", "mixtral"]
+)
 @pytest.mark.parametrize("repeated", [False, True])
 def test_one_token_runs_like_the_ops_kernel(case, repeated):
     """At one token the packed block takes its own path (each chosen expert on the token, no
     gather or scatter): it computes what the op's kernel computes, for gated and plain experts,
-    biases, a shared expert, and an expert a hash router chose twice (its outputs add up)."""
-    spec = dataclasses.replace(CASES[case], routing="external")
+    biases, shared experts with and without a gate, a [1, H] or [1, 1, H] token, and an expert
+    a hash router chose twice (its outputs add up)."""
+    spec = dataclasses.replace(CASES[case], routing="external", n_group=1, topk_group=1)
     weights = dataclasses.replace(random_weights(case, seed=5), router_weight=None)
     packed = PackedMoE(spec, weights)
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(1, 1, H, generator=g)
-    ids = torch.randperm(spec.num_experts, generator=g)[: spec.top_k].view(1, 1, -1)
+    shape = (1, H) if repeated else (1, 1, H)
+    x = torch.randn(shape, generator=g)
+    ids = torch.randperm(spec.num_experts, generator=g)[: spec.top_k].view(*shape[:-1], -1)
     if repeated:
         ids[..., -1] = ids[..., 0]
-    gates = torch.rand(1, 1, spec.top_k, generator=g)
+    gates = torch.rand(ids.shape, generator=g)
     with torch.no_grad():
         out, chosen = packed(x, ids, gates)
         expected, expected_chosen = moe_eager(spec, weights, x, ids, gates)
