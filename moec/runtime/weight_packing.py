@@ -124,6 +124,10 @@ class PackedMoE(nn.Module):
             return torch.cat(run_side_by_side(tasks, threads))
         return self._in_turn(active)
 
+    def _grouped_in_turn(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """`experts` once `routed` has found that they run in turn."""
+        return self._in_turn(expert_segments(rows, counts))
+
     def _in_turn(self, active: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """(e, expert e's rows) pairs -> their outputs, concatenated in the pairs' order."""
         first = torch.cat([self.first[e](c, self.first_bias[e]) for e, c in active])
@@ -150,7 +154,7 @@ class PackedMoE(nn.Module):
         sizes = [n for n in counts if n]
         threads = torch.get_num_threads()
         if not side_by_side(sizes, threads):
-            return gather_experts_scatter(self.experts, out, x, tokens, counts, gates)
+            return gather_experts_scatter(self._grouped_in_turn, out, x, tokens, counts, gates)
         active = [e for e, n in enumerate(counts) if n]
         parts = list(
             zip(active, tokens.split(sizes), gates.unsqueeze(-1).split(sizes), strict=True)
