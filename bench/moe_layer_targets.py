@@ -29,7 +29,7 @@ KERNEL_NAMES = {
     "torch matmul": "PyTorch's matmul on dense weights",
     "ort matmul": "ORT's MatMul",
 }
-# the GEMM kernels of `ExpertGemms` each target's runtime can run
+# the GEMM kernels of `ExpertGemms` each target's runtime can run, the one it runs first
 RUNTIME_KERNELS = {"torch": ("packed", "grouped_mm", "torch matmul"), "ort": ("ort matmul",)}
 
 
@@ -93,7 +93,7 @@ def _runtime(label: str) -> str:
 
 def _kernel(label: str) -> str:
     """The GEMM kernel of `ExpertGemms` that the row's runtime runs."""
-    return "packed" if _runtime(label) == "torch" else "ort matmul"
+    return RUNTIME_KERNELS[_runtime(label)][0]
 
 
 def _rounds_won(mine: dict, best: dict) -> str:
