@@ -5,10 +5,10 @@ from memory, as they do when decoding with a real model.
 experts, 88 MB; B: six experts, the shared one and the router, 48 MB) then stay in a large L3
 (300 MB on the benchmark's Xeon) from one call to the next, which no layer of a real model sees:
 by the time the next token reaches a layer, the other layers' weights have evicted its own.
-Here --layers copies of a config's transformers block (default 8: 2.8 GB for A, 3.2 GB for B)
-run as one model, ``x = x + block(x) / 2`` per layer, and every call takes the next of
---inputs seeded random inputs, so the experts chosen change from call to call as they do from
-token to token. Times are per layer (a call's time over --layers).
+Here --layers of a config's transformers block (default 8: 2.8 GB for A, 3.2 GB for B), each
+with weights drawn from its own seed, run as one model, ``x = x + block(x) / 2`` per layer, and
+every call takes the next of --inputs seeded random inputs, so the experts chosen change from
+call to call as they do from token to token. Times are per layer (a call's time over --layers).
 
 Rows: eager transformers with its default experts implementation, and moec's default lowering
 of each target compiled from the same model. Each artifact is checked against eager (relative
@@ -47,11 +47,11 @@ TARGETS = ("ort", "onnx", "torch")
 
 
 class Layers(torch.nn.Module):
-    """``layers`` blocks of a config, each ``x = x + block(x) / 2``."""
+    """``layers`` blocks of a config, weights of their own, each ``x = x + block(x) / 2``."""
 
     def __init__(self, config: str, layers: int):
         super().__init__()
-        self.blocks = torch.nn.ModuleList(build_block(config)[0] for _ in range(layers))
+        self.blocks = torch.nn.ModuleList(build_block(config, seed)[0] for seed in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

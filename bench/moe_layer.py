@@ -105,8 +105,9 @@ SHAPES = {
 }
 
 
-def build_block(config: str) -> tuple[torch.nn.Module, dict]:
-    """The transformers block of the config, weights N(0, 0.02), default experts implementation."""
+def build_block(config: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """The transformers block of the config, weights N(0, 0.02) drawn from ``seed``, default
+    experts implementation."""
     shape = SHAPES[config]
     if config == "A":
         from transformers import MixtralConfig
@@ -136,7 +137,7 @@ def build_block(config: str) -> tuple[torch.nn.Module, dict]:
         )
         block = DeepseekV3MoE(cfg)
     cfg._experts_implementation = "grouped_mm"  # what a full model gets by default
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in block.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
