@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from moe_layer import SHAPES, THREADS, BandwidthProbe, _settled_median_ms, build_block
+from moe_layer import SHAPES, THREADS, BandwidthProbe, build_block, settled_median_ms
 from moe_layer import touched_bytes as layer_touched_bytes
 from rich.console import Console
 from rich.table import Table
@@ -126,7 +126,7 @@ def bench_pair(config, t, target, lowering, model, runner, args, probe) -> dict:
             )
             for label in order:
                 copy_bw.append(probe.copy())
-                samples[label].append(_settled_median_ms(candidates[label], args.repeat))
+                samples[label].append(settled_median_ms(candidates[label], args.repeat))
     per_layer = {label: statistics.median(ms) / args.layers for label, ms in samples.items()}
     eager_ms, artifact_ms = per_layer.values()
     eager_rounds, artifact_rounds = samples.values()

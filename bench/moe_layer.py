@@ -146,7 +146,7 @@ def build_block(config: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
     return block.eval(), dict(shape)
 
 
-def _settled_median_ms(fn, repeat: int) -> float:
+def settled_median_ms(fn, repeat: int) -> float:
     """Candidates run back to back, each after a pause: ONNX Runtime's worker threads spin for
     a while after a run and would otherwise steal the two cores from the next candidate."""
     time.sleep(SETTLE_S)
@@ -239,8 +239,8 @@ class MatMulChains:
     def ms(self, repeat: int) -> dict[str, float]:
         """{"torch matmul": ms, "ort matmul": ms}."""
         with torch.no_grad():
-            torch_ms = _settled_median_ms(self._torch, repeat)
-        ort_ms = _settled_median_ms(lambda: self.session.run(None, self.feeds), repeat)
+            torch_ms = settled_median_ms(self._torch, repeat)
+        ort_ms = settled_median_ms(lambda: self.session.run(None, self.feeds), repeat)
         return {"torch matmul": torch_ms, "ort matmul": ort_ms}
 
 
@@ -340,8 +340,8 @@ class ExpertGemms:
 
         def ms(repeat: int) -> dict[str, float]:
             with torch.no_grad():
-                packed_ms = _settled_median_ms(packed, repeat)
-                grouped_ms = _settled_median_ms(grouped_mm, repeat)
+                packed_ms = settled_median_ms(packed, repeat)
+                grouped_ms = settled_median_ms(grouped_mm, repeat)
             return {"packed": packed_ms, "grouped_mm": grouped_ms, **matmuls.ms(repeat)}
 
         return ms
@@ -471,7 +471,7 @@ def bench_config(
             ):
                 copy_bw.append(probe.copy())
                 read_bw.append(probe.read())
-                samples[label].append(_settled_median_ms(fn, repeat))
+                samples[label].append(settled_median_ms(fn, repeat))
             gemm_ms.append(gemm_timer(repeat))
             floor_c_ms.append(min(floor_chains.ms(repeat).values()))
         timings = {label: statistics.median(ms) for label, ms in samples.items()}
