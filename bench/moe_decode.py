@@ -31,12 +31,21 @@ import json
 import random
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from moe_layer import SHAPES, THREADS, BandwidthProbe, build_block, settled_median_ms
-from moe_layer import touched_bytes as layer_touched_bytes
+from moe_layer import (
+    SHAPES,
+    THREADS,
+    BandwidthProbe,
+    as_array,
+    build_block,
+    routed_counts_per_call,
+    settled_median_ms,
+)
+from moe_layer import touched_bytes as layer_touched_bytes  # per layer, from its counts
 from rich.console import Console
 from rich.table import Table
 from torch.export import Dim
@@ -59,26 +68,32 @@ class Layers(torch.nn.Module):
         return x
 
 
-def touched_bytes(model: Layers, shape: dict, inputs: list[torch.Tensor]) -> float:
-    """Bytes of weights one call reads per layer, mean over layers and ``inputs``."""
-    touched = []
+@dataclass
+class Case:
+    """The inputs at one token count, eager's outputs for them, and the bytes of weights one
+    call reads per layer (mean over layers and inputs)."""
 
-    def record(module, args):
-        counts = torch.bincount(args[1].reshape(-1), minlength=shape["E"]).tolist()
-        touched.append(layer_touched_bytes(shape, counts))
+    inputs: list[torch.Tensor]
+    refs: list[np.ndarray]
+    touched: float
 
-    handles = [b.experts.register_forward_pre_hook(record) for b in model.blocks]
+
+def make_case(model: Layers, shape: dict, t: int, count: int) -> Case:
+    inputs = [
+        torch.randn(1, t, shape["H"], generator=torch.Generator().manual_seed(1000 * t + i))
+        for i in range(count)
+    ]
     with torch.no_grad():
-        for x in inputs:
-            model(x)
-    for handle in handles:
-        handle.remove()
-    return statistics.fmean(touched)
+        refs = [model(x).numpy() for x in inputs]
+    calls = routed_counts_per_call(model.blocks, lambda: [model(x) for x in inputs])
+    touched = statistics.fmean(layer_touched_bytes(shape, counts) for counts in calls)
+    return Case(inputs, refs, touched)
 
 
 def bench_config(config: str, args, workdir: Path, probe: BandwidthProbe) -> list[dict]:
     shape = SHAPES[config]
     model = Layers(config, args.layers).eval()
+    cases = {t: make_case(model, shape, t, args.inputs) for t in args.tokens}
     rows = []
     for target in TARGETS:
         result = moec.compile(
@@ -91,70 +106,52 @@ def bench_config(config: str, args, workdir: Path, probe: BandwidthProbe) -> lis
         )
         options = {"threads": THREADS} if target == "torch" else {"intra_op_threads": THREADS}
         runner = moec.load(result.path, **options)
-        lowering = ",".join(sorted({b.lowering for b in result.blocks}))
-        for t in args.tokens:
-            rows.append(bench_pair(config, t, target, lowering, model, runner, args, probe))
+        label = f"moec {target}/{','.join(sorted({b.lowering for b in result.blocks}))} *"
+        for t, case in cases.items():
+            row = dict(config=config, tokens=t, target=target, row=label)
+            rows.append(row | bench_pair(model, runner, case, row, args, probe))
         del runner
         gc.collect()
     return rows
 
 
-def bench_pair(config, t, target, lowering, model, runner, args, probe) -> dict:
-    """The artifact and eager transformers at ``t`` tokens, in alternating rounds."""
-    shape = SHAPES[config]
-    inputs = [
-        torch.randn(1, t, shape["H"], generator=torch.Generator().manual_seed(1000 * t + i))
-        for i in range(args.inputs)
-    ]
-    with torch.no_grad():
-        refs = [model(x).numpy() for x in inputs]
+def bench_pair(model, runner, case: Case, row: dict, args, probe) -> dict:
+    """The artifact and eager transformers on ``case``, in alternating rounds."""
     rel_l2 = max(
-        float(np.linalg.norm(_array(runner(x.numpy())) - ref) / np.linalg.norm(ref))
-        for x, ref in zip(inputs, refs, strict=True)
+        float(np.linalg.norm(as_array(runner(x.numpy())) - ref) / np.linalg.norm(ref))
+        for x, ref in zip(case.inputs, case.refs, strict=True)
     )
-    eager_inputs, artifact_inputs = itertools.cycle(inputs), itertools.cycle(inputs)
+    eager_inputs, artifact_inputs = itertools.cycle(case.inputs), itertools.cycle(case.inputs)
     candidates = {
-        "eager transformers": lambda: model(next(eager_inputs)),
-        f"moec {target}/{lowering} *": lambda: runner(next(artifact_inputs).numpy()),
+        "eager": lambda: model(next(eager_inputs)),
+        "artifact": lambda: runner(next(artifact_inputs).numpy()),
     }
-    samples = {label: [] for label in candidates}
+    samples = {name: [] for name in candidates}
     copy_bw = []
     with torch.no_grad():
         for round_ in range(args.rounds):
-            order = random.Random(f"{config}-{t}-{target}-{round_}").sample(
-                list(candidates), len(candidates)
-            )
-            for label in order:
+            seed = f"{row['config']}-{row['tokens']}-{row['target']}-{round_}"
+            for name in random.Random(seed).sample(list(candidates), len(candidates)):
                 copy_bw.append(probe.copy())
-                samples[label].append(settled_median_ms(candidates[label], args.repeat))
-    per_layer = {label: statistics.median(ms) / args.layers for label, ms in samples.items()}
-    eager_ms, artifact_ms = per_layer.values()
-    eager_rounds, artifact_rounds = samples.values()
-    touched = touched_bytes(model, shape, inputs)
-    floor_ms = touched / statistics.median(copy_bw) * 1e3
+                samples[name].append(settled_median_ms(candidates[name], args.repeat))
+    eager_ms, artifact_ms = (statistics.median(samples[n]) / args.layers for n in candidates)
+    floor_ms = case.touched / statistics.median(copy_bw) * 1e3
     return dict(
-        config=config,
-        tokens=t,
-        target=target,
-        row=f"moec {target}/{lowering} *",
         ms_per_layer=artifact_ms,
         eager_ms_per_layer=eager_ms,
         speedup_vs_transformers=eager_ms / artifact_ms,
-        rounds_faster=sum(a < e for a, e in zip(artifact_rounds, eager_rounds, strict=True)),
+        rounds_faster=sum(
+            a < e for a, e in zip(samples["artifact"], samples["eager"], strict=True)
+        ),
         rounds=args.rounds,
-        round_ms=artifact_rounds,
-        eager_round_ms=eager_rounds,
-        touched_mb_per_layer=touched / 1e6,
+        round_ms=samples["artifact"],
+        eager_round_ms=samples["eager"],
+        touched_mb_per_layer=case.touched / 1e6,
         memory_floor_ms=floor_ms,
         vs_memory_floor=artifact_ms / floor_ms,
         eager_vs_memory_floor=eager_ms / floor_ms,
         rel_l2=rel_l2,
     )
-
-
-def _array(out) -> np.ndarray:
-    out = out[0] if isinstance(out, (list, tuple)) else out
-    return out.numpy() if isinstance(out, torch.Tensor) else out
 
 
 def print_table(rows: list[dict], args) -> None:

@@ -275,16 +275,30 @@ def _ort_chain(tensors):
 
 def routed_counts(block, x: torch.Tensor) -> list[int]:
     """Rows each expert gets for ``x`` (from the block's own router)."""
-    counts = torch.zeros(block.experts.num_experts, dtype=torch.long)
+    return routed_counts_per_call([block], lambda: block(x))[0]
+
+
+def routed_counts_per_call(blocks, run) -> list[list[int]]:
+    """Rows each expert of ``blocks`` gets, one list per block call, while ``run()`` runs."""
+    calls = []
 
     def record(module, args):
-        counts.add_(torch.bincount(args[1].reshape(-1), minlength=len(counts)))
+        calls.append(torch.bincount(args[1].reshape(-1), minlength=module.num_experts).tolist())
 
-    handle = block.experts.register_forward_pre_hook(record)
-    with torch.no_grad():
-        block(x)
-    handle.remove()
-    return counts.tolist()
+    handles = [block.experts.register_forward_pre_hook(record) for block in blocks]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def as_array(out) -> np.ndarray:
+    """A runner's or module's output (its first, if several) as a numpy array."""
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    return out.numpy() if isinstance(out, torch.Tensor) else out
 
 
 def touched_bytes(shape: dict, counts: list[int]) -> int:
@@ -453,9 +467,7 @@ def bench_config(
         checked = {}
         for label, fn in candidates:
             with PeakRss() as peak, torch.no_grad():  # the first call: arenas keep memory
-                out = fn()
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            out = out.numpy() if isinstance(out, torch.Tensor) else out
+                out = as_array(fn())
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
             checked[label] = (err, (weight_bytes + peak.grown) / (weight_bytes + activations))
         # round robin: every row and both bandwidths sampled in each round, so a burst of
