@@ -13,13 +13,15 @@ call to call as they do from token to token. Times are per layer (a call's time 
 Rows: eager transformers with its default experts implementation, and moec's default lowering
 of each target compiled from the same model. Each artifact is checked against eager (relative
 L2), then timed in --rounds rounds alternating with eager in a seeded order (median of --repeat
-calls per round); one artifact is loaded at a time, so memory holds two copies of the weights.
+calls per round), and the rounds paired with a one-sided sign test (`moe_layer_targets`): faster,
+slower, or tied within the host's noise (with 9 rounds, 8 won are significant, 7 are not); one
+artifact is loaded at a time, so memory holds two copies of the weights.
 Memory floor: the weights one call touches (per layer, mean over the inputs: router, the
 distinct chosen experts, shared expert) over the bandwidth of a large copy, as in
 `moe_layer.py`, measured in every round.
 
     python bench/moe_decode.py [--configs A B] [--tokens 1 16] [--layers 8] [--inputs 8]
-                               [--repeat 7] [--rounds 5]
+                               [--repeat 7] [--rounds 9]
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from moe_layer import (
     settled_median_ms,
 )
 from moe_layer import touched_bytes as layer_touched_bytes  # per layer, from its counts
+from moe_layer_targets import paired_rounds
 from rich.console import Console
 from rich.table import Table
 from torch.export import Dim
@@ -140,10 +143,7 @@ def bench_pair(model, runner, case: Case, row: dict, args, probe) -> dict:
         ms_per_layer=artifact_ms,
         eager_ms_per_layer=eager_ms,
         speedup_vs_transformers=eager_ms / artifact_ms,
-        rounds_faster=sum(
-            a < e for a, e in zip(samples["artifact"], samples["eager"], strict=True)
-        ),
-        rounds=args.rounds,
+        paired=paired_rounds({"round_ms": samples["artifact"]}, {"round_ms": samples["eager"]}),
         round_ms=samples["artifact"],
         eager_round_ms=samples["eager"],
         touched_mb_per_layer=case.touched / 1e6,
@@ -162,7 +162,7 @@ def print_table(rows: list[dict], args) -> None:
         "ms / layer",
         "eager transformers",
         "speed-up",
-        "rounds faster",
+        "rounds faster (sign test)",
         "vs memory floor (eager)",
         "rel L2",
         title=(
@@ -178,7 +178,7 @@ def print_table(rows: list[dict], args) -> None:
             f"{r['ms_per_layer']:.2f}",
             f"{r['eager_ms_per_layer']:.2f}",
             f"{r['speedup_vs_transformers']:.2f}x",
-            f"{r['rounds_faster']}/{r['rounds']}",
+            f"{r['paired']['won']}/{r['paired']['rounds']} ({r['paired']['verdict']})",
             f"{r['vs_memory_floor']:.2f} ({r['eager_vs_memory_floor']:.2f})",
             f"{r['rel_l2']:.1e}",
         )
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--inputs", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--json", type=Path, default=Path("bench/results/moe_decode.json"))
     args = parser.parse_args()
     torch.set_num_threads(THREADS)

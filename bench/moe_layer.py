@@ -16,9 +16,12 @@ rounds (the JSON keeps every round's figure of each row and of the compute floor
 take their turns in a new seeded order each round, seeded by config, T and round (so a row's
 place differs from cell to cell too): in a fixed order the torch target's default, always timed
 right after the ONNX rows, came out slower than the identical ``torch/kernel`` row right after
-it in 7 of 8 cells of one run (by up to 1.33x). Five rounds above T = 16 as well: with three, a
-burst of load in one round set the median of a row at T = 2048 (in one run a row's rounds were
-288, 496 and 533 ms while the row running the same program took 296).
+it in 7 of 8 cells of one run (by up to 1.33x). Fifteen rounds at T <= 16, where a round takes
+seconds: with five, two bursts of load could set a row's median (in run 19 eager transformers'
+rounds at B T=16 were 20.9, 13.4, 13.6, 13.5 and 18.4 ms, the ONNX Runtime defaults' 11.3 to
+20.5). Five rounds above T = 16: with three, a burst of load in one round set the median of a row
+at T = 2048 (in one run a row's rounds were 288, 496 and 533 ms while the row running the same
+program took 296).
 
 Floors measured in the same run: compute = the same FLOPs as one dense chain of matmuls
 ([T*k, H] x [H, 2I], gate and up as one matrix, then [T*k, I] x [I, H], plus the shared
@@ -48,7 +51,7 @@ plus the layer's weights, over weights + activations (weights that ONNX Runtime 
 the artifact's external data and pages in on first use are the weights, not growth).
 
     python bench/moe_layer.py [--configs A B] [--tokens 1 16 512 2048] [--repeat 7]
-                              [--rounds 5] [--large-rounds 5]
+                              [--rounds 15] [--large-rounds 5]
 """
 
 from __future__ import annotations
@@ -600,7 +603,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["A", "B"], choices=["A", "B"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 512, 2048])
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=5, help=f"rounds at T <= {SMALL_T}")
+    parser.add_argument("--rounds", type=int, default=15, help=f"rounds at T <= {SMALL_T}")
     parser.add_argument("--large-rounds", type=int, default=5, help=f"rounds at T > {SMALL_T}")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
