@@ -4,11 +4,11 @@
   ONNX Runtime on the plain export) at every T, on the median of its rounds. Beside each
   verdict, the rounds paired (each round times every row within seconds of the others): in how
   many the default beat the best baseline, and a one-sided sign test of "faster" and of
-  "slower" on them; where neither is significant (p >= 0.05) the two are tied within the host's
-  noise, whatever the medians say. (At T = 16 the weights a call touches are about this host's
-  L3, shared with the other guests, and a row's rounds flip between two levels, 14 and 21 ms
-  for the same program at B, as the neighbours' use of the L3 changes.) Where it is not faster:
-  at
+  "slower" on them; where neither is significant (p >= 0.05: with 15 rounds fewer than 12 won,
+  with 5 fewer than all 5) the two are tied within the host's noise, whatever the medians say.
+  (At T = 16 the weights a call touches are about this host's L3, shared with the other
+  guests, and a row's rounds flip between two levels, about 14 and 19 ms for eager transformers
+  at B, as the neighbours' use of the L3 changes.) Where it is not faster: at
   T >= 512 how close the baseline itself is to the compute floor, and the GEMMs alone on each
   kernel measured for the row's runtime: for torch the packed weights, transformers'
   grouped_mm and matmul on dense weights, for ORT its MatMul; when none of them alone is
