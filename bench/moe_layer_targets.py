@@ -75,7 +75,7 @@ def _faster(config, label, default, rows) -> list[dict]:
     for t, mine in sorted(default.items()):
         users = [r for r in rows if r["tokens"] == t and not r["row"].startswith("moec")]
         best = min(users, key=lambda r: r["ms"])
-        paired = paired_rounds(mine, best)
+        paired = paired_rounds(mine["round_ms"], best["round_ms"])
         if paired["verdict"] == "tie":
             ties.append(f"T={t}")
         if mine["ms"] >= best["ms"]:
@@ -111,11 +111,11 @@ def _kernel(label: str) -> str:
     return RUNTIME_KERNELS[_runtime(label)][0]
 
 
-def paired_rounds(mine: dict, best: dict) -> dict:
-    """``mine`` against ``best`` round by round (rows of one round are timed within seconds to a
-    minute of each other; rounds further apart): rounds won, rounds, the one-sided sign test's
-    p-values of faster and of slower, and the verdict ("faster", "slower" or "tie")."""
-    pairs = list(zip(mine["round_ms"], best["round_ms"], strict=True))
+def paired_rounds(mine_ms: list[float], best_ms: list[float]) -> dict:
+    """One row's times against another's, round by round (rows of one round are timed within
+    seconds to a minute of each other; rounds further apart): rounds won, rounds, the one-sided
+    sign test's p-values of faster and of slower, and the verdict ("faster", "slower" or "tie")."""
+    pairs = list(zip(mine_ms, best_ms, strict=True))
     won = sum(a < b for a, b in pairs)
     p_faster = binomtest(won, len(pairs), alternative="greater").pvalue
     p_slower = binomtest(won, len(pairs), alternative="less").pvalue
