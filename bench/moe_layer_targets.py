@@ -14,10 +14,11 @@
   grouped_mm and matmul on dense weights, for ORT its MatMul; when none of them alone is
   faster than the baseline's whole layer, no program running them can be, and the miss is
   marked out of reach of those kernels on this host);
-- at T >= 512, within 1.3x (config A) or 2.0x (config B) of the compute floor (beside it, the
-  GEMMs alone over that floor: the same FLOPs on each expert's own rows and weights);
-- at T <= 16, within 1.3x of the memory floor (beside it, the GEMMs alone over that floor, and
-  for the torch target a lower bound: its GEMMs alone plus its other ops alone);
+- at T >= 512, within 1.3x (config A) or 2.0x (config B) of the compute floor;
+- at T <= 16, within 1.3x of the memory floor (for the torch target beside it a lower bound:
+  its GEMMs alone plus its other ops alone);
+  beside either floor, the GEMMs alone over it (each expert on its own rows and weights) on the
+  fastest kernel measured and on the one the row's runtime runs;
 - peak memory under 1.5x the layer's weights plus activations.
 """
 
@@ -140,40 +141,46 @@ def _floor(config, label, default, kind, limit) -> list[dict]:
         return []
     ratios = {t: default[t][f"vs_{kind}_floor"] for t in sorted(sizes)}
     measured = ", ".join(f"T={t}: {v:.2f}" for t, v in ratios.items())
+    rows = {t: default[t] for t in ratios}
+    measured += _gemms_alone(label, rows, kind)
     if kind == "memory":
-        measured += _memory_bounds(label, {t: default[t] for t in ratios}, limit)
-    else:
-        alone = ", ".join(
-            f"{default[t]['gemm_floor_ms'] / default[t]['compute_floor_ms']:.2f}" for t in ratios
-        )
-        measured += f" (the GEMMs alone, each expert on its own rows: {alone})"
+        measured += _split(rows, limit)
     met = all(v <= limit for v in ratios.values())
     return [_check(config, label, f"<= {limit}x the {kind} floor", measured, met)]
 
 
-def _memory_bounds(label: str, rows: dict[int, dict], limit: float) -> str:
-    """Beside the ratios: the GEMMs alone over the same floor (the fastest kernel, and the one
-    the row's runtime runs: ORT's MatMul, or the packed weights for the torch target), and the
-    torch target's split into its GEMMs alone and the rest alone, whose sum bounds the program
-    from below: the sizes where even that bound misses the limit are named."""
+def _gemms_alone(label: str, rows: dict[int, dict], kind: str) -> str:
+    """Beside a floor's ratios: the GEMMs alone over the same floor, each expert on its own
+    rows, on the fastest kernel measured and on the one the row's runtime runs (ORT's MatMul,
+    or the packed weights for the torch target)."""
+    kernel = _kernel(label)
+
+    def listed(key) -> str:
+        return ", ".join(f"{key(r) / r[f'{kind}_floor_ms']:.2f}" for r in rows.values())
+
+    fastest = listed(lambda r: r["gemm_floor_ms"])
+    own = listed(lambda r: r["gemm_kernels_ms"][kernel])
+    return (
+        f" (the GEMMs alone, each expert on its own rows: {fastest};"
+        f" on {KERNEL_NAMES[kernel]}: {own})"
+    )
+
+
+def _split(rows: dict[int, dict], limit: float) -> str:
+    """The torch target's split into its GEMMs alone and the rest alone, whose sum bounds the
+    program from below; the sizes where even that bound misses the memory floor's limit are
+    named. Empty for rows without a split."""
 
     def over(key) -> dict[int, float]:
         return {t: key(r) / r["memory_floor_ms"] for t, r in rows.items()}
 
-    def listed(ratios: dict[int, float]) -> str:
-        return ", ".join(f"{v:.2f}" for v in ratios.values())
-
-    kernel = _kernel(label)
-    fastest = listed(over(lambda r: r["gemm_floor_ms"]))
-    own = listed(over(lambda r: r["gemm_kernels_ms"][kernel]))
-    text = f" (the GEMMs alone: {fastest}; on {KERNEL_NAMES[kernel]}: {own})"
     if not all("split" in r for r in rows.values()):
-        return text
+        return ""
     whole, gemms, other = (
         over(lambda r, key=key: r["split"][key]) for key in ("ms", "gemm_ms", "other_ms")
     )
     bound = {t: gemms[t] + other[t] for t in rows}
-    text += "; split, in turn: " + ", ".join(
+    text = "; split, in turn: " + ", ".join(
         f"{whole[t]:.2f} = GEMMs {gemms[t]:.2f} + {r['split']['other_ops']} other ops "
         f"{other[t]:.2f} + {whole[t] - bound[t]:.2f} in place"
         for t, r in rows.items()
