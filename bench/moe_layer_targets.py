@@ -7,18 +7,18 @@
   "slower" on them; where neither is significant (p >= 0.05: with 15 rounds fewer than 12 won,
   with 5 fewer than all 5) the two are tied within the host's noise, whatever the medians say.
   (At T = 16 the weights a call touches are about this host's L3, shared with the other
-  guests, and a row's rounds flip between two levels, about 14 and 19 ms for eager transformers
-  at B, as the neighbours' use of the L3 changes.) Where it is not faster: at
-  T >= 512 how close the baseline itself is to the compute floor, and the GEMMs alone on each
-  kernel measured for the row's runtime: for torch the packed weights, transformers'
-  grouped_mm and matmul on dense weights, for ORT its MatMul; when none of them alone is
-  faster than the baseline's whole layer, no program running them can be, and the miss is
-  marked out of reach of those kernels on this host);
-- at T >= 512, within 1.3x (config A) or 2.0x (config B) of the compute floor;
-- at T <= 16, within 1.3x of the memory floor (for the torch target beside it a lower bound:
-  its GEMMs alone plus its other ops alone);
-  beside either floor, the GEMMs alone over it (each expert on its own rows and weights) on the
-  fastest kernel measured and on the one the row's runtime runs;
+  guests: on a busy host a row's rounds flip between two levels as the neighbours' use of the
+  L3 changes; in run 20, about 14 and 19 ms for eager transformers at B.) Where it is not
+  faster: at T >= 512 how close the baseline itself is to the compute floor, and the GEMMs
+  alone on each kernel measured for the row's runtime: for torch the packed weights,
+  transformers' grouped_mm and matmul on dense weights, for ORT its MatMul; when none of them
+  alone is faster than the baseline's whole layer, no program running them can be, and the
+  miss is marked out of reach of those kernels on this host;
+- at T >= 512, within 1.3x (config A) or 2.0x (config B) of the compute floor, and at T <= 16
+  within 1.3x of the memory floor; beside either, the GEMMs alone over that floor (each expert
+  on its own rows and weights) on the fastest kernel measured and on the one the row's runtime
+  runs, and beside the memory floor, for the torch target, a lower bound: its GEMMs alone plus
+  its other ops alone;
 - peak memory under 1.5x the layer's weights plus activations.
 """
 
