@@ -44,7 +44,7 @@ from moec.models import ModelSource
 from moec.models.zoo import utf8_bytes
 from moec.models.zoo_layers import GatedFFN, MixtralMoE
 from moec.models.zoo_lm import TinyMoELM
-from moec.passes import lossy_passes
+from moec.passes import MergeExpertsPass, PruneExpertsPass
 from moec.passes.calibration import CalibrationData
 from moec.passes.compress import compress_model
 from moec.passes.distill_dense import DistillDensePass, warmup_cosine
@@ -196,16 +196,10 @@ def main() -> None:
     variants = {}
     for keep in (0.75, 0.5):
         for method in ("hc", "router-logits", "random"):
-            variants[f"merge {method} {keep:.0%}"] = lossy_passes(
-                merge_experts=keep, merge_method=method
-            )
-        variants[f"merge hc+lstsq {keep:.0%}"] = lossy_passes(
-            merge_experts=keep, merge_method="hc", merge_lstsq=True
-        )
+            variants[f"merge {method} {keep:.0%}"] = [MergeExpertsPass(keep, method)]
+        variants[f"merge hc+lstsq {keep:.0%}"] = [MergeExpertsPass(keep, "hc", correct=True)]
         for method in ("frequency", "reap", "reconstruction"):
-            variants[f"prune {method} {keep:.0%}"] = lossy_passes(
-                prune_experts=keep, prune_method=method
-            )
+            variants[f"prune {method} {keep:.0%}"] = [PruneExpertsPass(keep, method)]
     variants["distill dense"] = [DistillDensePass(steps=args.distill_steps, **DISTILL)]
     compressed = {}
     for name, passes in variants.items():

@@ -3,11 +3,11 @@
 
 Every family of the installed transformers whose modeling code mentions experts is listed; one
 without a tiny configuration in tests/hf_families.json says so. Each (family, target) runs in its
-own process. Writes bench/results/hf_coverage.json and, with --readme, the table between the
-coverage markers in README.md. With --families, only those are re-run and their rows replace the
-ones in the existing results (each row records the commit it ran on); the table covers them all.
+own process. Writes bench/results/hf_coverage.json and, with --write-docs, the table between the
+coverage markers in docs/coverage.md. With --families, only those are re-run and their rows replace
+the ones in the existing results (each row records the commit it ran on); the table covers them all.
 
-    python bench/hf_coverage.py [--families mixtral qwen2_moe] [--jobs 2] [--readme]
+    python bench/hf_coverage.py [--families mixtral qwen2_moe] [--jobs 2] [--write-docs]
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ MOE_CODE = re.compile(
     r"use_experts_implementation|num_local_experts|n_routed_experts|num_experts_per_tok"
     r"|moe_num_experts|num_experts\b"
 )
-README_START, README_END = "<!-- hf-coverage:start -->", "<!-- hf-coverage:end -->"
+COVERAGE_PAGE = ROOT / "docs" / "coverage.md"  # the page --write-docs rewrites between the markers
+COVERAGE_START, COVERAGE_END = "<!-- hf-coverage:start -->", "<!-- hf-coverage:end -->"
 TIMEOUT_S = 900
 
 
@@ -163,18 +164,19 @@ def table(families: list[str], results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    start, end = content.index(README_START), content.index(README_END)
-    readme.write_text(content[: start + len(README_START)] + "\n" + text + "\n" + content[end:])
+def write_docs(text: str) -> None:
+    content = COVERAGE_PAGE.read_text()
+    start, end = content.index(COVERAGE_START), content.index(COVERAGE_END)
+    COVERAGE_PAGE.write_text(
+        content[: start + len(COVERAGE_START)] + "\n" + text + "\n" + content[end:]
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/hf_coverage.json")
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,8 +204,8 @@ def main() -> None:
     print(text)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"families": families, "rows": rows}, indent=1))
-    if args.readme:
-        write_readme(text)
+    if args.write_docs:
+        write_docs(text)
 
 
 if __name__ == "__main__":

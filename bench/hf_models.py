@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 import moec
-from moec.benchmark import median_ms
+from moec.timing import median_ms
 
 THREADS = 2
 COMMON = dict(

@@ -77,10 +77,11 @@ from rich.table import Table
 from torch.export import Dim
 
 import moec
-from moec.benchmark import median_ms
+from moec import timing
 from moec.ir import MoEWeights
 from moec.models.adapters import find_moe_blocks
 from moec.runtime.weight_packing import PackedMoE
+from moec.timing import median_ms
 
 THREADS = 2
 SETTLE_S = 0.3
@@ -150,10 +151,9 @@ def build_block(config: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
 
 
 def settled_median_ms(fn, repeat: int) -> float:
-    """Candidates run back to back, each after a pause: ONNX Runtime's worker threads spin for
-    a while after a run and would otherwise steal the two cores from the next candidate."""
-    time.sleep(SETTLE_S)
-    return median_ms(fn, repeat)
+    """`moec.timing.settled_median_ms` with this benchmark's longer pause (its rows hold
+    several ONNX Runtime sessions whose worker threads spin after a run)."""
+    return timing.settled_median_ms(fn, repeat, SETTLE_S)
 
 
 class PeakRss:

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moec.benchmark import median_ms
 from moec.runtime.packed_gemm import PackedGemm
 from moec.runtime.weight_packing import MIN_PACKED_OUT_FEATURES
+from moec.timing import median_ms
 
 WARMUP = 5
 GEMMS = ("mm", "addmm", "bmm", "matmul", "linear", "_grouped_mm", "_linear_pointwise")

@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompileResult",
+    "CompileSettings",
     "MoecError",
     "Runner",
     "VerifyReport",
@@ -30,8 +31,9 @@ __all__ = [
 ]
 
 _LAZY = {
-    "compile": ("moec.compiler.pipeline", "compile_model"),
-    "CompileResult": ("moec.compiler.pipeline", "CompileResult"),
+    "compile": ("moec.pipeline", "compile_model"),
+    "CompileResult": ("moec.pipeline", "CompileResult"),
+    "CompileSettings": ("moec.settings", "CompileSettings"),
     "load": ("moec.runtime.load", "load"),
     "Runner": ("moec.runtime.runner", "Runner"),
     "verify": ("moec.verification", "verify"),

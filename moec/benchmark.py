@@ -6,8 +6,6 @@ eager source run on the same seeded inputs: warm-up, then the median of ``repeat
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +15,10 @@ from torch import nn
 from moec.runtime.inputs import make_inputs
 from moec.runtime.load import load
 from moec.runtime.manifest import Manifest
+from moec.timing import median_ms
 from moec.verification import eager_model
 
-__all__ = ["BENCH_SCHEDULE", "BenchRow", "bench_artifact", "median_ms"]
+__all__ = ["BENCH_SCHEDULE", "BenchRow", "bench_artifact"]
 
 BENCH_SCHEDULE = ((1, 1), (1, 16), (1, 512))
 
@@ -33,18 +32,6 @@ class BenchRow:
     @property
     def speedup(self) -> float:
         return self.eager_ms / self.artifact_ms
-
-
-def median_ms(fn, repeat: int, warmup: int = 2) -> float:
-    """Median wall time of ``repeat`` calls of ``fn`` after ``warmup`` calls, in ms."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def bench_artifact(

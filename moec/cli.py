@@ -19,19 +19,12 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from moec.compression_options import (
-    DISTILL_INITS,
-    DISTILL_TRAIN,
-    MERGE_METHODS,
-    PRUNE_METHODS,
-    DistillOptions,
-)
+from moec import registry
 from moec.errors import MoecError
+from moec.settings import FLAGS, CompileSettings, Flag
 
 console = Console()
 err_console = Console(stderr=True)
-
-TARGET_CHOICE = click.Choice(["ort", "onnx", "trt", "torch"])
 
 
 class KeepType(click.ParamType):
@@ -50,8 +43,30 @@ class KeepType(click.ParamType):
             )
 
 
-KEEP = KeepType()
-LOWERINGS = ["fused", "gather", "capacity", "dense", "kernel", "grouped_mm"]
+class RegisteredChoice(click.Choice):
+    """A choice among the names registered when the command runs (`moec.registry`)."""
+
+    def __init__(self, names):
+        self.names = names
+        super().__init__(names())
+
+    @property
+    def choices(self):
+        return self.names()
+
+    @choices.setter
+    def choices(self, value):  # click.Choice.__init__ assigns it
+        pass
+
+
+PARAM_TYPES = {
+    "float": float,
+    "int": int,
+    "keep": KeepType(),
+    "list": str,
+    "path": click.Path(path_type=Path),
+}
+REGISTERED_CHOICES = {"target": registry.target_names, "lowering": registry.lowering_names}
 
 
 def _friendly_errors(command):
@@ -66,6 +81,25 @@ def _friendly_errors(command):
     return wrapper
 
 
+def _setting_option(flag: Flag):
+    """The click option of one `CompileSettings` flag (None when not given)."""
+    names = [flag.option, flag.name] + ([flag.short] if flag.short else [])
+    help_text = flag.help + (f"  [default: {flag.default}]" if flag.default is not None else "")
+    if flag.kind == "flag":
+        return click.option(*names, is_flag=True, default=None, help=help_text)
+    if flag.kind == "choice":
+        registered = REGISTERED_CHOICES.get(flag.name)
+        choice = RegisteredChoice(registered) if registered else click.Choice(flag.choices)
+        return click.option(*names, type=choice, help=help_text)
+    return click.option(*names, type=PARAM_TYPES[flag.kind], help=help_text)
+
+
+def _setting_options(command):
+    for flag in reversed(FLAGS):
+        command = _setting_option(flag)(command)
+    return command
+
+
 @click.group()
 @click.version_option(package_name="moec")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
@@ -78,162 +112,25 @@ def main(verbose: bool) -> None:
 
 @main.command("compile")
 @click.argument("src", required=False)
-@click.option("-t", "--target", type=TARGET_CHOICE, default="ort", show_default=True)
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Artifact directory.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing artifact.")
 @click.option("--trust-pickle", is_flag=True, help="Allow SRC to be a torch.save pickle.")
 @click.option(
     "--example-inputs", type=click.Path(), help="A .npz of inputs, for a pickled bare module."
 )
-@click.option(
-    "--lowering",
-    type=click.Choice(LOWERINGS),
-    help="Lower every MoE block this way instead of the target's fastest exact one.",
-)
-@click.option(
-    "--capacity-factor", type=float, help="Capacity lowering with C = ceil(F * T * k / E) slots."
-)
-@click.option(
-    "--capacity",
-    type=click.Choice(["auto"]),
-    help="Capacity lowering sized by the largest expert load on calibration data.",
-)
-@click.option("--list-passes", is_flag=True, help="Print the pass pipeline for --target and exit.")
-@click.option(
-    "--calib",
-    type=click.Path(path_type=Path),
-    help="Calibration data for lossy passes: token ids .npy [N, S], or text for the tokenizer.",
-)
-@click.option(
-    "--calib-samples", type=int, help="Use at most this many calibration sequences (rows)."
-)
-@click.option(
-    "--merge-experts", type=KEEP, help="Merge experts down to KEEP per block (fraction or count)."
-)
-@click.option("--merge-method", type=click.Choice(MERGE_METHODS), default="hc", show_default=True)
-@click.option("--merge-lstsq", is_flag=True, help="Refit merged down projections by least squares.")
-@click.option("--prune-experts", type=KEEP, help="Keep the KEEP most valuable experts per block.")
-@click.option(
-    "--prune-method", type=click.Choice(PRUNE_METHODS), default="frequency", show_default=True
-)
-@click.option(
-    "--distill-dense", is_flag=True, help="Replace MoE blocks by dense FFNs fitted to them."
-)
-@click.option("--dense-width", type=int, help="Neurons of each dense FFN [top_k x expert size].")
-@click.option(
-    "--distill-steps",
-    type=int,
-    default=DistillOptions.steps,
-    show_default=True,
-    help="Adam steps after the fit.",
-)
-@click.option("--distill-blocks", help="Comma-separated MoE block paths to distil [all].")
-@click.option(
-    "--distill-init",
-    type=click.Choice(DISTILL_INITS),
-    default=DistillOptions.init,
-    show_default=True,
-)
-@click.option(
-    "--distill-train",
-    type=click.Choice(DISTILL_TRAIN),
-    default=DistillOptions.train,
-    show_default=True,
-    help="What the distillation steps train: every weight, or only the dense FFNs.",
-)
-@click.option(
-    "--distill-lr",
-    type=float,
-    default=DistillOptions.lr,
-    show_default=True,
-    help="Peak Adam learning rate.",
-)
-@click.option(
-    "--distill-batch-tokens",
-    type=int,
-    default=DistillOptions.batch_tokens,
-    show_default=True,
-    help="Tokens per step.",
-)
-@click.option(
-    "--distill-label-weight",
-    type=float,
-    default=DistillOptions.label_weight,
-    show_default=True,
-    help="Share of next-token cross-entropy on the calibration text in the loss (language models).",
-)
-@click.option(
-    "--distill-block-steps",
-    type=int,
-    help="Adam steps fitting each dense FFN alone to its block's outputs before end-to-end "
-    "training [--distill-steps when blocks train alone, else 0].",
-)
+@click.option("--list-passes", is_flag=True, help="Print the pass pipeline and exit.")
+@_setting_options
 @_friendly_errors
-def compile_command(
-    src,
-    target,
-    out,
-    force,
-    trust_pickle,
-    example_inputs,
-    lowering,
-    capacity_factor,
-    capacity,
-    list_passes,
-    calib,
-    calib_samples,
-    merge_experts,
-    merge_method,
-    merge_lstsq,
-    prune_experts,
-    prune_method,
-    distill_dense,
-    dense_width,
-    distill_steps,
-    distill_blocks,
-    distill_init,
-    distill_train,
-    distill_lr,
-    distill_batch_tokens,
-    distill_label_weight,
-    distill_block_steps,
-):
+def compile_command(src, out, force, trust_pickle, example_inputs, list_passes, **flags):
     """Compile SRC (zoo:NAME, hf:DIR, FILE.pt2, pkg.module:factory, or a pickle) into OUT."""
-    from moec.passes import lossy_passes
-
-    capacity = capacity_factor if capacity_factor is not None else capacity
-    distill = None
-    if distill_dense:
-        distill = DistillOptions(
-            width=dense_width,
-            steps=distill_steps,
-            blocks=tuple(distill_blocks.split(",")) if distill_blocks else None,
-            init=distill_init,
-            train=distill_train,
-            lr=distill_lr,
-            batch_tokens=distill_batch_tokens,
-            label_weight=distill_label_weight,
-            block_steps=distill_block_steps,
-        )
-    elif dense_width is not None or distill_steps or distill_blocks:
-        raise MoecError(
-            "--dense-width, --distill-steps and --distill-blocks go with --distill-dense"
-        )
-    lossy = lossy_passes(
-        merge_experts=merge_experts,
-        merge_method=merge_method,
-        merge_lstsq=merge_lstsq,
-        prune_experts=prune_experts,
-        prune_method=prune_method,
-        distill=distill,
-    )
+    settings = CompileSettings.from_flags(flags)
     if list_passes:
-        _print_passes(target, lowering, capacity, lossy)
+        _print_passes(settings)
         return
     if src is None or out is None:
         raise click.UsageError("moec compile needs SRC and -o OUT")
 
-    from moec.compiler.pipeline import STAGES, compile_model
+    from moec.pipeline import STAGES, compile_model
 
     options = {"example_inputs_file": example_inputs} if example_inputs else {}
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -248,40 +145,34 @@ def compile_command(
             done = STAGES.index("compress")
             progress.update(task, description=f"[{done + 1}/{len(STAGES)}] distil {step}/{steps}")
 
-        for p in lossy:
-            if hasattr(p, "on_step"):
-                p.on_step = on_step
-
         result = compile_model(
             src,
-            target=target,
+            settings=settings,
             output=out,
-            lowering=lowering,
-            capacity=capacity,
-            lossy=lossy,
-            calib=calib,
-            calib_samples=calib_samples,
             force=force,
             trust_pickle=trust_pickle,
             on_stage=on_stage,
+            on_step=on_step,
             **options,
         )
         progress.update(task, completed=len(STAGES), description="done")
     _print_compile_summary(result)
 
 
-def _print_passes(target: str, lowering: str | None, capacity, lossy) -> None:
-    from moec.passes import default_passes
+def _print_passes(settings: CompileSettings) -> None:
+    from moec.passes import default_passes, lossy_passes
 
-    passes = lossy + default_passes(target, lowering, capacity, calibration=[{}])
-    table = Table("#", "pass", "lossy", "what it does", title=f"passes for --target {target}")
+    passes = lossy_passes(settings) + default_passes(settings, calibration=[{}])
+    table = Table(
+        "#", "pass", "lossy", "what it does", title=f"passes for --target {settings.target}"
+    )
     for i, p in enumerate(passes, 1):
         table.add_row(str(i), p.name, "yes" if p.lossy else "no", p.description)
     console.print(table)
     console.print(
         "--lowering NAME runs select-lowering instead; --capacity-factor F or --capacity auto "
         "run the capacity pass instead (drops past capacity, reports the drop rate); lossy "
-        "passes (--merge-experts, --prune-experts) run first, on the eager model"
+        "passes (--merge-experts, --prune-experts, --distill-dense) run first, on the eager model"
     )
 
 
@@ -569,6 +460,11 @@ def _inspect_artifact(path: Path) -> None:
             str(b.get("reason")),
         )
     console.print(blocks)
+    if m.settings:
+        settings = Table("setting", "value", title="compiled with")
+        for flag, value in CompileSettings.from_dict(m.settings).rows():
+            settings.add_row(flag, escape(value))
+        console.print(settings)
     files = Table("file", "size", "sha256")
     for role, f in m.files.items():
         files.add_row(f"{role}: {f.path}", _human_bytes(f.bytes), f.sha256[:16])

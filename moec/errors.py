@@ -8,13 +8,18 @@ from __future__ import annotations
 
 __all__ = [
     "ArtifactError",
+    "CalibrationError",
+    "CaptureError",
     "InputError",
     "LoweringError",
     "MoecError",
+    "PassError",
+    "SettingsError",
     "SourceError",
     "SpecError",
     "TargetNotBuiltError",
     "UnsupportedBlockError",
+    "UsageError",
     "VerificationError",
 ]
 
@@ -29,6 +34,22 @@ class SourceError(MoecError):
 
 class SpecError(MoecError):
     """An MoE block's configuration (MoESpec) or its weights are inconsistent."""
+
+
+class SettingsError(MoecError):
+    """Compile settings that contradict each other or name an unknown target or lowering."""
+
+
+class CaptureError(MoecError):
+    """torch.export could not trace the model (outside the MoE blocks moec replaces)."""
+
+
+class CalibrationError(MoecError):
+    """Calibration data that cannot drive this model."""
+
+
+class PassError(MoecError):
+    """A pass left the program inconsistent or broke its in-place promise; names the pass."""
 
 
 class UnsupportedBlockError(MoecError):
@@ -49,6 +70,10 @@ class ArtifactError(MoecError):
 
 class InputError(MoecError):
     """Run-time inputs do not match the artifact's declared inputs."""
+
+
+class UsageError(MoecError):
+    """moec's API used out of order (a runner called before it was activated)."""
 
 
 class VerificationError(MoecError):

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import warnings
 
 import pytest
@@ -9,6 +11,8 @@ import moec
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+# --autotune's timings go to a cache of this run's own, not the user's
+os.environ["MOEC_CACHE_DIR"] = tempfile.mkdtemp(prefix="moec-test-cache-")
 
 
 @pytest.fixture(scope="session")

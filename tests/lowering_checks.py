@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import moec
-from moec.compiler.lowering_support import TARGET_LOWERINGS, unsupported_reasons
+from moec import registry
 from moec.errors import LoweringError
 from moec.ir import MoESpec
 
@@ -26,11 +26,11 @@ def compile_with_lowering(model, example: tuple, spec: MoESpec, lowering: str, o
     """``moec.compile`` of ``model`` (whose one block is ``spec``) with ``lowering``, on torch
     for its kernels and ort otherwise, capacity dropless. A lowering that cannot compute the
     block must be refused with `LoweringError` (then None); capacity keeps such a block exact."""
-    target = "torch" if lowering in TARGET_LOWERINGS["torch"] else "ort"
+    target = "torch" if lowering in registry.lowerings_for("torch") else "ort"
     args = dict(target=target, lowering=lowering, output=output)
     if lowering == "capacity":
         args["capacity"] = DROPLESS
-    if unsupported_reasons(spec, lowering) and lowering != "capacity":
+    if registry.lowering(lowering).unsupported_reasons(spec) and lowering != "capacity":
         with pytest.raises(LoweringError):
             moec.compile(model, example, **args)
         return None

@@ -10,10 +10,11 @@ from click.testing import CliRunner
 
 import moec
 from moec.cli import main
-from moec.compiler.capture import capture, moe_nodes
+from moec.compiler.capture import capture
 from moec.compiler.moe_block import MoEBlock
+from moec.ir.program import moe_nodes
+from moec.ir.signature import DynamicDim
 from moec.models import build_zoo
-from moec.runtime.manifest import DynamicDim
 
 
 def test_capture_makes_one_node_per_block_and_restores_the_model():

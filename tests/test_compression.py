@@ -20,20 +20,12 @@ from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights
 from moec.models import ModelSource
 from moec.models.dense_ffn import DenseFFN
-from moec.passes import (
-    DISTILL_INITS,
-    MERGE_METHODS,
-    PRUNE_METHODS,
-    DistillDensePass,
-    DistillOptions,
-    MergeExpertsPass,
-    PruneExpertsPass,
-    lossy_passes,
-)
+from moec.passes import DistillDensePass, MergeExpertsPass, PruneExpertsPass
 from moec.passes.calibration import CalibrationData, load_calibration
 from moec.passes.compression_state import CompressionState
 from moec.passes.distill_dense import warmup_cosine
 from moec.passes.expert_load import expert_load
+from moec.settings import DISTILL_INITS, MERGE_METHODS, PRUNE_METHODS
 
 H, FFN = 16, 24
 
@@ -173,9 +165,9 @@ def lm_calibration(tmp_path_factory):
 
 @pytest.mark.parametrize("target", ["ort", "onnx", "torch"])
 def test_compressed_lm_verifies_against_its_passes(tmp_path, lm_calibration, target):
-    passes = lossy_passes(merge_experts=0.5, prune_experts=3, prune_method="reap")
+    passes = dict(merge_experts=0.5, prune_experts=3, prune_method="reap")
     result = moec.compile(
-        "zoo:mixtral-lm", target=target, output=tmp_path / "a", lossy=passes, calib=lm_calibration
+        "zoo:mixtral-lm", target=target, output=tmp_path / "a", calib=lm_calibration, **passes
     )
     section = result.manifest.compression
     quality = section["quality"]
@@ -229,7 +221,8 @@ def test_cli_compile_prints_quality_and_verify_prints_it_again(tmp_path, lm_cali
 
 
 def test_the_cli_builds_its_options_without_importing_torch():
-    """The choices and defaults live in moec.compression_options, so `moec --help` stays fast."""
+    """The choices and defaults live in moec.settings and moec.registry, so `moec --help`
+    stays fast."""
     code = "import sys, moec.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -386,9 +379,9 @@ def test_distilled_models_lower_and_verify_with_the_shared_expert_folded_or_kept
 ):
     notes = {}
     for name, target in (("deepseek-lm", "torch"), ("qwen-moe-lm", "ort"), ("mixtral-lm", "onnx")):
-        passes = lossy_passes(distill=DistillOptions(steps=5))
+        passes = dict(distill_dense=True, distill_steps=5)
         result = moec.compile(
-            f"zoo:{name}", target=target, output=tmp_path / name, lossy=passes, calib=lm_calibration
+            f"zoo:{name}", target=target, output=tmp_path / name, calib=lm_calibration, **passes
         )
         record = next(p for p in result.manifest.passes if p["name"] == "distill-dense")
         notes[name] = {b["shared"] for b in record["report"]["blocks"]}

@@ -10,7 +10,8 @@ import pytest
 import torch
 from moe_cases import CASES, H, random_weights
 
-from moec.ir.moe_op import ONEDNN, moe_eager
+from moec.ir.expert_kernels import ONEDNN
+from moec.ir.moe_op import moe_eager
 from moec.runtime import expert_threads
 from moec.runtime.expert_threads import MIN_ROWS_PER_EXPERT, run_side_by_side, side_by_side
 from moec.runtime.weight_packing import PackedMoE

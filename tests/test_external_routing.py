@@ -15,9 +15,9 @@ from oracle import oracle_moe
 from torch import nn
 
 import moec
+from moec import registry
 from moec.compiler.moe_block import MoEExpertsBlock
 from moec.ir import moe_eager
-from moec.ir.moe_spec import LOWERINGS
 
 BUCKETS = 16
 CASE = "qwen-shared-gated"  # 8 gated experts, top-4, a gated shared expert
@@ -76,7 +76,7 @@ def test_a_repeated_expert_counts_once_per_slot(mapped):
     assert torch.equal(chosen, torch.zeros_like(chosen).scatter(-1, ids, True))
 
 
-@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("lowering", registry.lowering_names())
 def test_every_lowering_adds_a_repeated_expert_per_slot(tmp_path, lowering):
     model = HashRouted().eval()
     result = compile_with_lowering(model, (torch.randn(2, 8, H),), SPEC, lowering, tmp_path / "a")

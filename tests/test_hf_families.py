@@ -14,7 +14,6 @@ from hf_families import FAMILIES, build_tiny, save_tiny
 import moec
 from moec.errors import SourceError, UnsupportedBlockError
 from moec.models import find_moe_blocks
-from moec.passes import DistillOptions, lossy_passes
 
 # The families the issue names; the rest are covered by bench/hf_coverage.py (README table).
 REQUIRED = [
@@ -189,7 +188,7 @@ def test_catalog_covers_the_required_families():
         ("mixtral", dict(merge_experts=0.5, merge_method="hc", merge_lstsq=True)),
         ("qwen2_moe", dict(prune_experts=0.5, prune_method="reconstruction")),
         ("deepseek_v3", dict(merge_experts=0.5, merge_method="router-logits")),
-        ("qwen3_moe", dict(distill=DistillOptions(steps=3))),
+        ("qwen3_moe", dict(distill_dense=True, distill_steps=3)),
     ],
     ids=["mixtral-merge", "qwen2-prune", "deepseek-v3-merge", "qwen3-distill"],
 )
@@ -203,8 +202,8 @@ def test_compressed_family_verifies_against_its_passes(saved, tmp_path, family, 
         f"hf:{saved(family)}",
         target="ort",
         output=tmp_path / "out",
-        lossy=lossy_passes(**passes),
         calib=calib,
+        **passes,
     )
     quality = result.manifest.compression["quality"]
     assert quality["moe_parameters"]["reduction"] > 0.3

@@ -11,12 +11,11 @@ from lowering_checks import DROPLESS, assert_verified, compile_with_lowering
 from moe_cases import CASES, H, random_weights
 
 import moec
+from moec import registry
 from moec.compiler import lower_moe_gather
-from moec.compiler.lowering_support import unsupported_reasons
 from moec.compiler.moe_block import MoEBlock
 from moec.compiler.onnx_ops import register_ort_schemas
 from moec.errors import LoweringError
-from moec.ir.moe_spec import LOWERINGS
 from moec.models import build_zoo, find_moe_blocks, zoo_names
 
 # (target, lowering, capacity factor); lowering None is the target's default pipeline
@@ -44,7 +43,7 @@ def compile_zoo(name, target, lowering, capacity, out):
 @pytest.mark.parametrize("name", zoo_names())
 def test_every_lowering_of_every_zoo_model(tmp_path, name, target, lowering, capacity):
     spec = find_moe_blocks(build_zoo(name).model)[0].spec
-    why_not = unsupported_reasons(spec, lowering) if lowering else []
+    why_not = registry.lowering(lowering).unsupported_reasons(spec) if lowering else []
     if why_not and lowering == "capacity":  # the capacity pass keeps such blocks exact
         result = compile_zoo(name, target, lowering, capacity, tmp_path / "a")
         assert {b.lowering for b in result.blocks} == {"gather"}
@@ -70,7 +69,7 @@ def test_every_lowering_of_every_zoo_model(tmp_path, name, target, lowering, cap
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
 
 
-@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("lowering", registry.lowering_names())
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_routing_family_lowers_exactly(tmp_path, case, lowering):
     spec, weights = CASES[case], random_weights(case, seed=1)
@@ -78,7 +77,7 @@ def test_every_routing_family_lowers_exactly(tmp_path, case, lowering):
     result = compile_with_lowering(block, (torch.randn(2, 8, H),), spec, lowering, tmp_path / "a")
     if result is None:
         return
-    exact = lowering if not unsupported_reasons(spec, lowering) else "gather"
+    exact = lowering if not registry.lowering(lowering).unsupported_reasons(spec) else "gather"
     assert result.blocks[0].lowering == exact
     assert_verified(moec.verify(result.path, source=block), blocks=1)
 

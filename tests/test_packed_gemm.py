@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from moe_cases import CASES, random_weights
 
-from moec.ir.moe_op import ONEDNN, moe_eager
+from moec.ir.expert_kernels import ONEDNN
+from moec.ir.moe_op import moe_eager
 from moec.runtime import packed_gemm
 from moec.runtime.packed_gemm import PROBE_ROWS, PackedGemm, mkl_rows_limit
 from moec.runtime.weight_packing import PackedMoE

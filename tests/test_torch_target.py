@@ -67,17 +67,6 @@ def test_runner_checks_inputs_once(tmp_path):
             runner(np.zeros((1, 3, 31), np.float32))
 
 
-def test_default_torch_lowering_is_the_faster_kernel_measured(tmp_path):
-    result = moec.compile("zoo:mixtral", target="torch", output=tmp_path / "a")
-    (grouped_gemm,) = [p for p in result.manifest.passes if p["name"] == "grouped-gemm"]
-    (relative,) = grouped_gemm["report"]["relative_time"].values()
-    # each kernel's time over the fastest at each size, geometric mean: 1.0 only if it wins at all
-    assert set(relative) == {"kernel", "grouped_mm"} and min(relative.values()) >= 1.0
-    (block,) = result.blocks
-    assert block.lowering == min(relative, key=relative.get)
-    assert block.reason.startswith("faster on PyTorch")
-
-
 def test_grouped_mm_runs_on_the_stored_weights(tmp_path, monkeypatch):
     args = dict(target="torch", lowering="grouped_mm", output=tmp_path / "a")
     result = moec.compile("zoo:deepseek-lm", **args)
@@ -103,8 +92,8 @@ def test_grouped_mm_refuses_sizes_it_cannot_stride(tmp_path):
     tensors = {n: torch.randn(*s, generator=g) for n, s in shapes.items() if s is not None}
     block = MoEBlock(spec, MoEWeights(**{n: tensors.get(n) for n in WEIGHT_NAMES}))
     x = (torch.randn(1, 5, 12),)
-    result = moec.compile(block, x, target="torch", output=tmp_path / "a")
-    assert result.blocks[0].lowering == "kernel"
+    result = moec.compile(block, x, target="torch", autotune=True, output=tmp_path / "a")
+    assert result.blocks[0].lowering == "kernel"  # the one candidate left: nothing to time
     assert "not grouped_mm: torch._grouped_mm needs sizes divisible by 8" in result.blocks[0].reason
     with pytest.raises(LoweringError, match="hidden size is 12"):
         moec.compile(block, x, target="torch", lowering="grouped_mm", output=tmp_path / "b")

@@ -14,7 +14,8 @@ from torch.export import Dim
 import moec
 from moec.compiler.moe_block import MoEBlock
 from moec.ir import MoEWeights
-from moec.ir.moe_op import ONEDNN, moe_eager
+from moec.ir.expert_kernels import ONEDNN
+from moec.ir.moe_op import moe_eager
 from moec.runtime.weight_packing import MIN_PACKED_OUT_FEATURES, PackedMoE, pack_weights
 
 pytestmark = pytest.mark.skipif(not ONEDNN, reason="this torch is built without oneDNN")

@@ -12,66 +12,24 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from moec.compiler.moe_block import MoEBlock, op_block
-from moec.errors import MoecError, SourceError
-from moec.ir import MoESpec
+from moec.errors import CaptureError, SourceError
+from moec.ir.program import CapturedBlock, CapturedProgram, moe_nodes, node_spec
+from moec.ir.signature import DynamicDim, TensorSpec
 from moec.models import BlockMatch, ModelSource, find_moe_blocks
 from moec.models.hf_patches import export_patches
-from moec.runtime.manifest import DynamicDim, TensorSpec
 
-__all__ = [
-    "CaptureError",
-    "CapturedBlock",
-    "CapturedProgram",
-    "capture",
-    "moe_nodes",
-    "swap_blocks",
-]
+__all__ = ["SUBGRAPH", "capture", "swap_blocks", "unconverted_moe_modules"]
+
+# the path of blocks whose experts are modules: no moec::moe node, so no registered lowering
+SUBGRAPH = "subgraph"
 
 log = logging.getLogger(__name__)
-
-
-class CaptureError(MoecError):
-    """torch.export could not trace the model (outside the MoE blocks moec replaces)."""
-
-
-@dataclass
-class CapturedBlock:
-    """One ``moec::moe`` node and the module it came from."""
-
-    name: str  # module path in the user's model ("" for the model itself)
-    node: str  # the node's name in the exported graph
-    class_name: str
-    adapter: str
-    summary: str
-    lowering: str | None = None
-    reason: str = ""
-
-
-@dataclass
-class CapturedProgram:
-    """An exported program whose MoE blocks are ``moec::moe`` nodes, with its signature."""
-
-    program: ExportedProgram
-    blocks: list[CapturedBlock]
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    notes: list[str] = field(default_factory=list)
-
-    def block_for(self, node: torch.fx.Node) -> CapturedBlock:
-        return next(b for b in self.blocks if b.node == node.name)
-
-
-def moe_nodes(program: ExportedProgram) -> list[torch.fx.Node]:
-    """The ``moec::moe`` nodes of a program, in graph order."""
-    target = torch.ops.moec.moe.default
-    return [n for n in program.graph.nodes if n.op == "call_function" and n.target is target]
 
 
 class _RoutingTap(nn.Module):
@@ -197,14 +155,14 @@ def _blocks(program: ExportedProgram, matches: list[BlockMatch]) -> list[Capture
             type(m.module).__name__,
             m.adapter,
             m.spec.summary(),
-            lowering="subgraph",
             reason="experts are modules, not FFNs: gather -> expert subgraph -> scatter-add",
+            fixed_lowering=SUBGRAPH,
         )
         for m in matches
         if m.expert_modules is not None or m.conversion.stand_in is not None
     ]
     for node in moe_nodes(program):
-        spec = MoESpec.from_json(node.args[-1])
+        spec = node_spec(node)
         paths = [path for path, cls in node.meta.get("nn_module_stack", {}).values()]
         match = next((by_path[p] for p in reversed(paths) if p in by_path), None)
         if match is None:  # a moec::moe the model itself calls (e.g. a re-loaded .pt2)
@@ -222,7 +180,6 @@ def _blocks(program: ExportedProgram, matches: list[BlockMatch]) -> list[Capture
     return blocks
 
 
-# class names that end like an MoE block: SparseMoeBlock, TextMoe, Experts, SparseMLP, ...
 def _export(tap: nn.Module, inputs: tuple, dynamic: tuple, input_names: list[str]):
     """torch.export with the requested dynamic dims; if torch cannot prove them (guards it
     derives from the model's code that sympy cannot simplify), again with Dim.AUTO on the same
@@ -261,6 +218,7 @@ def _is_symbolic(size) -> bool:
     return isinstance(size, torch.SymInt) and not size.node.expr.is_number
 
 
+# class names that end like an MoE block: SparseMoeBlock, TextMoe, Experts, SparseMLP, ...
 MOE_CLASS_RE = re.compile(r"(moe|moeblock|moelayer|experts|sparsemlp|mixture\w*)$", re.IGNORECASE)
 
 

@@ -31,7 +31,14 @@ from moec.compiler.onnx_ops import (
 )
 from moec.ir import MoESpec
 
-__all__ = ["lower_moe_capacity"]
+__all__ = ["lower_moe_capacity", "unsupported_reasons"]
+
+
+def unsupported_reasons(spec: MoESpec) -> list[str]:
+    """Why capacity slots cannot compute this block (empty: they can)."""
+    if spec.routing == "expert_choice":
+        return ["expert-choice routing has no fixed k per token to give capacity slots"]
+    return []
 
 
 def _slots(spec: MoESpec, tokens, top_k: int):

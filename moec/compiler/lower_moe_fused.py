@@ -33,13 +33,13 @@ from moec.compiler.onnx_ops import (
 )
 from moec.ir import MoESpec
 
-__all__ = ["fused_unsupported_reasons", "lower_moe_fused"]
+__all__ = ["lower_moe_fused", "unsupported_reasons"]
 
 SENTINEL = -1e30  # router_probs of experts that must not be picked
 ORT_PLAIN_ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu_tanh": "gelu"}
 
 
-def fused_unsupported_reasons(spec: MoESpec) -> list[str]:
+def unsupported_reasons(spec: MoESpec) -> list[str]:
     """Why ``com.microsoft.MoE`` cannot compute this block exactly (empty: it can)."""
     reasons = []
     if spec.routing == "expert_choice":

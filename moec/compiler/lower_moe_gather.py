@@ -4,34 +4,27 @@ Where every token has exactly k pairs (top-k, or the family's own router, which 
 expert: a pair per slot; no capacity, no merged experts), one ``TopK`` over the flat [T*k]
 expert ids sorts the (token, expert) pairs into expert order; otherwise one ``NonZero`` of the
 transposed routing mask lists them grouped by expert. One ``Split`` of those token ids by the
-per-expert counts hands each expert its tokens, and each expert ``Gather``s its own rows: one
-node more per expert than gathering every pair's row at once and splitting the rows, but no
-[T*k, H] copy, and each expert's rows are still in cache for its MatMul (DeepSeek-like block,
-2 threads: 188.6 -> 183.2 ms at T=2048, 11.6 -> 11.4 at 16, 1.09 -> 1.12 at 1; Mixtral-like
-13.8 -> 13.0 at 16, unchanged at 1 and 2048; bit-identical). Each expert runs one MatMul for
-its gate and up projections together ([H, 2I], its slices of the stacked weights side by side,
-folded into one initializer by the optimizer). In a block of more than
-``PER_EXPERT_ACTIVATION_MAX`` experts the results are concatenated, the activation runs once
-over every expert's rows, a second ``Split`` hands the hidden rows back, and each expert runs
-its down MatMul: two nodes per expert. ONNX Runtime spends one to two microseconds per node,
-even on an expert with no rows, so at a few tokens the per-expert nodes are a large part of a
-64-expert block's time: going from five nodes per expert to two took the DeepSeek-like block of
-``bench/moe_layer.py`` from 2.04 to 1.65 ms at T=1 (2 threads), with bit-identical outputs. The
-concatenation and the second ``Split`` copy the first projection's output and the hidden rows,
-[T*k, 2I] and [T*k, I]; a block of few, wide experts runs the activation on each expert's own
-rows instead (three nodes more per expert, no Concat and no second Split). Measured interleaved
-on a 480 MiB-L3 Xeon, per expert over concatenated: 0.93-0.96 at T=1, 0.98-1.01 at 16, 0.94 at
-512 and 0.93 at 2048 on the Mixtral-like block (8 experts), but 1.09 at T=1 and 1.04 at 16 on
-the DeepSeek-like one (64; 0.97 at 2048). (Selecting each expert's tokens itself would cost four
-more nodes per expert.) Combining them back does not scatter. Sorted pairs come back by the
-inverse of the sort (a second ``TopK``), k rows per token; that path has 17 nodes fewer than the
-one below on the DeepSeek-like block and took it from 1.70 to 1.59 ms at T=1 (the Mixtral-like
-one from 2.88 to 2.65), bit-identical. Otherwise token t's output from expert e sits in Y at
+per-expert counts hands each expert its tokens, and each expert ``Gather``s its own rows: no
+[T*k, H] copy of every pair's row, and each expert's rows are still in cache for its MatMul.
+Each expert runs one MatMul for its gate and up projections together ([H, 2I], its slices of
+the stacked weights side by side, folded into one initializer by the optimizer).
+
+ONNX Runtime spends a fixed time per node, even on an expert with no rows, so at a few tokens
+the per-expert nodes are a large part of a many-expert block's time. In a block of more than
+``PER_EXPERT_ACTIVATION_MAX`` experts the first projections are therefore concatenated, the
+activation runs once over every expert's rows, a second ``Split`` hands the hidden rows back,
+and each expert runs its down MatMul: two nodes per expert. A block of few, wide experts runs
+the activation on each expert's own rows instead (three nodes more per expert, but no copy of
+the [T*k, 2I] and [T*k, I] rows). The measurements behind both choices are in
+docs/performance.md.
+
+Combining does not scatter. Sorted pairs come back by the inverse of the sort (a second
+``TopK``), k rows per token. Otherwise token t's output from expert e sits in Y at
 ``offset_e + (number of tokens before t routed to e)``, so every token gathers its k rows of Y
 and sums them with its routing weights. (ONNX Runtime 1.32's CPU ``ScatterND`` with
-``reduction="add"`` races when indices repeat and more than one thread runs it; measured here.)
-Expert-choice routing, with no fixed k per token, adds each expert's rows with its own
-``ScatterND``, whose indices never repeat.
+``reduction="add"`` races when indices repeat and more than one thread runs it.) Expert-choice
+routing, with no fixed k per token, adds each expert's rows with its own ``ScatterND``, whose
+indices never repeat.
 
 Exact, no padding, the FLOPs of the experts actually chosen; shapes are data-dependent.
 """

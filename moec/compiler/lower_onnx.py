@@ -1,9 +1,10 @@
-"""Lower a captured program to ONNX for the ``ort`` and ``onnx`` targets.
+"""Lower a captured program to ONNX.
 
-torch.onnx (dynamo) translates the graph; each ``moec::moe`` node is translated by the lowering
-its spec names (``fused`` or ``dense``; the lowering pass decides). The result is optimized
-with onnxscript's optimizer with size limits lifted, so that weight layout changes (transposes,
-gate/up interleaving) are folded into the initializers instead of running at every inference.
+torch.onnx (dynamo) translates the graph; each ``moec::moe`` node is translated by the ``onnx``
+emitter of the registered lowering its spec names (a lowering pass chose it). The result is
+optimized with onnxscript's optimizer with size limits lifted, so that weight layout changes
+(transposes, gate/up interleaving) are folded into the initializers instead of running at every
+inference.
 """
 
 from __future__ import annotations
@@ -15,40 +16,41 @@ import onnx_ir as ir
 import onnxscript.optimizer
 import torch
 
-from moec.compiler.capture import CapturedProgram
-from moec.compiler.lower_moe_capacity import lower_moe_capacity
-from moec.compiler.lower_moe_dense import lower_moe_dense
-from moec.compiler.lower_moe_fused import lower_moe_fused
-from moec.compiler.lower_moe_gather import lower_moe_gather
+from moec import registry
 from moec.compiler.onnx_ops import register_ort_schemas
 from moec.errors import LoweringError
-from moec.ir import WEIGHT_NAMES, MoESpec
+from moec.ir.moe_op import MoEOpArgs
+from moec.ir.program import CapturedProgram
 
 __all__ = ["lower_to_onnx"]
 
 log = logging.getLogger(__name__)
 ONNX_STANDARD_DOMAINS = {"", "ai.onnx"}
 NO_SIZE_LIMIT = 1 << 62
-LOWERING_FUNCTIONS = {
-    "fused": lower_moe_fused,
-    "dense": lower_moe_dense,
-    "gather": lower_moe_gather,
-    "capacity": lower_moe_capacity,
-}
 
 
-def translate_moe(x, routed_ids, routed_weights, *args):
-    """torch.onnx translation of ``moec::moe`` (same arguments as the op)."""
-    *tensors, spec_json = args
-    spec = MoESpec.from_json(spec_json)
-    weights = {name: t for name, t in zip(WEIGHT_NAMES, tensors, strict=True) if t is not None}
+def translate_moe(*args):
+    """torch.onnx translation of ``moec::moe`` (same arguments as the op), by the ``onnx``
+    emitter of the block's lowering."""
+    op = MoEOpArgs.from_args(args)
+    spec = op.spec
+    weights = {name: t for name, t in op.weights.items() if t is not None}
     if spec.routing == "external":
-        weights.update(routed_ids=routed_ids, routed_weights=routed_weights)
-    return LOWERING_FUNCTIONS[spec.lowering or "dense"](spec, x, weights)
+        weights.update(routed_ids=op.routed_ids, routed_weights=op.routed_weights)
+    if spec.lowering is None:
+        raise LoweringError(
+            "a moec::moe node reached the ONNX exporter without a lowering; run a lowering "
+            "pass (grouped-gemm, select-lowering or capacity) first"
+        )
+    emit = registry.lowering(spec.lowering).onnx
+    if emit is None:
+        raise LoweringError(f"lowering {spec.lowering} has no ONNX emitter")
+    return registry.resolve(emit)(spec, x=op.x, w=weights)
 
 
-def lower_to_onnx(captured: CapturedProgram, target: str) -> ir.Model:
-    """The captured program as an ONNX model (onnx-ir) for ``target`` (``ort`` or ``onnx``)."""
+def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool) -> ir.Model:
+    """The captured program as an ONNX model (onnx-ir); ``standard_ops_only``: refuse a graph
+    that uses a contrib domain (a portable target's promise)."""
     register_ort_schemas()
     _quiet_exporter_logs()
     table = {torch.ops.moec.moe.default: translate_moe}
@@ -73,7 +75,7 @@ def lower_to_onnx(captured: CapturedProgram, target: str) -> ir.Model:
     )
     _drop_unused_router_outputs(model)
     _drop_split_num_outputs(model)
-    if target == "onnx":
+    if standard_ops_only:
         _check_standard_domains(model)
     return model
 
@@ -115,7 +117,7 @@ def _check_standard_domains(model: ir.Model) -> None:
     foreign = sorted({n.domain for n in model.graph if n.domain not in ONNX_STANDARD_DOMAINS})
     if foreign:
         raise LoweringError(
-            f"the portable ONNX for target 'onnx' uses non-standard op domains {foreign}; "
+            f"the portable ONNX uses non-standard op domains {foreign}; "
             "this is a bug in moec's lowering"
         )
 

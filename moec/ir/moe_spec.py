@@ -39,8 +39,8 @@ expert r's gate goes to (-1: pruned, its pairs contribute nothing). Routing runs
 share a stored expert add up. ``num_experts`` is the number of stored experts.
 
 ``lowering`` and ``lowering_capacity_factor`` are not part of the model: the lowering passes fill
-them in to tell the exporter which strategy a block gets (for ``capacity``: the factor F of
-``C = min(T, ceil(F * T * k / E))`` slots per expert).
+them in to tell the emitter which registered lowering (`moec.registry`) a block gets (for
+``capacity``: the factor F of ``C = min(T, ceil(F * T * k / E))`` slots per expert).
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from moec import registry
 from moec.errors import SpecError
 
-__all__ = ["ACTIVATIONS", "LOWERINGS", "MoESpec"]
+__all__ = ["ACTIVATIONS", "MoESpec"]
 
 SCORES = ("softmax", "sigmoid", "none")
 ROUTINGS = ("topk", "expert_choice", "external")
@@ -62,7 +63,6 @@ CAPACITY_SCOPES = ("sequence", "batch")
 EXPERT_KINDS = ("gated", "plain", "module")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu")
 PLAIN_ACTIVATIONS = ACTIVATIONS[:5]
-LOWERINGS = ("fused", "dense", "gather", "capacity", "kernel", "grouped_mm")
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,10 @@ class MoESpec:
             self.activation_limit is None or self.activation != "swiglu",
             "swiglu takes swiglu_limit (a clamp before the activation), not activation_limit",
         )
-        need(self.lowering is None or self.lowering in LOWERINGS, f"lowering={self.lowering!r}")
+        need(
+            self.lowering is None or self.lowering in registry.lowering_names(),
+            f"lowering={self.lowering!r}; registered: {registry.lowering_names()}",
+        )
         need(
             self.lowering_capacity_factor is None or self.lowering_capacity_factor > 0,
             "lowering_capacity_factor must be > 0",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights
-from moec.ir.moe_op import expert_hidden, shared_ffn
+from moec.ir.expert_kernels import expert_hidden, shared_ffn
 
 __all__ = ["DenseFFN", "dense_ffn_out"]
 

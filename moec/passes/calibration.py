@@ -15,17 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moec.errors import MoecError
+from moec.errors import CalibrationError
 from moec.models import ModelSource
 
-__all__ = ["CalibrationData", "CalibrationError", "load_calibration", "model_inputs"]
+__all__ = ["CalibrationData", "load_calibration", "model_inputs"]
 
 HELD_OUT_FRACTION = 0.1
 DEFAULT_SEQ_LEN = 128
-
-
-class CalibrationError(MoecError):
-    """Calibration data that cannot drive this model."""
 
 
 @dataclass

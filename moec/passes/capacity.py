@@ -17,26 +17,16 @@ import math
 import numpy as np
 import torch
 
-from moec.compiler.capture import CapturedProgram, moe_nodes
-from moec.compiler.lowering_support import EXACT_DEFAULT, unsupported_reasons
-from moec.errors import MoecError
-from moec.ir import MoESpec
+from moec import registry
+from moec.errors import SettingsError
+from moec.ir.moe_spec import MoESpec
+from moec.ir.program import CapturedProgram
 from moec.passes.pass_base import Pass, PassResult
-from moec.passes.select_lowering import check_lowering
 
-__all__ = ["CALIBRATION_SCHEDULE", "CapacityPass", "check_capacity", "drop_rate"]
+__all__ = ["CALIBRATION_SCHEDULE", "CapacityPass", "drop_rate"]
 
 CALIBRATION_SCHEDULE = ((1, 16), (2, 64), (4, 128))
 AUTO_MARGIN = 1.1
-
-
-def check_capacity(factor: object) -> None:
-    """Raise unless ``factor`` is a number > 0 or ``"auto"``."""
-    number = isinstance(factor, (int, float)) and not isinstance(factor, bool)
-    if factor != "auto" and not (number and factor > 0):
-        raise MoecError(
-            f"--capacity-factor must be a number > 0 (or use --capacity auto), not {factor!r}"
-        )
 
 
 def drop_rate(loads: list[np.ndarray], capacity) -> tuple[int, int]:
@@ -49,7 +39,7 @@ def drop_rate(loads: list[np.ndarray], capacity) -> tuple[int, int]:
     return dropped, routed
 
 
-class CapacityPass(Pass):
+class CapacityPass(Pass[CapturedProgram]):
     name = "capacity"
     description = "static [E, C, H] expert buffers; drops past capacity, reports the drop rate"
 
@@ -60,42 +50,39 @@ class CapacityPass(Pass):
         calibration: list[dict[str, np.ndarray]],
         margin: float = AUTO_MARGIN,
     ):
-        check_lowering(target, "capacity")
-        check_capacity(factor)
+        """``factor``: F, or ``"auto"`` (checked by `CompileSettings`)."""
         if not calibration:
-            raise MoecError("the capacity pass needs calibration inputs")
-        self.target, self.factor, self.calibration, self.margin = (
-            target,
-            factor,
-            calibration,
-            margin,
-        )
+            raise SettingsError("the capacity pass needs calibration inputs")
+        self.target = registry.target(target)
+        self.lowering = registry.lowering(registry.CAPACITY)
+        self.factor, self.calibration, self.margin = factor, calibration, margin
 
-    def call(self, program: CapturedProgram) -> PassResult:
+    def call(self, program: CapturedProgram) -> PassResult[CapturedProgram]:
         loads = self._loads(program)
         choices = []
-        for node in moe_nodes(program.program):
+        for node in program.moe_nodes():
             block = program.block_for(node)
-            spec = MoESpec.from_json(node.args[-1]).with_lowering(None)
-            reasons = unsupported_reasons(spec, "capacity")
+            spec = program.spec(node).with_lowering(None)
+            reasons = self.lowering.unsupported_reasons(spec)
             if reasons:
-                lowering = EXACT_DEFAULT[self.target]
-                node.args = (*node.args[:-1], spec.with_lowering(lowering).to_json())
-                block.lowering, block.reason = lowering, "no capacity: " + "; ".join(reasons)
-                choices.append({"block": block.name, "lowering": lowering, "reason": block.reason})
+                reason = "no capacity: " + "; ".join(reasons)
+                program.set_lowering(node, self.target.fallback, reason)
+                choices.append(
+                    {"block": block.name, "lowering": self.target.fallback, "reason": reason}
+                )
                 continue
             block_loads = loads[block.name]
             factor = self._factor(spec, block_loads)
-            spec = spec.with_lowering("capacity", factor)
-            dropped, routed = drop_rate(block_loads, spec.lowering_capacity)
-            node.args = (*node.args[:-1], spec.to_json())
+            dropped, routed = drop_rate(
+                block_loads, spec.with_lowering(self.lowering.name, factor).lowering_capacity
+            )
             rate = dropped / routed if routed else 0.0
-            block.lowering = "capacity"
-            block.reason = f"capacity factor {factor:.3g}; drop rate {rate:.2%} on calibration"
+            reason = f"capacity factor {factor:.3g}; drop rate {rate:.2%} on calibration"
+            program.set_lowering(node, self.lowering.name, reason, factor)
             choices.append(
                 {
                     "block": block.name,
-                    "lowering": "capacity",
+                    "lowering": self.lowering.name,
                     "capacity_factor": factor,
                     "dropped_pairs": dropped,
                     "routed_pairs": routed,

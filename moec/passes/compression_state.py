@@ -20,7 +20,8 @@ from moec.compiler.capture import swap_blocks
 from moec.compiler.moe_block import MoEBlock, experts_call_args
 from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights, map_experts, route, router_logits
-from moec.ir.moe_op import expert_ffn, scatter_routing
+from moec.ir.expert_kernels import expert_ffn
+from moec.ir.moe_op import scatter_routing
 from moec.models import ModelSource, find_moe_blocks
 from moec.passes.calibration import CalibrationData, model_inputs
 
@@ -128,6 +129,17 @@ class CompressionState:
         if not isinstance(block, MoEBlock):
             raise TypeError(f"block {name} is no longer an MoE block")
         return block.to_moe()
+
+    def problems(self) -> list[str]:
+        """The IR check: every MoE block's weights have the shapes its spec implies."""
+        found = []
+        for name in self.moe_blocks():
+            spec, weights = self.moe(name)
+            try:
+                weights.check(spec)
+            except MoecError as e:
+                found.append(f"block {name or '(model)'}: {e}")
+        return found
 
     def moe_blocks(self) -> list[str]:
         """Paths of the blocks that are still MoE blocks."""

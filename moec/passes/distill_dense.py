@@ -28,8 +28,7 @@ The report gives, per block, the relative error on the fitting tokens after each
 training loss at the start and end; the tokens the training used and how many times over that
 reads the calibration rows (``calibration_epochs``). End-to-end training that reads its
 calibration text more than `MAX_EPOCHS` times over is warned about: it learns that text rather
-than the teacher (on ``bench/compression.py``, 1.97M training tokens kept 8% of the MoE's gain
-over 262k calibration tokens and 48% over 2.1M).
+than the teacher (docs/compression.md has the measurement).
 """
 
 from __future__ import annotations
@@ -43,10 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moec.compression_options import DistillOptions
 from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights
-from moec.ir.moe_op import expert_hidden, shared_ffn
+from moec.ir.expert_kernels import expert_hidden, shared_ffn
 from moec.models.dense_ffn import DenseFFN, dense_ffn_out
 from moec.passes.calibration import model_inputs
 from moec.passes.compression_state import (
@@ -57,6 +55,7 @@ from moec.passes.compression_state import (
 )
 from moec.passes.pass_base import Pass, PassResult
 from moec.passes.quality import first_output, is_logits
+from moec.settings import DistillOptions
 
 __all__ = ["DistillDensePass"]
 
@@ -66,7 +65,7 @@ MAX_EPOCHS = 2.0
 log = logging.getLogger(__name__)
 
 
-class DistillDensePass(Pass):
+class DistillDensePass(Pass[CompressionState]):
     name = "distill-dense"
     description = "replace MoE blocks by dense FFNs fitted to their outputs on calibration data"
     lossy = True
@@ -76,7 +75,7 @@ class DistillDensePass(Pass):
         self.options = dataclasses.replace(options or DistillOptions(), **fields)
         self.on_step: Callable[[int, int], None] | None = None
 
-    def call(self, state: CompressionState) -> PassResult:
+    def call(self, state: CompressionState) -> PassResult[CompressionState]:
         names = state.moe_blocks()
         if self.options.blocks is not None:
             unknown = sorted(set(self.options.blocks) - set(names))

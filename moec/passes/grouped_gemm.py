@@ -1,83 +1,89 @@
-"""``grouped-gemm``: the exact lowering that computes each expert on its own tokens only.
+"""``grouped-gemm``: give every MoE block the exact lowering that computes each expert on its
+own tokens, by the target's default rule, or with ``autotune`` by timing on this host.
 
-- ``ort``: whichever is faster, measured on ONNX Runtime for a block of the same shapes at a few
-  token counts (geometric mean of the time relative to the fastest), of ``fused``
-  (com.microsoft.MoE, where the block fits it) and ``gather`` (standard ops);
-- ``onnx`` and ``trt``: ``gather`` (per expert: select its tokens, FFN, scatter-add back);
-- ``torch``: whichever is faster, measured the same way in PyTorch, of moec's two kernels (tokens
-  grouped by expert): ``kernel`` (one oneDNN GEMM per expert segment and projection, weights
-  packed when the artifact is loaded) and ``grouped_mm`` (one ``torch._grouped_mm`` per
-  projection over all segments, on the stored weights). Which wins depends on the CPU: on an
-  AMD EPYC ``kernel`` took about half the time at every token count, on a Xeon with AMX
-  ``grouped_mm`` was faster for 64 small experts at a few tokens.
-
-Blocks whose experts are modules keep their gather -> subgraph -> scatter path. Measurements are
-made once per distinct block configuration and kept in the report. Runs after capture.
+The default rule (`moec.registry.Target.default`) is deterministic: the first of the target's
+preferred lowerings that can compute the block and whose size bound the block is within, the
+bounds being the crossover points `bench/lowering_crossover.py` measured. With ``autotune`` the
+target's candidates (``Target.autotune``) that can compute the block are timed on this host
+(`moec.compiler.autotune`, cached on disk) and the fastest kept. Blocks whose experts are
+modules keep their gather -> subgraph -> scatter path. Runs after capture.
 """
 
 from __future__ import annotations
 
-from moec.compiler.capture import CapturedProgram, moe_nodes
-from moec.compiler.lowering_support import EXACT_DEFAULT, unsupported_reasons
-from moec.compiler.lowering_timer import TIMED_TOKENS, time_lowerings
-from moec.ir import WEIGHT_NAMES, MoESpec
+from moec import registry
+from moec.compiler.autotune import TIMED_TOKENS, autotune
+from moec.ir.moe_spec import MoESpec
+from moec.ir.program import CapturedProgram
 from moec.passes.pass_base import Pass, PassResult
+from moec.registry import Target
+from moec.timing import relative_times
 
-__all__ = ["GroupedGemmPass"]
-
-# per target, the exact lowerings timed against each other
-MEASURED_CANDIDATES = {"ort": ("fused", "gather"), "torch": ("kernel", "grouped_mm")}
-RUNTIME_NAMES = {"ort": "ORT", "torch": "PyTorch"}
+__all__ = ["GroupedGemmPass", "default_lowering"]
 
 
-class GroupedGemmPass(Pass):
+def default_lowering(target: Target, spec: MoESpec) -> tuple[str, str]:
+    """(lowering, why) for ``spec`` by ``target``'s default rule."""
+    skipped = []
+    for step in target.default:
+        reasons = registry.lowering(step.lowering).unsupported_reasons(spec)
+        if reasons:
+            skipped.append(f"not {step.lowering}: {'; '.join(reasons)}")
+        elif not step.applies(spec):
+            size = spec.hidden_size * spec.expert_size
+            skipped.append(
+                f"not {step.lowering}: hidden x expert size {size} > {step.max_expert_elements}"
+            )
+        else:
+            why = step.why or f"the default lowering of target {target.name}"
+            return step.lowering, "; ".join([*skipped, why])
+    fallback = target.fallback  # every block can take it, or its check would have said
+    return fallback, "; ".join(skipped)
+
+
+class GroupedGemmPass(Pass[CapturedProgram]):
     name = "grouped-gemm"
-    description = (
-        "each expert on its own tokens: ort the faster of fused/gather, torch of kernel/"
-        "grouped_mm (measured), onnx gather"
-    )
+    description = "each expert on its own tokens: the target's default rule, or --autotune"
 
-    def __init__(self, target: str):
-        self.target = target
+    def __init__(self, target: str, autotune: bool = False):
+        self.target = registry.target(target)
+        self.autotune = autotune
 
-    def call(self, program: CapturedProgram) -> PassResult:
-        timings: dict[str, dict[str, float]] = {}
+    def call(self, program: CapturedProgram) -> PassResult[CapturedProgram]:
+        timings: dict[str, dict] = {}
         choices = []
-        for node in moe_nodes(program.program):
+        for node in program.moe_nodes():
             block = program.block_for(node)
-            spec = MoESpec.from_json(node.args[-1]).with_lowering(None)
-            present = {
-                n for n, a in zip(WEIGHT_NAMES, node.args[3:-1], strict=True) if a is not None
-            }
-            lowering, reason = self._choose(spec, present, timings)
-            node.args = (*node.args[:-1], spec.with_lowering(lowering).to_json())
-            block.lowering, block.reason = lowering, reason
+            spec = program.spec(node).with_lowering(None)
+            if self.autotune:
+                lowering, reason = self._timed(spec, program.present_weights(node), timings)
+            else:
+                lowering, reason = default_lowering(self.target, spec)
+            program.set_lowering(node, lowering, reason)
             choices.append({"block": block.name, "lowering": lowering, "reason": reason})
-        report = {"blocks": choices, "timed_tokens": list(TIMED_TOKENS), "relative_time": timings}
+        report: dict = {"blocks": choices, "autotune": self.autotune}
+        if self.autotune:
+            report.update(timed_tokens=list(TIMED_TOKENS), timings=timings)
         return PassResult(program, bool(choices), report)
 
-    def _choose(self, spec: MoESpec, present: set[str], timings: dict) -> tuple[str, str]:
-        fallback = EXACT_DEFAULT[self.target]
-        if self.target not in MEASURED_CANDIDATES:
-            return fallback, f"the exact grouped lowering for target {self.target}"
+    def _timed(self, spec: MoESpec, present: set[str], timings: dict) -> tuple[str, str]:
         fits, rejected = [], []
-        for lowering in MEASURED_CANDIDATES[self.target]:
-            reasons = unsupported_reasons(spec, lowering)
+        for name in self.target.autotune:
+            reasons = registry.lowering(name).unsupported_reasons(spec)
             if reasons:
-                rejected.append(f"not {lowering}: " + "; ".join(reasons))
+                rejected.append(f"not {name}: " + "; ".join(reasons))
             else:
-                fits.append(lowering)
+                fits.append(name)
         if len(fits) <= 1:
-            return (fits or [fallback])[0], "; ".join(rejected)
+            return (fits or [self.target.fallback])[0], "; ".join(rejected)
         key = f"{spec.summary()} (hidden {spec.hidden_size})"
-        if key not in timings:
-            timings[key] = time_lowerings(spec, present, fits, self.target)
-        relative = timings[key]
+        seconds, cached = autotune(spec, present, fits, self.target)
+        relative = relative_times(seconds)
+        timings[key] = {"relative_time": relative, "cached": cached}
         best = min(relative, key=relative.get)
         spread = ", ".join(f"{k} {v:.2f}" for k, v in relative.items())
-        runtime = RUNTIME_NAMES[self.target]
-        return (
-            best,
-            f"faster on {runtime} (time relative to the best, over T={list(TIMED_TOKENS)}: "
-            f"{spread})",
+        source = "cached timing" if cached else "timed"
+        return best, (
+            f"fastest on this host ({source}; time relative to the best over "
+            f"T={list(TIMED_TOKENS)}: {spread})"
         )

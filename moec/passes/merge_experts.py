@@ -30,10 +30,9 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.optimize import linear_sum_assignment
 
 from moec.compiler.moe_block import op_block
-from moec.compression_options import MERGE_METHODS
 from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights, router_logits
-from moec.ir.moe_op import expert_ffn, expert_hidden
+from moec.ir.expert_kernels import expert_ffn, expert_hidden
 from moec.passes.compression_state import (
     EXPERT_TENSORS,
     BlockStats,
@@ -43,6 +42,7 @@ from moec.passes.compression_state import (
     ridge_least_squares,
 )
 from moec.passes.pass_base import Pass, PassResult
+from moec.settings import MERGE_METHODS
 
 __all__ = ["MergeExpertsPass", "merge_clusters"]
 
@@ -51,7 +51,7 @@ RIDGE = 1e-3
 ALIGN_MAX_WIDTH = 4096
 
 
-class MergeExpertsPass(Pass):
+class MergeExpertsPass(Pass[CompressionState]):
     name = "merge-experts"
     description = "cluster experts on calibration data, merge each cluster, remap the router"
     lossy = True
@@ -61,7 +61,7 @@ class MergeExpertsPass(Pass):
             raise MoecError(f"--merge-method {method!r}: choose one of {MERGE_METHODS}")
         self.keep, self.method, self.correct, self.seed = keep, method, correct, seed
 
-    def call(self, state: CompressionState) -> PassResult:
+    def call(self, state: CompressionState) -> PassResult[CompressionState]:
         stats = state.stats()
         blocks = []
         for index, name in enumerate(state.moe_blocks()):

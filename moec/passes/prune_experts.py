@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 from moec.compiler.moe_block import op_block
-from moec.compression_options import PRUNE_METHODS
 from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights, route, router_logits
-from moec.ir.moe_op import expert_ffn
+from moec.ir.expert_kernels import expert_ffn
 from moec.passes.compression_state import (
     EXPERT_TENSORS,
     BlockStats,
@@ -34,13 +33,14 @@ from moec.passes.compression_state import (
     experts_to_keep,
 )
 from moec.passes.pass_base import Pass, PassResult
+from moec.settings import PRUNE_METHODS
 
 __all__ = ["PruneExpertsPass", "prune_block"]
 
 RECONSTRUCTION_TOKENS = 1024
 
 
-class PruneExpertsPass(Pass):
+class PruneExpertsPass(Pass[CompressionState]):
     name = "prune-experts"
     description = "drop the least valuable experts of each block (frequency, REAP, reconstruction)"
     lossy = True
@@ -50,7 +50,7 @@ class PruneExpertsPass(Pass):
             raise MoecError(f"--prune-method {method!r}: choose one of {PRUNE_METHODS}")
         self.keep, self.method = keep, method
 
-    def call(self, state: CompressionState) -> PassResult:
+    def call(self, state: CompressionState) -> PassResult[CompressionState]:
         stats = state.stats()
         blocks = []
         for name in state.moe_blocks():

@@ -5,13 +5,10 @@ experts on single-threaded GEMMs, instead of every expert's GEMMs being split ov
 dealt out by rows (largest first, each to the least loaded worker), and returns their results
 in task order. `side_by_side(row_counts, threads)` says when that is the faster way here.
 
-Why (AMX Xeon, 2 threads, whole `PackedMoE` blocks of the benchmark's configs, medians of 9
-interleaved rounds, side by side over in turn): Mixtral-like (8 experts of 3584) 1.23 at 4 rows
-per expert, 1.11 at 32, 0.91 at 128 and 0.87 at 512; DeepSeek-like (64 experts of 512) 1.09
-at 12 rows, 1.03 at 24, 1.00 at 48 and 0.91 at 192. A GEMM on a few rows split over two
-threads keeps both busy; on many rows each thread's own expert avoids the split's
-synchronisation and keeps its part of the work in its own cache. The outputs matched the
-threaded GEMMs' bit for bit on these blocks.
+Why: a GEMM on a few rows split over the threads keeps them all busy; on many rows each
+thread's own expert avoids the split's synchronisation and keeps its part of the work in its
+own cache (the crossover, `MIN_ROWS_PER_EXPERT`, is measured in docs/performance.md). The
+outputs match the threaded GEMMs' bit for bit.
 
 Each worker is made single-threaded once, when its pool is built: ``torch.set_num_threads``
 in a thread is that thread's own for OpenMP and MKL, but torch sets a thread's count from the
@@ -31,7 +28,7 @@ import torch
 
 __all__ = ["MIN_ROWS_PER_EXPERT", "run_side_by_side", "side_by_side"]
 
-MIN_ROWS_PER_EXPERT = 96  # mean rows per active expert from which side by side is faster here
+MIN_ROWS_PER_EXPERT = 96  # mean rows per active expert from which side by side is faster
 
 
 def side_by_side(row_counts: Sequence[int], threads: int) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moec.runtime.manifest import DynamicDim, TensorSpec
+from moec.ir.signature import DynamicDim, TensorSpec
 
 __all__ = ["make_inputs"]
 

@@ -12,91 +12,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moec import registry
 from moec.errors import ArtifactError
+from moec.ir.signature import TensorSpec, require
 
-__all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "MANIFEST_NAME",
-    "DynamicDim",
-    "FileEntry",
-    "Manifest",
-    "TensorSpec",
-    "file_sha256",
-]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "FileEntry", "Manifest", "file_sha256"]
 
 FORMAT = "moec-artifact"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-TARGETS = ("ort", "onnx", "trt", "torch")
-DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
-
-
-@dataclass(frozen=True)
-class DynamicDim:
-    """A dimension that varies between calls, within [min, max] (max None: unbounded)."""
-
-    name: str
-    min: int = 1
-    max: int | None = None
-
-    def __str__(self) -> str:
-        return self.name
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output: name, dtype (numpy name), shape (ints and `DynamicDim`s).
-
-    ``role`` is ``main`` for the model's own inputs and outputs and ``routing`` for the
-    per-block routing masks; ``block`` names the MoE block a routing output belongs to;
-    ``value_range`` is the half-open range [low, high) of valid values of an integer input.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int | DynamicDim, ...]
-    role: str = "main"
-    block: str | None = None
-    value_range: tuple[int, int] | None = None
-
-    @property
-    def rank(self) -> int:
-        return len(self.shape)
-
-    def shape_str(self) -> str:
-        return "[" + ", ".join(str(d) for d in self.shape) + "]"
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["shape"] = [d if isinstance(d, int) else asdict(d) for d in self.shape]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> TensorSpec:
-        _expect(isinstance(data, dict), where, "must be an object")
-        _expect(isinstance(data.get("name"), str), where, "needs a string 'name'")
-        _expect(data.get("dtype") in DTYPES, where, f"'dtype' must be one of {DTYPES}")
-        _expect(isinstance(data.get("shape"), list), where, "needs a list 'shape'")
-        shape: list[int | DynamicDim] = []
-        for d in data["shape"]:
-            if isinstance(d, int) and d >= 0:
-                shape.append(d)
-                continue
-            _expect(isinstance(d, dict) and isinstance(d.get("name"), str), where, f"bad dim {d!r}")
-            low, high = d.get("min", 1), d.get("max")
-            _expect(isinstance(low, int) and low >= 0, where, f"bad min in dim {d!r}")
-            _expect(high is None or (isinstance(high, int) and high >= low), where, f"dim {d!r}")
-            shape.append(DynamicDim(d["name"], low, high))
-        value_range = data.get("value_range")
-        if value_range is not None:
-            _expect(
-                isinstance(value_range, list) and len(value_range) == 2, where, "bad value_range"
-            )
-            value_range = (int(value_range[0]), int(value_range[1]))
-        role = data.get("role", "main")
-        _expect(role in ("main", "routing"), where, f"unknown role {role!r}")
-        return cls(data["name"], data["dtype"], tuple(shape), role, data.get("block"), value_range)
 
 
 @dataclass(frozen=True)
@@ -121,6 +45,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     compression: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # `CompileSettings.to_dict()`
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -158,18 +83,20 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = MANIFEST_NAME) -> Manifest:
-        _expect(isinstance(data, dict), where, "must be a JSON object")
-        _expect(data.get("format") == FORMAT, where, f"'format' must be {FORMAT!r}")
+        require(isinstance(data, dict), where, "must be a JSON object")
+        require(data.get("format") == FORMAT, where, f"'format' must be {FORMAT!r}")
         version = data.get("format_version")
-        _expect(
+        require(
             version == FORMAT_VERSION,
             where,
             f"format_version {version!r} is not {FORMAT_VERSION}, the one this moec reads; "
             "compile the artifact with this version of moec",
         )
-        _expect(data.get("target") in TARGETS, where, f"'target' must be one of {TARGETS}")
+        targets = registry.target_names()
+        require(data.get("target") in targets, where, f"'target' must be one of {targets}")
+        declared = (*registry.target(data["target"]).files, *registry.SHARED_FILE_ROLES)
         for key, kind in (("source", dict), ("inputs", list), ("outputs", list), ("files", dict)):
-            _expect(isinstance(data.get(key), kind), where, f"needs '{key}' ({kind.__name__})")
+            require(isinstance(data.get(key), kind), where, f"needs '{key}' ({kind.__name__})")
         files = {}
         for role, entry in data["files"].items():
             ok = (
@@ -178,24 +105,29 @@ class Manifest:
                 and isinstance(entry.get("bytes"), int)
                 and isinstance(entry.get("sha256"), str)
             )
-            _expect(ok, where, f"files.{role} needs path, bytes and sha256")
-            _expect(
+            require(ok, where, f"files.{role} needs path, bytes and sha256")
+            require(
+                role in declared,
+                where,
+                f"files.{role}: a {data['target']} artifact has no such file",
+            )
+            require(
                 "/" not in entry["path"] and entry["path"] not in ("", ".", ".."),
                 where,
                 f"files.{role}.path must be a plain file name",
             )
             files[role] = FileEntry(entry["path"], entry["bytes"], entry["sha256"])
-        _expect("model" in files, where, "files needs a 'model' entry")
+        require("model" in files, where, "files needs a 'model' entry")
         inputs = [
             TensorSpec.from_dict(d, f"{where}: inputs[{i}]") for i, d in enumerate(data["inputs"])
         ]
         outputs = [
             TensorSpec.from_dict(d, f"{where}: outputs[{i}]") for i, d in enumerate(data["outputs"])
         ]
-        _expect(bool(inputs), where, "declares no inputs")
-        _expect(any(o.role == "main" for o in outputs), where, "declares no main output")
+        require(bool(inputs), where, "declares no inputs")
+        require(any(o.role == "main" for o in outputs), where, "declares no main output")
         names = [t.name for t in inputs + outputs]
-        _expect(len(names) == len(set(names)), where, "input/output names must be unique")
+        require(len(names) == len(set(names)), where, "input/output names must be unique")
         optional = {
             "blocks": list,
             "passes": list,
@@ -203,9 +135,10 @@ class Manifest:
             "versions": dict,
             "notes": list,
             "compression": dict,
+            "settings": dict,
         }
         for key, kind in optional.items():
-            _expect(
+            require(
                 isinstance(data.get(key, kind()), kind), where, f"'{key}' must be a {kind.__name__}"
             )
         return cls(
@@ -220,6 +153,7 @@ class Manifest:
             versions=data.get("versions", {}),
             notes=data.get("notes", []),
             compression=data.get("compression", {}),
+            settings=data.get("settings", {}),
         )
 
     def check_files(self, directory: Path) -> None:
@@ -245,8 +179,3 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _expect(condition: bool, where: str, what: str) -> None:
-    if not condition:
-        raise ArtifactError(f"{where}: {what}")

@@ -7,15 +7,11 @@ otherwise): blocks of ``b`` output rows, each an [in, b] row-major matrix. That 
 The view is taken only when the packed buffer holds exactly that layout, checked element for
 element against the dense weight when packing; otherwise every call takes oneDNN.
 
-Why (AMX Xeon, 2 threads): a call into oneDNN's GEMM costs about 20 us outside its kernel,
-in torch's ideep wrapper (a 16x16 call takes 19 us, of which oneDNN's verbose log counts 1 us
-in the kernel), and its one-row GEMM streams slower than MKL's. The GEMMs of a DeepSeek-like
-block at one token (six experts and the shared one, one row each) took 1.75 ms on oneDNN and
-1.43 ms with MKL reading the view (medians of 15 interleaved rounds); from two rows on,
-oneDNN's blocked GEMM is as fast or faster (52 distinct [1024, 1024] weights on two rows: 9.0
-against 10.0 ms). On an AMD EPYC oneDNN won at every row count. Up to how many rows MKL wins
-is the host's, so `mkl_rows_limit` measures it, once per weight shape and thread count in a
-process.
+Why: a call into oneDNN's GEMM has a fixed cost outside its kernel (in torch's ideep
+wrapper), and on some hosts its one-row GEMM streams slower than MKL's, while from a few rows
+on its blocked GEMM is as fast or faster. Up to how many rows MKL wins is the host's (on some
+CPUs oneDNN wins at every row count), so `mkl_rows_limit` measures it, once per weight shape
+and thread count in a process. The measurements are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ import time
 
 import torch
 
-from moec.ir.moe_op import onednn_linear
+from moec.ir.expert_kernels import onednn_linear
 
 __all__ = ["PackedGemm", "mkl_rows_limit"]
 
@@ -98,8 +94,8 @@ def mkl_rows_limit(out_features: int, in_features: int, threads: int) -> int:
 
     Each timed call runs one GEMM on every weight of a pool of distinct random ones (at least
     `PROBE_POOL_BYTES`, or `PROBE_POOL_MAX` weights), one after another, as a block runs its
-    chosen experts: one weight timed over and over sits in the core's cache, where MKL won up
-    to 8 rows on config B's down projection against 1 row from a 32 MiB pool."""
+    chosen experts: one weight timed over and over would sit in the core's cache, where MKL
+    wins more rows than it does on weights streaming from memory."""
     del threads  # part of the cache key: the timings hold for the count they ran with
     size = out_features * in_features * 4
     pool = [

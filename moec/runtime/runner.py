@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from moec.errors import InputError
-from moec.runtime.manifest import DynamicDim, Manifest, TensorSpec
+from moec.errors import InputError, UsageError
+from moec.ir.signature import DynamicDim, TensorSpec
+from moec.runtime.manifest import Manifest
 
 __all__ = ["Runner", "check_feeds", "feed_layout"]
 
@@ -56,7 +57,7 @@ class Runner(abc.ABC):
     def infer(self, feeds: dict[str, Any]) -> dict[str, Any]:
         """Run on ``feeds`` (name -> array or tensor); returns every output by name."""
         if not self.is_active:
-            raise InputError(f"{type(self).__name__} is not active; use it in a with-block")
+            raise UsageError(f"{type(self).__name__} is not active; use it in a with-block")
         as_torch = any(_is_torch(v) for v in feeds.values())
         arrays = self.checked_feeds(feeds)
         start = time.perf_counter()
@@ -70,9 +71,8 @@ class Runner(abc.ABC):
 
     def checked_feeds(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         """`check_feeds`, whose checks of names, dtypes and shapes run once per layout of the
-        feeds (`feed_layout`): a runner called token by token runs them on every call, and on
-        caches a layer's weights have just streamed through they took about 20 us of a one-token
-        MoE layer's 1.5 ms. Value ranges are checked on every call."""
+        feeds (`feed_layout`), since a runner called token by token would otherwise repeat them
+        on every call. Value ranges are checked on every call."""
         layout = feed_layout(feeds)
         if layout is None or layout not in self.valid_layouts:
             arrays = check_feeds(self.manifest.inputs, feeds)

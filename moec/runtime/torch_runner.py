@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import moec.ir  # noqa: F401  (registers torch.ops.moec.moe, which the program calls)
+import moec.ir.moe_op  # noqa: F401  (registers torch.ops.moec.moe, which the program calls)
 from moec.errors import ArtifactError
 from moec.runtime.manifest import Manifest
 from moec.runtime.runner import Runner
@@ -62,13 +62,12 @@ def prepare_program(module: torch.fx.GraphModule, pack: bool = True) -> PackingR
 
     The runner hands the program a flat tuple of tensors in the manifest's order, checked
     against the manifest first (`check_feeds`), and reads a flat tuple of outputs. So the
-    exported module's pre-hook that flattens the inputs again to compare pytree structures
-    (0.14 ms measured, a twentieth of a DeepSeek-like layer at one token) is switched off, and
-    where the program takes and returns only flat tensors its pytree flattening and
-    unflattening go too (`_flat_signature`): at one token, on caches the layer's weights have
-    just streamed through, they cost about 20 us. The program's own shape guards (its
-    _guards_fn node) still run. Its other hooks enter and leave graph inputs that are modules,
-    which moec's programs never take, so the runner calls ``forward`` past them."""
+    exported module's pre-hook that flattens the inputs again to compare pytree structures is
+    switched off, and where the program takes and returns only flat tensors its pytree
+    flattening and unflattening go too (`_flat_signature`): at one token these per-call costs
+    are a visible share of a layer's time. The program's own shape guards (its _guards_fn node)
+    still run. Its other hooks enter and leave graph inputs that are modules, which moec's
+    programs never take, so the runner calls ``forward`` past them."""
     module.validate_inputs = False
     _flat_signature(module)
     return pack_weights(module) if pack else PackingReport()

@@ -1,33 +1,26 @@
 """Load-time weight packing for ``torch`` artifacts.
 
 `pack_weights` replaces every ``moec::moe`` node of a loaded program by a `PackedMoE` module that
-holds the block's expert weights in oneDNN's blocked GEMM layout (`PackedGemm`, which also lets MKL
-read that layout where it is faster, on a few rows on some hosts), and every ``aten.linear`` with a
-stored weight (attention, a family's shared expert, the LM head) by a `PackedLinear`, except
-weights of fewer than 64 output rows (a router over 8 experts), which stay with ``aten.linear``:
-after the experts' weights have streamed through the caches, a [8, 1024] router took 30 us on its
-dense weight and 96 us packed at one row (114 and 158 us at 512 rows), where oneDNN's cost per call
-outweighs its faster kernel; at 64 rows packing won at 512 rows (280 against 358 us). Weights are
-packed once when the artifact is loaded and the dense copies are dropped from the module, so memory
-stays at one copy of the weights (as ONNX Runtime prepacks its MatMul weights at session creation).
-Gate and up projections are packed as one [2I, H] matrix: one GEMM per expert instead of two. No-op
-dtype conversions (a family's ``.float()`` on float32 tensors) and the exporter's metadata checks
-before them are dropped first: each costs a dispatch at every call, and a conversion on a weight
-hides it from packing.
+holds the block's expert weights in oneDNN's blocked GEMM layout (`PackedGemm`, which also lets
+MKL read that layout where it is faster, on a few rows on some hosts), and every ``aten.linear``
+with a stored weight (attention, a family's shared expert, the LM head) by a `PackedLinear`,
+except weights of fewer than `MIN_PACKED_OUT_FEATURES` output rows (a router over a few
+experts), where oneDNN's cost per call outweighs its faster kernel. Weights are packed once when
+the artifact is loaded and the dense copies are dropped, so memory stays at one copy of the
+weights (as ONNX Runtime prepacks its MatMul weights at session creation). Gate and up
+projections are packed as one [2I, H] matrix: one GEMM per expert instead of two. No-op dtype
+conversions (a family's ``.float()`` on float32 tensors) and the exporter's metadata checks
+before them are dropped first: each costs a dispatch at every call, and a conversion on a
+weight hides it from packing.
 
-Why (measured, 2 threads): on an AVX-512 Xeon a packed [3584, 1024] float32 weight ran at 33,
-265 and 444 GFLOPS for 1, 16 and 128 rows against 23, 143 and 310 for the same GEMM reading the
-dense weight. On an AMD EPYC (the host of earlier benchmark runs) the benchmark's layers with dense
-expert weights took 1.29-1.58x the packed time at 16 tokens and 1.11-1.15x at 512, but
-0.86-0.89x at one token, where oneDNN's GEMV on a dense weight streams faster; oneDNN's
-batch-size hint for packing changed nothing there (nor on an AMX Xeon). One layout serves every
-token count, so the packed one is kept (two would double the weights). Routing, grouping and
-combining are the eager kernel's own (`moec.ir.moe_eager`), so the packed block computes the
-same function (at many rows per expert with its experts side by side, one per thread:
-`moec.runtime.expert_threads`), except at one token routed by the family's router, where
+Why one packed layout: packed weights are faster than dense ones at most token counts on the
+hosts measured (docs/performance.md), and two layouts would double the weights. Routing,
+grouping and combining are the eager kernel's own (`moec.ir.moe_eager`), so the packed block
+computes the same function (at many rows per expert with its experts side by side, one per
+thread: `moec.runtime.expert_threads`), except at one token routed by the family's router, where
 grouping and combining take a shorter path of their own (`PackedMoE._one_token`); only float32
-blocks of the ``kernel`` lowering on a torch built with oneDNN are packed, any other node keeps
-running the op's kernel.
+blocks whose lowering's kernel is the per-expert one (``kernel``) on a torch built with oneDNN
+are packed, any other node keeps running the op's kernel.
 """
 
 from __future__ import annotations
@@ -38,14 +31,17 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, WEIGHT_NAMES, MoESpec, MoEWeights, moe_eager
-from moec.ir.moe_op import (
+from moec.ir.expert_kernels import (
     ONEDNN,
-    chosen_from_ids,
+    PLAIN_ACTIVATION_FUNCTIONS,
     expert_segments,
     gated_activation,
-    gather_experts_scatter,
+    grouped_experts,
 )
+from moec.ir.moe_op import chosen_from_ids, experts_kernel, gather_experts_scatter, moe_eager
+from moec.ir.moe_spec import MoESpec
+from moec.ir.moe_weights import MoEWeights
+from moec.ir.program import is_moe_node, node_args
 from moec.runtime.expert_threads import run_side_by_side, side_by_side
 from moec.runtime.packed_gemm import PackedGemm
 
@@ -59,12 +55,13 @@ ASSERTED = ("dtype", "device", "layout")  # what _assert_tensor_metadata checks 
 
 
 def packable(spec: MoESpec, weights: MoEWeights) -> bool:
-    """Whether `PackedMoE` can hold this block: FFN experts, float32, oneDNN built in, and not
-    lowered to ``grouped_mm`` (which runs on the stored weights)."""
+    """Whether `PackedMoE` can hold this block: FFN experts, float32, oneDNN built in, and a
+    lowering whose kernel is the per-expert one it packs (`grouped_experts`; ``grouped_mm``
+    runs on the stored weights)."""
     return (
         ONEDNN
         and spec.expert_kind != "module"
-        and spec.lowering != "grouped_mm"
+        and experts_kernel(spec.lowering) is grouped_experts
         and all(t.dtype == torch.float32 for _, t in weights.items())
     )
 
@@ -147,10 +144,8 @@ class PackedMoE(nn.Module):
         """``out`` plus the routed experts' outputs, each times its gate, at their tokens (the
         ``experts`` step of `moe_eager`). Side by side, each expert gathers its own rows and
         scales its own output in its worker, and those outputs are added into ``out`` one by
-        one: no [P, H] tensor of all pairs. A DeepSeek-like block at 2048 tokens has 12288
-        pairs, 50 MB a tensor; gathering them, concatenating the experts' outputs and scaling
-        them took 3, 10 and 9 ms of about 185 (each new tensor that large is fresh memory,
-        paged in as it is first written)."""
+        one: no [P, H] tensor of all pairs, which at thousands of tokens is tens of MB of fresh
+        memory, paged in as it is first written."""
         sizes = [n for n in counts if n]
         threads = torch.get_num_threads()
         if not side_by_side(sizes, threads):
@@ -168,12 +163,9 @@ class PackedMoE(nn.Module):
         """`forward` on one token routed by the family (ids and weights [..., k]): each chosen
         expert runs on the token itself (no gather), the activation once over all k, and the
         gates combine the k outputs in one matmul (no scatter). At one token the block's time
-        beyond its GEMMs is its small ops and the Python between them, each costing several
-        microseconds on caches the weights have just streamed through: on `bench/moe_layer.py`'s
-        configs this path runs 27 and 51 aten ops where `moe_eager` runs 36 and 60, and the
-        loaded one-token layer took 1.96 and 1.59 ms against 2.10 and 1.64 (A, B; medians of
-        9 interleaved rounds). Each slot is a pair, as in `moe_eager`: an expert chosen twice
-        runs twice and its outputs add up."""
+        beyond its GEMMs is its small ops and the Python between them, so fewer ops matter.
+        Each slot is a pair, as in `moe_eager`: an expert chosen twice runs twice and its
+        outputs add up."""
         chosen = chosen_from_ids(self.spec, ids)  # first: an id out of range fails here
         flat = x.reshape(1, -1)
         out = self._in_turn([(e, flat) for e in ids.reshape(-1).tolist()])
@@ -258,7 +250,7 @@ def pack_weights(module: fx.GraphModule) -> PackingReport:
     for node in list(module.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target is torch.ops.moec.moe.default:
+        if is_moe_node(node):
             report.moe_blocks += _pack_moe(module, node, report.moe_blocks)
         elif node.target is torch.ops.aten.linear.default:
             report.linears += _pack_linear(module, node, report.linears)
@@ -317,18 +309,19 @@ def _replace(module: fx.GraphModule, node: fx.Node, name: str, packed: nn.Module
 
 
 def _pack_moe(module: fx.GraphModule, node: fx.Node, index: int) -> int:
-    *tensor_args, spec_json = node.args[3:]
-    if not all(_stored(a) for a in tensor_args):
+    args = node_args(node)
+    if not all(_stored(a) for a in args.weights.values()):
         return 0  # a weight computed in the graph: leave the node to the op's kernel
     tensors = {
         name: None if a is None else _attribute(module, a.target)
-        for name, a in zip(WEIGHT_NAMES, tensor_args, strict=True)
+        for name, a in args.weights.items()
     }
-    spec, weights = MoESpec.from_json(spec_json), MoEWeights(**tensors)
+    spec, weights = args.spec, MoEWeights(**tensors)
     if not packable(spec, weights):
         return 0
     packed = PackedMoE(spec, weights)
-    _replace(module, node, f"moec_packed_moe_{index}", packed, node.args[:3], tensor_args)
+    inputs = (args.x, args.routed_ids, args.routed_weights)
+    _replace(module, node, f"moec_packed_moe_{index}", packed, inputs, args.weights.values())
     return 1
 
 

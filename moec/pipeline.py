@@ -1,0 +1,222 @@
+"""``compile``: load -> compress -> capture -> passes -> emit (lower to the target's files and
+write the artifact), with timings per stage.
+
+The one place that runs passes. Everything it does is decided by a `CompileSettings` (built
+from the CLI's flags or ``moec.compile``'s keywords) and the registry's entry of its target.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import moec
+from moec import registry
+from moec.compiler.artifact_writer import check_destination, write_artifact
+from moec.compiler.capture import capture
+from moec.compiler.sources import LoadedSource, load_source, source_from_module
+from moec.errors import MoecError
+from moec.ir.program import BlockRecord, CapturedProgram
+from moec.models import ModelSource
+from moec.models.hf_models import hf_model_source, is_hf_model
+from moec.passes import CALIBRATION_SCHEDULE, Pass, PassManager, default_passes, lossy_passes
+from moec.passes.calibration import load_calibration
+from moec.passes.compress import CompressionResult, compress_model
+from moec.runtime.inputs import make_inputs
+from moec.runtime.manifest import Manifest
+from moec.settings import FLAGS, CompileSettings
+
+__all__ = ["DEFAULT_TOLERANCES", "STAGES", "CompileResult", "compile_model"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("load", "compress", "capture", "passes", "emit")
+DEFAULT_TOLERANCES = {"rel_l2": 1e-5, "routing_agreement": 0.999}
+SOURCE_OPTIONS = (
+    "input_names",
+    "output_names",
+    "dynamic_shapes",
+    "input_ranges",
+    "example_inputs_file",
+)
+SETTING_FLAGS = {f.name for f in FLAGS}
+
+StageCallback = Callable[[str], None]
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class CompileResult:
+    """A written artifact and how it was made."""
+
+    path: Path
+    manifest: Manifest
+    blocks: list[BlockRecord]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.bytes for f in self.manifest.files.values())
+
+    @property
+    def settings(self) -> CompileSettings:
+        return CompileSettings.from_dict(self.manifest.settings)
+
+    def load(self):
+        from moec.runtime.load import load
+
+        return load(self.path)
+
+
+def compile_model(
+    model: nn.Module | str,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    settings: CompileSettings | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    trust_pickle: bool = False,
+    passes: list[Pass] | None = None,
+    calibration: list[dict[str, np.ndarray]] | None = None,
+    on_stage: StageCallback | None = None,
+    on_step: StepCallback | None = None,
+    **options: Any,
+) -> CompileResult:
+    """Compile ``model`` (an nn.Module with ``example_inputs``, or a SRC string).
+
+    How: ``settings``, or its flags as keywords (``target="ort"``, ``lowering="gather"``,
+    ``capacity=1.5``, ``merge_experts=0.5``, ``calib="ids.npy"``, ...: `CompileSettings`
+    `.from_flags`). Where: ``output`` (default: a new temporary directory), replaced only with
+    ``force``. ``trust_pickle``: allow SRC to be a pickle (unpickling runs code).
+    ``passes``: the post-capture pipeline instead of `default_passes`; ``calibration``: feeds
+    for the capacity pass (default: seeded random inputs of the model's declared shapes).
+    ``on_stage(name)``, ``on_step(step, steps)``: progress of the stages and of distillation.
+    Further keywords are `ModelSource` fields for an nn.Module (input_names, output_names,
+    dynamic_shapes, input_ranges) or ``example_inputs_file`` (a .npz) for a pickled bare module.
+    """
+    flags = {k: v for k, v in options.items() if k in SETTING_FLAGS}
+    source_options = {k: v for k, v in options.items() if k not in SETTING_FLAGS}
+    unknown = sorted(set(source_options) - set(SOURCE_OPTIONS))
+    if unknown:
+        raise TypeError(f"moec.compile() got unexpected keyword argument(s) {unknown}")
+    if settings is None:
+        settings = CompileSettings.from_flags(flags)
+    elif flags:
+        raise MoecError(f"give settings or their flags ({sorted(flags)}), not both")
+    target = registry.target(settings.target)
+    target.writer()  # an unavailable target fails before any work
+    out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="moec-")) / "out"
+    check_destination(out, force)
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        if on_stage is not None:
+            on_stage(name)
+        start = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - start
+
+    with stage("load"):
+        loaded = _load(model, example_inputs, trust_pickle, source_options)
+    compression = None
+    lossy = lossy_passes(settings)
+    if lossy:
+        with stage("compress"):
+            for p in lossy:
+                if on_step is not None and hasattr(p, "on_step"):
+                    p.on_step = on_step
+            data = load_calibration(settings.calib, loaded.model_source, settings.calib_samples)
+            compression = compress_model(loaded.model_source, lossy, data)
+    with stage("capture"):
+        captured = capture(compression.source if compression else loaded.model_source)
+    with stage("passes"):
+        if passes is None:
+            if calibration is None and settings.wants_capacity:
+                calibration = make_inputs(captured.inputs, CALIBRATION_SCHEDULE, seed=1)
+            passes = default_passes(settings, calibration)
+        captured, pass_records = PassManager(passes).run(captured)
+        _lower_the_rest(captured, target)
+    with stage("emit"):
+        manifest = Manifest(
+            target=target.name,
+            source=loaded.record,
+            inputs=captured.inputs,
+            outputs=captured.outputs,
+            files={},
+            blocks=[b.to_dict() for b in captured.block_records()],
+            passes=(compression.records if compression else []) + pass_records,
+            compression=compression.manifest_section() if compression else {},
+            tolerances=dict(DEFAULT_TOLERANCES),
+            versions=_versions(),
+            notes=captured.notes,
+            settings=settings.to_dict(),
+        )
+        path = write_artifact(out, manifest, _writer(captured, target, compression), force)
+    log.info("compiled %s for %s into %s", loaded.record["spec"], target.name, path)
+    return CompileResult(path, manifest, captured.block_records(), timings, captured.notes)
+
+
+def _lower_the_rest(program: CapturedProgram, target: registry.Target) -> None:
+    """Give a block no pass lowered (a custom ``passes`` list) the target's exact fallback."""
+    for node in program.moe_nodes():
+        if program.spec(node).lowering is None:
+            program.set_lowering(node, target.fallback, "no pass chose one: the exact fallback")
+
+
+def _writer(
+    program: CapturedProgram, target: registry.Target, compression: CompressionResult | None
+):
+    """``write(directory) -> {role: file}`` for the artifact writer: the target's files, and
+    the compressed blocks when lossy passes ran."""
+    write = target.writer()
+
+    def files(directory: Path) -> dict[str, str]:
+        written = write(program, directory, target)
+        if compression is not None:
+            written["compressed"] = compression.write_tensors(directory)
+        return written
+
+    return files
+
+
+def _load(model, example_inputs, trust_pickle: bool, options: dict[str, Any]) -> LoadedSource:
+    if isinstance(model, str):
+        return load_source(model, trust_pickle=trust_pickle, **options)
+    if not isinstance(model, nn.Module):
+        raise MoecError(f"moec.compile takes an nn.Module or a SRC string, not {type(model)}")
+    if is_hf_model(model) and example_inputs is None:
+        return source_from_module(hf_model_source(model.eval()))
+    if example_inputs is None:
+        raise MoecError("moec.compile(model, example_inputs): example_inputs are required")
+    inputs = (
+        tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    )
+    return source_from_module(ModelSource(model.eval(), inputs, **options))
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    return {
+        "moec": moec.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }

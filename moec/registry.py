@@ -1,0 +1,303 @@
+"""The registry of targets and lowerings (after Torch-TensorRT's converter registry).
+
+A `Lowering` is one way to compute a ``moec::moe`` node: the targets that can run it, a
+capability check that returns its reasons when a block does not fit, and its emitter (a
+torch.onnx translation for ONNX targets, an experts kernel for PyTorch ones). A `Target` is an
+artifact kind: its files, the rule that picks a block's default lowering, the writer that makes
+its files from a captured program, and the runner that loads them.
+
+Hooks are given as callables or as ``"module:attribute"`` strings, imported on first use, so
+this module imports nothing but `moec.errors`: the CLI lists its choices without torch, and
+`moec.load` finds a runner without importing the compiler. The CLI's choices, settings and
+manifest validation, `moec.load` and the pipeline all read the registry; a new target or
+lowering is new files plus one `register_target` or `register_lowering` call (the built-in
+ones are the `BUILTIN_TARGETS` and `BUILTIN_LOWERINGS` below).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from moec.errors import LoweringError, MoecError, TargetNotBuiltError
+
+__all__ = [
+    "BUILTIN_LOWERINGS",
+    "BUILTIN_TARGETS",
+    "CAPACITY",
+    "DEFAULT_TARGET",
+    "SHARED_FILE_ROLES",
+    "Lowering",
+    "Prefer",
+    "Target",
+    "lowering",
+    "lowering_names",
+    "lowerings_for",
+    "register_lowering",
+    "register_target",
+    "registered",
+    "resolve",
+    "target",
+    "target_names",
+    "unregister",
+]
+
+Hook = Callable[..., Any] | str  # a callable, or "module:attribute" imported on first use
+SHARED_FILE_ROLES = ("compressed",)  # files any target's artifact may carry (the lossy passes')
+CAPACITY = "capacity"  # the lowering --capacity-factor and --capacity choose (`CapacityPass`)
+DEFAULT_TARGET = "ort"  # what moec compile builds without --target
+
+
+def resolve(hook: Hook) -> Any:
+    """The object a hook names (imported on first use)."""
+    return _import(hook) if isinstance(hook, str) else hook
+
+
+@functools.cache
+def _import(hook: str) -> Any:
+    module, _, attr = hook.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """One way to compute a ``moec::moe`` node.
+
+    ``check(spec) -> list[str]``: why a block cannot take this lowering (empty: it can); blocks
+    whose experts are modules never can. ``onnx(spec, x, weights) -> y``: the torch.onnx
+    translation of the op (ONNX targets). ``kernel(spec, weights, rows, counts) -> rows``: the
+    experts kernel the op runs in PyTorch (the torch target); ``None``: the op's own.
+    ``exact``: whether it computes the block exactly, in words for the tables.
+    """
+
+    name: str
+    targets: tuple[str, ...]
+    description: str
+    check: Hook | None = None
+    onnx: Hook | None = None
+    kernel: Hook | None = None
+    exact: str = "yes"
+
+    def unsupported_reasons(self, spec: Any) -> list[str]:
+        """Why this lowering cannot compute the block ``spec`` (a `MoESpec`; empty: it can)."""
+        if spec.expert_kind == "module":
+            return [
+                "its experts are modules, which only the gather -> subgraph -> scatter path runs"
+            ]
+        return list(resolve(self.check)(spec)) if self.check is not None else []
+
+
+@dataclass(frozen=True)
+class Prefer:
+    """One step of a target's default rule: ``lowering`` for every block it can compute whose
+    expert GEMM (hidden x expert size) has at most ``max_expert_elements`` elements (None: any);
+    the figures come from ``bench/lowering_crossover.py``."""
+
+    lowering: str
+    max_expert_elements: int | None = None
+    why: str = ""
+
+    def applies(self, spec: Any) -> bool:
+        limit = self.max_expert_elements
+        return limit is None or spec.hidden_size * spec.expert_size <= limit
+
+
+@dataclass(frozen=True)
+class Target:
+    """An artifact kind.
+
+    ``files``: role -> file name the writer may produce (``model`` always). ``default``: the
+    rule for a block's lowering, tried in order (the last entry is the exact fallback every
+    block takes). ``autotune``: the exact lowerings ``--autotune`` times against each other.
+    ``write(program, directory, target) -> {role: file}``: makes the files of a captured
+    program; ``runner``: the `moec.runtime.Runner` subclass that loads them. ``unavailable``:
+    why this build of moec cannot compile it (then ``write`` is None).
+    """
+
+    name: str
+    description: str
+    files: dict[str, str]
+    default: tuple[Prefer, ...]
+    autotune: tuple[str, ...] = ()
+    write: Hook | None = None
+    runner: Hook | None = None
+    unavailable: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fallback(self) -> str:
+        """The exact lowering every block of this target can take."""
+        return self.default[-1].lowering
+
+    def writer(self) -> Callable[..., dict[str, str]]:
+        if self.write is None:
+            raise TargetNotBuiltError(self.unavailable or f"target {self.name} cannot be compiled")
+        return resolve(self.write)
+
+    def runner_class(self) -> type:
+        if self.runner is None:
+            raise TargetNotBuiltError(
+                self.unavailable or f"this version of moec cannot run {self.name!r} artifacts"
+            )
+        return resolve(self.runner)
+
+
+BUILTIN_TARGETS = (
+    Target(
+        "ort",
+        "model.onnx for ONNX Runtime; may use com.microsoft.MoE and MoEGroupRouter",
+        {"model": "model.onnx", "weights": "model.onnx.data"},
+        (
+            Prefer("fused", 65536, "ORT's fused MoE op; measured faster on small experts"),
+            Prefer("gather", why="standard ops; measured faster on larger experts"),
+        ),
+        autotune=("fused", "gather"),
+        write="moec.compiler.onnx_artifact:write_onnx",
+        runner="moec.runtime.ort_runner:OrtRunner",
+        options={"standard_ops_only": False},
+    ),
+    Target(
+        "onnx",
+        "model.onnx with standard ops only, for TensorRT and other ONNX runtimes",
+        {"model": "model.onnx", "weights": "model.onnx.data"},
+        (Prefer("gather", why="the exact grouped lowering in standard ops"),),
+        write="moec.compiler.onnx_artifact:write_onnx",
+        runner="moec.runtime.ort_runner:OrtRunner",
+        options={"standard_ops_only": True},
+    ),
+    Target(
+        "trt",
+        "a TensorRT engine built from the portable ONNX",
+        {"model": "engine.plan"},
+        (Prefer("gather"),),
+        unavailable=(
+            "--target trt is not built in this version of moec; compile --target onnx and build "
+            "the engine on the deployment machine with TensorRT (trtexec --onnx=OUT/model.onnx)"
+        ),
+    ),
+    Target(
+        "torch",
+        "model.pt2 (an ExportedProgram) whose moec::moe nodes run moec's kernels",
+        {"model": "model.pt2"},
+        (Prefer("kernel", why="one GEMM per expert on weights packed at load"),),
+        autotune=("kernel", "grouped_mm"),
+        write="moec.compiler.pt2_artifact:write_pt2",
+        runner="moec.runtime.torch_runner:TorchRunner",
+    ),
+)
+
+BUILTIN_LOWERINGS = (
+    Lowering(
+        "fused",
+        ("ort",),
+        "com.microsoft.MoE; routing it cannot express is computed in standard ops",
+        check="moec.compiler.lower_moe_fused:unsupported_reasons",
+        onnx="moec.compiler.lower_moe_fused:lower_moe_fused",
+    ),
+    Lowering(
+        "gather",
+        ("ort", "onnx", "trt"),
+        "each expert gathers its tokens -> FFN -> each token gathers its k output rows back",
+        onnx="moec.compiler.lower_moe_gather:lower_moe_gather",
+    ),
+    Lowering(
+        CAPACITY,
+        ("ort", "onnx", "trt"),
+        "static [E, C, H] buffers and batched MatMuls, C = min(T, ceil(F T k / E))",
+        check="moec.compiler.lower_moe_capacity:unsupported_reasons",
+        onnx="moec.compiler.lower_moe_capacity:lower_moe_capacity",
+        exact="if no expert overflows",
+    ),
+    Lowering(
+        "dense",
+        ("ort", "onnx", "trt"),
+        "every expert on every token, masked combine (E/k times the FLOPs)",
+        onnx="moec.compiler.lower_moe_dense:lower_moe_dense",
+    ),
+    Lowering(
+        "kernel",
+        ("torch",),
+        "tokens grouped by expert, one GEMM per expert; weights packed for oneDNN at load",
+        kernel="moec.ir.expert_kernels:grouped_experts",
+    ),
+    Lowering(
+        "grouped_mm",
+        ("torch",),
+        "tokens grouped by expert, one torch._grouped_mm per projection, on the stored weights",
+        check="moec.ir.expert_kernels:grouped_mm_unsupported_reasons",
+        kernel="moec.ir.expert_kernels:grouped_mm_experts",
+    ),
+)
+
+_TARGETS: dict[str, Target] = {t.name: t for t in BUILTIN_TARGETS}
+_LOWERINGS: dict[str, Lowering] = {lw.name: lw for lw in BUILTIN_LOWERINGS}
+
+
+def register_target(entry: Target) -> Target:
+    """Add a target (its default rule's lowerings must be registered for it)."""
+    if entry.name in _TARGETS:
+        raise MoecError(f"target {entry.name!r} is already registered")
+    if "model" not in entry.files or not entry.default:
+        raise MoecError(f"target {entry.name!r} needs a 'model' file and a default rule")
+    _TARGETS[entry.name] = entry
+    return entry
+
+
+def register_lowering(entry: Lowering) -> Lowering:
+    """Add a lowering for the targets it names."""
+    if entry.name in _LOWERINGS:
+        raise MoecError(f"lowering {entry.name!r} is already registered")
+    if (entry.onnx is None) == (entry.kernel is None):
+        raise MoecError(f"lowering {entry.name!r} needs one emitter: onnx or kernel")
+    _LOWERINGS[entry.name] = entry
+    return entry
+
+
+def unregister(name: str) -> None:
+    """Remove a target or lowering that was registered (not a built-in one)."""
+    builtin = {e.name for e in (*BUILTIN_TARGETS, *BUILTIN_LOWERINGS)}
+    if name in builtin:
+        raise MoecError(f"{name!r} is built in and cannot be unregistered")
+    _TARGETS.pop(name, None)
+    _LOWERINGS.pop(name, None)
+
+
+@contextmanager
+def registered(*entries: Target | Lowering) -> Iterator[None]:
+    """Register ``entries`` for the duration of a with-block (tests, experiments)."""
+    try:
+        for entry in entries:
+            (register_target if isinstance(entry, Target) else register_lowering)(entry)
+        yield
+    finally:
+        for entry in entries:
+            unregister(entry.name)
+
+
+def target_names() -> tuple[str, ...]:
+    return tuple(_TARGETS)
+
+
+def lowering_names() -> tuple[str, ...]:
+    return tuple(_LOWERINGS)
+
+
+def target(name: str) -> Target:
+    if name not in _TARGETS:
+        raise MoecError(f"unknown target {name!r}; choose one of {target_names()}")
+    return _TARGETS[name]
+
+
+def lowering(name: str) -> Lowering:
+    if name not in _LOWERINGS:
+        raise LoweringError(f"unknown lowering {name!r}; choose one of {lowering_names()}")
+    return _LOWERINGS[name]
+
+
+def lowerings_for(target_name: str) -> tuple[str, ...]:
+    """The lowerings ``target_name`` can run, in registration order."""
+    return tuple(n for n, lw in _LOWERINGS.items() if target_name in lw.targets)
