@@ -14,23 +14,19 @@ compute floor and both bandwidths are measured in round-robin rounds (--rounds a
 where a run takes milliseconds; --large-rounds above), and each figure is the median of its
 rounds (the JSON keeps every round's figure of each row and of the compute floor). The rows
 take their turns in a new seeded order each round, seeded by config, T and round (so a row's
-place differs from cell to cell too): in a fixed order the torch target's default, always timed
-right after the ONNX rows, came out slower than the identical ``torch/kernel`` row right after
-it in 7 of 8 cells of one run (by up to 1.33x). Fifteen rounds at T <= 16, where a round takes
-seconds: with five, two bursts of load could set a row's median (in run 19 eager transformers'
-rounds at B T=16 were 20.9, 13.4, 13.6, 13.5 and 18.4 ms, the ONNX Runtime defaults' 11.3 to
-20.5). Five rounds above T = 16: with three, a burst of load in one round set the median of a row
-at T = 2048 (in one run a row's rounds were 288, 496 and 533 ms while the row running the same
-program took 296).
+place differs from cell to cell too): in a fixed order, a row always timed right after the ONNX
+rows came out slower than an identical row after it. Fifteen rounds at T <= 16, where a round
+takes seconds, and five above, so that two bursts of load cannot set a row's median. (The
+observations behind these choices are in docs/performance.md.)
 
 Floors measured in the same run: compute = the same FLOPs as one dense chain of matmuls
 ([T*k, H] x [H, 2I], gate and up as one matrix, then [T*k, I] x [I, H], plus the shared
 expert on T rows), timed in both PyTorch and ONNX Runtime, the faster counting; memory = bytes
 of the weights the tokens touch (chosen experts, router, shared expert) over the bandwidth
 of a large copy (bytes read + written, as STREAM counts it), measured right before each row is
-timed, the median of those measurements standing for every row of the same T (this machine's
-copy bandwidth flips between about 40 and 75 GB/s from one second to the next while reading
-stays near 72 GB/s; one measurement per T made the floor a coin toss). For reference the table
+timed, the median of those measurements standing for every row of the same T (a shared host's
+copy bandwidth can flip from one second to the next while reading stays steady; one
+measurement per T made the floor a coin toss). For reference the table
 also gives each row against a read floor: the same bytes over the bandwidth of summing a large
 tensor (reading only, which is what streaming weights does), measured the same way; and
 against the GEMMs alone: each expert's matrix products on as many rows as the router gives it

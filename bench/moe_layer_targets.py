@@ -6,9 +6,9 @@
   many the default beat the best baseline, and a one-sided sign test of "faster" and of
   "slower" on them; where neither is significant (p >= 0.05: with 15 rounds fewer than 12 won,
   with 5 fewer than all 5) the two are tied within the host's noise, whatever the medians say.
-  (At T = 16 the weights a call touches are about this host's L3, shared with the other
-  guests: on a busy host a row's rounds flip between two levels as the neighbours' use of the
-  L3 changes; in run 20, about 14 and 19 ms for eager transformers at B.) Where it is not
+  (At T = 16 the weights a call touches are about a shared host's L3: on a busy host a row's
+  rounds flip between two levels as the neighbours' use of the L3 changes; see
+  docs/performance.md.) Where it is not
   faster: at T >= 512 how close the baseline itself is to the compute floor, and the GEMMs
   alone on each kernel measured for the row's runtime: for torch the packed weights,
   transformers' grouped_mm and matmul on dense weights, for ORT its MatMul; when none of them

@@ -68,10 +68,11 @@ class Lowering:
     """One way to compute a ``moec::moe`` node.
 
     ``check(spec) -> list[str]``: why a block cannot take this lowering (empty: it can); blocks
-    whose experts are modules never can. ``onnx(spec, x, weights) -> y``: the torch.onnx
-    translation of the op (ONNX targets). ``kernel(spec, weights, rows, counts) -> rows``: the
-    experts kernel the op runs in PyTorch (the torch target); ``None``: the op's own.
-    ``exact``: whether it computes the block exactly, in words for the tables.
+    whose experts are modules never can. ``onnx(spec, x=..., w=...) -> (y, chosen)``: the
+    torch.onnx translation of the op (ONNX targets; ``w`` maps weight names to values).
+    ``kernel(spec, weights, rows, counts) -> rows``: the experts kernel the op runs in PyTorch
+    (the torch target). A lowering has one of the two. ``exact``: whether it computes the block
+    exactly, in words for the tables.
     """
 
     name: str

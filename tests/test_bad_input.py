@@ -12,7 +12,14 @@ from click.testing import CliRunner
 
 import moec
 from moec.cli import main
-from moec.errors import ArtifactError, InputError, LoweringError, SourceError, TargetNotBuiltError
+from moec.errors import (
+    ArtifactError,
+    InputError,
+    LoweringError,
+    SourceError,
+    TargetNotBuiltError,
+    UsageError,
+)
 
 
 def run_cli(*args):
@@ -237,6 +244,16 @@ def test_wrong_inputs_at_run_time(artifact, feeds, message):
         with pytest.raises(InputError) as info:
             runner.infer(feeds)
     assert message in str(info.value)
+
+
+def test_a_runner_used_outside_its_with_block_is_a_usage_error(artifact):
+    runner = moec.load(artifact)
+    runner.deactivate()
+    feeds = {"input_ids": np.zeros((1, 4), np.int64)}
+    with pytest.raises(UsageError, match="is not active; use it in a with-block"):
+        runner.infer(feeds)
+    assert not isinstance(UsageError("x"), InputError)
+    assert runner(feeds["input_ids"]).shape == (1, 4, 256)  # calling it activates it
 
 
 def test_wrong_input_through_cli_run(tmp_path, artifact):
