@@ -104,7 +104,7 @@ def _setting_options(command):
 @click.version_option(package_name="moec")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
 def main(verbose: bool) -> None:
-    """moec: compile Mixture-of-Experts models to ONNX Runtime, ONNX and TensorRT artifacts."""
+    """moec: compile Mixture-of-Experts models into verified artifacts (see moec targets)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     # torch's own deprecation chatter during export says nothing about the user's model.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(copyreg|torch\.)")
@@ -219,6 +219,31 @@ def _print_compile_summary(result) -> None:
         f"{len(result.blocks)} MoE block(s); artifact {result.path} "
         f"({_human_bytes(result.size_bytes)}, target {result.manifest.target})"
     )
+
+
+@main.command("targets")
+def targets_command() -> None:
+    """List the registered targets and lowerings, and each target's default rule."""
+    targets = Table("target", "what you get", "default lowering", "--autotune times")
+    for name in registry.target_names():
+        t = registry.target(name)
+        steps = [
+            step.lowering
+            + (
+                f" (hidden x expert <= {step.max_expert_elements})"
+                if step.max_expert_elements
+                else ""
+            )
+            for step in t.default
+        ]
+        what = t.description + (" (not built in this version of moec)" if t.unavailable else "")
+        targets.add_row(name, what, ", else ".join(steps), ", ".join(t.autotune) or "-")
+    console.print(targets)
+    lowerings = Table("lowering", "targets", "exact", "how")
+    for name in registry.lowering_names():
+        lw = registry.lowering(name)
+        lowerings.add_row(name, ", ".join(lw.targets), lw.exact, lw.description)
+    console.print(lowerings)
 
 
 @main.command("verify")

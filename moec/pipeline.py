@@ -26,7 +26,7 @@ from moec import registry
 from moec.compiler.artifact_writer import check_destination, write_artifact
 from moec.compiler.capture import capture
 from moec.compiler.sources import LoadedSource, load_source, source_from_module
-from moec.errors import MoecError
+from moec.errors import LoweringError, MoecError
 from moec.ir.program import BlockRecord, CapturedProgram
 from moec.models import ModelSource
 from moec.models.hf_models import hf_model_source, is_hf_model
@@ -148,7 +148,7 @@ def compile_model(
                 calibration = make_inputs(captured.inputs, CALIBRATION_SCHEDULE, seed=1)
             passes = default_passes(settings, calibration)
         captured, pass_records = PassManager(passes).run(captured)
-        _lower_the_rest(captured, target)
+        _check_lowerings(captured, target)
     with stage("emit"):
         manifest = Manifest(
             target=target.name,
@@ -169,11 +169,20 @@ def compile_model(
     return CompileResult(path, manifest, captured.block_records(), timings, captured.notes)
 
 
-def _lower_the_rest(program: CapturedProgram, target: registry.Target) -> None:
-    """Give a block no pass lowered (a custom ``passes`` list) the target's exact fallback."""
+def _check_lowerings(program: CapturedProgram, target: registry.Target) -> None:
+    """Every block's lowering is one ``target`` runs. A block no pass lowered (a custom
+    ``passes`` list) gets the target's exact fallback."""
+    allowed = registry.lowerings_for(target.name)
     for node in program.moe_nodes():
-        if program.spec(node).lowering is None:
+        lowering = program.spec(node).lowering
+        if lowering is None:
             program.set_lowering(node, target.fallback, "no pass chose one: the exact fallback")
+        elif lowering not in allowed:
+            block = program.block_for(node)
+            raise LoweringError(
+                f"MoE block {block.name or '(model)'} has lowering {lowering}, which target "
+                f"{target.name} cannot run; it can run: {', '.join(allowed)}"
+            )
 
 
 def _writer(

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from moec.errors import LoweringError, MoecError, TargetNotBuiltError
+from moec.errors import LoweringError, MoecError, SettingsError, TargetNotBuiltError
 
 __all__ = [
     "BUILTIN_LOWERINGS",
@@ -34,6 +34,7 @@ __all__ = [
     "Lowering",
     "Prefer",
     "Target",
+    "hook_name",
     "lowering",
     "lowering_names",
     "lowerings_for",
@@ -60,7 +61,17 @@ def resolve(hook: Hook) -> Any:
 @functools.cache
 def _import(hook: str) -> Any:
     module, _, attr = hook.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise MoecError(f"registry hook {hook!r} cannot be imported ({e}); fix its entry") from e
+
+
+def hook_name(hook: Hook | None) -> str:
+    """A hook as text (a callable by its qualified name), for cache keys and messages."""
+    if hook is None or isinstance(hook, str):
+        return str(hook)
+    return f"{getattr(hook, '__module__', '?')}:{getattr(hook, '__qualname__', repr(hook))}"
 
 
 @dataclass(frozen=True)
@@ -141,9 +152,7 @@ class Target:
 
     def runner_class(self) -> type:
         if self.runner is None:
-            raise TargetNotBuiltError(
-                self.unavailable or f"this version of moec cannot run {self.name!r} artifacts"
-            )
+            raise TargetNotBuiltError(f"this version of moec cannot run {self.name!r} artifacts")
         return resolve(self.runner)
 
 
@@ -239,11 +248,17 @@ _LOWERINGS: dict[str, Lowering] = {lw.name: lw for lw in BUILTIN_LOWERINGS}
 
 
 def register_target(entry: Target) -> Target:
-    """Add a target (its default rule's lowerings must be registered for it)."""
+    """Add a target. The lowerings its default rule and ``autotune`` name must be registered for
+    it already, and the rule's last step, the fallback, must hold for blocks of any size."""
     if entry.name in _TARGETS:
         raise MoecError(f"target {entry.name!r} is already registered")
     if "model" not in entry.files or not entry.default:
         raise MoecError(f"target {entry.name!r} needs a 'model' file and a default rule")
+    for name in (*(step.lowering for step in entry.default), *entry.autotune):
+        if entry.name not in lowering(name).targets:
+            raise MoecError(f"target {entry.name!r} names lowering {name!r}, not registered for it")
+    if entry.default[-1].max_expert_elements is not None:
+        raise MoecError(f"target {entry.name!r}: the last step of its default rule needs no bound")
     _TARGETS[entry.name] = entry
     return entry
 
@@ -258,25 +273,27 @@ def register_lowering(entry: Lowering) -> Lowering:
     return entry
 
 
-def unregister(name: str) -> None:
+def unregister(entry: Target | Lowering) -> None:
     """Remove a target or lowering that was registered (not a built-in one)."""
-    builtin = {e.name for e in (*BUILTIN_TARGETS, *BUILTIN_LOWERINGS)}
-    if name in builtin:
-        raise MoecError(f"{name!r} is built in and cannot be unregistered")
-    _TARGETS.pop(name, None)
-    _LOWERINGS.pop(name, None)
+    if entry in BUILTIN_TARGETS or entry in BUILTIN_LOWERINGS:
+        raise MoecError(f"{entry.name!r} is built in and cannot be unregistered")
+    table = _TARGETS if isinstance(entry, Target) else _LOWERINGS
+    if table.get(entry.name) is entry:
+        del table[entry.name]
 
 
 @contextmanager
 def registered(*entries: Target | Lowering) -> Iterator[None]:
     """Register ``entries`` for the duration of a with-block (tests, experiments)."""
+    done: list[Target | Lowering] = []
     try:
         for entry in entries:
             (register_target if isinstance(entry, Target) else register_lowering)(entry)
+            done.append(entry)
         yield
     finally:
-        for entry in entries:
-            unregister(entry.name)
+        for entry in reversed(done):
+            unregister(entry)
 
 
 def target_names() -> tuple[str, ...]:
@@ -289,7 +306,7 @@ def lowering_names() -> tuple[str, ...]:
 
 def target(name: str) -> Target:
     if name not in _TARGETS:
-        raise MoecError(f"unknown target {name!r}; choose one of {target_names()}")
+        raise SettingsError(f"unknown target {name!r}; choose one of {target_names()}")
     return _TARGETS[name]
 
 

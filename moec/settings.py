@@ -11,6 +11,7 @@ target or lowering, a value out of range, and a flag given without the one it ne
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,6 +225,12 @@ class CompileSettings:
                     "--capacity-factor/--capacity choose the capacity lowering; they cannot be "
                     f"combined with --lowering {self.lowering}"
                 )
+            allowed = registry.lowerings_for(target.name)
+            if registry.CAPACITY not in allowed:
+                raise LoweringError(
+                    f"--capacity-factor/--capacity choose the {registry.CAPACITY} lowering, which "
+                    f"target {target.name} cannot run; it can run: {', '.join(allowed)}"
+                )
         if self.autotune and (self.lowering is not None or self.capacity is not None):
             raise SettingsError(
                 "--autotune times the target's default candidates; it cannot be combined with "
@@ -256,11 +263,19 @@ class CompileSettings:
     @classmethod
     def from_flags(cls, flags: dict[str, Any]) -> CompileSettings:
         """Settings from flags by keyword (as ``moec compile`` names them, ``-`` as ``_``);
-        a flag set to None or False is not given."""
+        a flag set to None or False is not given. ``capacity`` also takes the factor itself
+        (``moec.compile(..., capacity=1.5)``)."""
         given = {k: v for k, v in flags.items() if v is not None and v is not False}
+        factor = given.get("capacity")
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool):
+            if "capacity_factor" in given:
+                raise SettingsError("give --capacity-factor F or --capacity auto, not both")
+            given["capacity_factor"] = given.pop("capacity")
         unknown = sorted(set(given) - set(_BY_NAME))
         if unknown:
             raise SettingsError(f"unknown compile setting(s) {unknown}; known: {sorted(_BY_NAME)}")
+        for name, value in given.items():
+            _check_kind(_BY_NAME[name], value)
         for name in given:
             needs = _BY_NAME[name].needs
             if needs is not None and needs not in given:
@@ -284,15 +299,16 @@ class CompileSettings:
             )
         if "distill_dense" in given:
             fields = {_DISTILL_FIELDS[k]: v for k, v in given.items() if k in _DISTILL_FIELDS}
-            if isinstance(fields.get("blocks"), str):
-                fields["blocks"] = tuple(fields["blocks"].split(","))
+            blocks = fields.get("blocks")
+            if blocks is not None:
+                fields["blocks"] = tuple(blocks.split(",") if isinstance(blocks, str) else blocks)
             distill = DistillOptions(**fields)
         return cls(
             target=given.get("target", DEFAULT_TARGET),
             lowering=given.get("lowering"),
             capacity=given.get("capacity_factor", given.get("capacity")),
             autotune=bool(given.get("autotune", False)),
-            calib=None if "calib" not in given else str(given["calib"]),
+            calib=None if "calib" not in given else os.fspath(given["calib"]),
             calib_samples=given.get("calib_samples"),
             merge=merge,
             prune=prune,
@@ -345,6 +361,34 @@ class CompileSettings:
                 values = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(options).items())
                 rows.append((flag, values))
         return rows
+
+
+KINDS: dict[str, tuple[type, ...]] = {
+    "flag": (bool,),
+    "int": (int,),
+    "float": (int, float),
+    "keep": (int, float),
+    "path": (str, os.PathLike),
+    "list": (str, list, tuple),
+    "choice": (str,),
+}
+
+
+def _check_kind(flag: Flag, value: object) -> None:
+    """Refuse a value of the wrong type for ``flag`` (the API's keywords are not parsed)."""
+    number = flag.kind in ("int", "float", "keep")
+    wrong_bool = isinstance(value, bool) and flag.kind != "flag"
+    if wrong_bool or not isinstance(value, KINDS[flag.kind]) or (number and value != value):
+        what = {
+            "flag": "True or False",
+            "int": "an integer",
+            "float": "a number",
+            "keep": "a fraction in (0, 1] or a count of experts",
+            "path": "a path",
+            "list": "a comma-separated string or a list",
+            "choice": "a name",
+        }
+        raise SettingsError(f"{flag.option} takes {what[flag.kind]}, not {value!r}")
 
 
 def _keep(option: str, keep: object) -> None:

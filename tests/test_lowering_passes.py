@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 
+import moec
 from moec import registry
 from moec.compiler.capture import capture
 from moec.errors import LoweringError, PassError
@@ -108,6 +109,15 @@ class BreakSpec(Pass[CapturedProgram]):
         return PassResult(program, True)
 
 
+class SaysNewButReturnsItsInput(Pass[CapturedProgram]):
+    name = "not-a-copy"
+    description = "returns its input"
+    in_place = False
+
+    def call(self, program):
+        return PassResult(program, False)
+
+
 class CopiesButSaysInPlace(Pass[CapturedProgram]):
     name = "copies"
     description = "returns a different program"
@@ -127,6 +137,20 @@ def test_the_pass_manager_names_the_pass_that_broke_the_ir(program):
 def test_a_pass_is_held_to_its_in_place_promise(program):
     with pytest.raises(PassError, match="copies is declared in place"):
         PassManager([CopiesButSaysInPlace()]).run(program)
+    with pytest.raises(PassError, match="not-a-copy is declared not in place"):
+        PassManager([SaysNewButReturnsItsInput()]).run(program)
+
+
+def test_the_pipeline_refuses_a_lowering_its_target_cannot_run(tmp_path):
+    with pytest.raises(LoweringError, match="has lowering gather, which target torch cannot run"):
+        moec.compile(
+            "zoo:mixtral",
+            target="torch",
+            passes=[SelectLoweringPass("gather")],
+            output=tmp_path / "x",
+        )
+    result = moec.compile("zoo:mixtral", target="torch", passes=[], output=tmp_path / "a")
+    assert result.blocks[0].lowering == "kernel"  # no pass chose: the exact fallback
 
 
 def test_the_ir_check_sees_an_impossible_lowering():

@@ -120,13 +120,15 @@ def test_a_lowering_registered_for_a_target_is_checked_and_used(tmp_path, toy):
     block = build_zoo("qwen-moe")  # gated silu with a shared expert: the toy loop fits it
     result = moec.compile(block.model, block.example_inputs, target="toy", output=tmp_path / "a")
     assert [b.lowering for b in result.blocks] == ["toy-loop"]
-    spec = MoESpec(num_experts=4, top_k=2, hidden_size=8, expert_size=8, activation="gelu")
-    assert TOY_LOWERING.unsupported_reasons(spec) == ["the toy loop has no gelu"]
+    gelu = build_zoo("expert-choice")  # plain gelu experts: the toy loop's check refuses them
+    with pytest.raises(LoweringError, match=r"MoE block \(model\) .*the toy loop has no gelu"):
+        moec.compile(gelu.model, gelu.example_inputs, target="toy", output=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
 
 
 def test_an_artifact_of_an_unregistered_target_is_refused(tmp_path, toy):
     path = moec.compile("zoo:mixtral", target="toy", output=tmp_path / "a").path
-    registry.unregister("toy")
+    registry.unregister(TOY_TARGET)
     with pytest.raises(ArtifactError, match=r"'target' must be one of \('ort', 'onnx'"):
         moec.load(path)
 
@@ -137,7 +139,19 @@ def test_registrations_are_checked():
     with pytest.raises(MoecError, match="one emitter"):
         registry.register_lowering(Lowering("none", ("ort",), "no emitter"))
     with pytest.raises(MoecError, match="built in"):
-        registry.unregister("gather")
+        registry.unregister(registry.lowering("gather"))
+    unknown_rule = Target("t2", "", {"model": "m"}, (Prefer("kernel"),))
+    with pytest.raises(MoecError, match="names lowering 'kernel', not registered for it"):
+        registry.register_target(unknown_rule)
+    bounded = Target("toy", "", {"model": "m"}, (Prefer("toy-loop", 8),))
+    with (
+        pytest.raises(MoecError, match="last step of its default rule needs no bound"),
+        registry.registered(TOY_LOWERING, bounded),
+    ):
+        pass
+    assert "toy-loop" not in registry.lowering_names()  # the failed block undid what it did
+    with pytest.raises(MoecError, match="cannot be imported"):
+        registry.resolve("moec.nowhere:thing")
     with pytest.raises(LoweringError, match="unknown lowering 'nope'"):
         registry.lowering("nope")
     with pytest.raises(TargetNotBuiltError, match="not built"):

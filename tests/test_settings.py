@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import moec
 from moec.cli import main
-from moec.errors import LoweringError, MoecError, SettingsError
+from moec.errors import LoweringError, SettingsError
 from moec.settings import FLAGS, CompileSettings, DistillOptions, MergeOptions
 
 NEEDY = [f for f in FLAGS if f.needs is not None]
@@ -32,7 +32,7 @@ def test_every_flag_that_needs_another_names_both(flag):
 @pytest.mark.parametrize(
     ("flags", "error", "message"),
     [
-        ({"target": "nope"}, MoecError, "unknown target 'nope'"),
+        ({"target": "nope"}, SettingsError, "unknown target 'nope'"),
         ({"lowering": "nope"}, LoweringError, "unknown lowering 'nope'"),
         ({"target": "torch", "lowering": "gather"}, LoweringError, "it can run: kernel"),
         ({"capacity": "lots"}, SettingsError, "--capacity-factor must be a number > 0"),
@@ -42,6 +42,9 @@ def test_every_flag_that_needs_another_names_both(flag):
         ({"merge_experts": 0.5}, SettingsError, "--merge-experts need calibration data"),
         ({"distill_dense": True, "distill_lr": 0.0, "calib": "x"}, SettingsError, "> 0"),
         ({"shards": 2}, SettingsError, "unknown compile setting(s) ['shards']"),
+        ({"target": "torch", "capacity": 2.0}, LoweringError, "which target torch cannot run"),
+        ({"calib_samples": "3", "calib": "x"}, SettingsError, "--calib-samples takes an integer"),
+        ({"distill_dense": 1}, SettingsError, "--distill-dense takes True or False"),
     ],
 )
 def test_bad_settings_are_refused_in_one_place(flags, error, message):

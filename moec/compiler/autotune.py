@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 from torch.export import Dim
 
 import moec
+from moec import registry
 from moec.compiler.capture import capture
 from moec.compiler.moe_block import MoEBlock, MoEExpertsBlock
 from moec.ir.moe_spec import MoESpec
@@ -38,6 +40,7 @@ ROUNDS = 3
 REPEAT = 5
 
 Timing = dict[str, list[float]]  # lowering -> median seconds at each of TIMED_TOKENS
+log = logging.getLogger(__name__)
 
 
 def cache_path() -> Path:
@@ -52,14 +55,28 @@ def autotune(
     cache when this host measured it before; returns (timing, whether it was cached)."""
     key, description = _cache_key(spec, present, lowerings, target)
     path = cache_path()
-    cache = _read(path)
-    if key in cache:
-        return cache[key]["seconds"], True
+    cached = _read(path).get(key, {}).get("seconds")
+    if _valid(cached, lowerings):
+        return cached, True
     timing = measure_lowerings(spec, present, lowerings, target)
     cache = _read(path)  # another process may have written since
     cache[key] = {**description, "seconds": timing, "relative": relative_times(timing)}
     _write(path, cache)
     return timing, False
+
+
+def _valid(timing: object, lowerings: list[str]) -> bool:
+    """Whether a cached entry is a timing of ``lowerings`` at every token count."""
+    return (
+        isinstance(timing, dict)
+        and sorted(timing) == sorted(lowerings)
+        and all(
+            isinstance(t, list)
+            and len(t) == len(TIMED_TOKENS)
+            and all(isinstance(s, (int, float)) and s > 0 for s in t)
+            for t in timing.values()
+        )
+    )
 
 
 def measure_lowerings(
@@ -139,7 +156,7 @@ def _cache_key(spec, present, lowerings, target) -> tuple[str, dict]:
     description = {
         "block": spec.with_lowering(None).to_json(),
         "weights": sorted(present),
-        "lowerings": list(lowerings),
+        "lowerings": {name: _emitter(name) for name in lowerings},  # a new emitter: new timing
         "target": target.name,
         "versions": {
             "moec": moec.__version__,
@@ -154,6 +171,11 @@ def _cache_key(spec, present, lowerings, target) -> tuple[str, dict]:
     return hashlib.sha256(text.encode()).hexdigest()[:32], description
 
 
+def _emitter(name: str) -> str:
+    entry = registry.lowering(name)
+    return registry.hook_name(entry.kernel or entry.onnx)
+
+
 def _read(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -163,9 +185,13 @@ def _read(path: Path) -> dict:
 
 
 def _write(path: Path, cache: dict) -> None:
-    """Write atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".autotune-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(cache, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    """Write atomically (a reader never sees half a file); a cache that cannot be written is
+    only a warning: the compile goes on with the timing it made."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".autotune-", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot write the autotune cache %s (%s); set MOEC_CACHE_DIR", path, e)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights
+from moec.ir.moe_op import MoEOpArgs
 from moec.models.generic_moe import module_experts_forward
 
 __all__ = ["MoEBlock", "MoEExpertsBlock", "ModuleExpertsBlock", "experts_call_args", "op_block"]
@@ -36,12 +37,17 @@ class MoEBlock(nn.Module):
         weights = MoEWeights(**{k: None if v is None else v.detach() for k, v in tensors.items()})
         return dataclasses.replace(self.spec, lowering=None), weights
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = [getattr(self, name) for name in WEIGHT_NAMES]
-        out, chosen = torch.ops.moec.moe(x, None, None, *args, self.spec_json)
+    def call_op(self, x, routed_ids=None, routed_weights=None) -> torch.Tensor:
+        """``torch.ops.moec.moe`` on this block's weights and spec; records the routing."""
+        weights = {name: getattr(self, name) for name in WEIGHT_NAMES}
+        args = MoEOpArgs(x, routed_ids, routed_weights, weights, self.spec_json)
+        out, chosen = torch.ops.moec.moe(*args.to_args())
         if self.routing_sink is not None:
             self.routing_sink.append(chosen)
         return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.call_op(x)
 
 
 def experts_call_args(args: tuple, kwargs: dict) -> tuple:
@@ -66,12 +72,8 @@ class MoEExpertsBlock(MoEBlock):
 
     def forward(self, *args, **kwargs):
         hidden_states, top_k_index, top_k_weights = experts_call_args(args, kwargs)
-        args = [getattr(self, name) for name in WEIGHT_NAMES]
         tokens = hidden_states.reshape(*top_k_index.shape[:-1], hidden_states.shape[-1])
-        out, chosen = torch.ops.moec.moe(tokens, top_k_index, top_k_weights, *args, self.spec_json)
-        if self.routing_sink is not None:
-            self.routing_sink.append(chosen)
-        return out.reshape(hidden_states.shape)
+        return self.call_op(tokens, top_k_index, top_k_weights).reshape(hidden_states.shape)
 
 
 class ModuleExpertsBlock(MoEBlock):

@@ -2,8 +2,9 @@
 `moec::moe` operator with its eager reference kernel, routing, the program signature
 (`TensorSpec`) and the captured program (`CapturedProgram`).
 
-It depends on nothing else in moec but `moec.errors` and `moec.registry`, so the compiler, the
-models and the runtime can all use it. Names are imported on first use: `moec.ir.signature`
+It imports nothing else in moec but `moec.errors` and `moec.registry` (whose hooks may import a
+lowering's module when its check runs), so the compiler, the models and the runtime can all use
+it. Names are imported on first use: `moec.ir.signature`
 needs no torch (a deployed ONNX artifact's runtime reads it); ``torch.ops.moec.moe`` is
 registered when `moec.ir.moe_op` is imported.
 """

@@ -140,7 +140,7 @@ def expert_segments(rows: torch.Tensor, counts: list[int]) -> list[tuple[int, to
 
 def shared_ffn(spec: MoESpec, w: MoEWeights, x: torch.Tensor, project=linear) -> torch.Tensor:
     """The shared expert on every token: [n, H] -> [n, H] (zero when the block has none), with
-    ``project(x, weight [out, in])`` (default: the fastest here, not exportable)."""
+    ``project(x, weight [out, in])`` (default: `linear`, which is not exportable)."""
     if not spec.shared_expert_size:
         return torch.zeros_like(x)
     hidden = _act(spec.shared_activation, project(x, w.shared_gate)) * project(x, w.shared_up)

@@ -42,6 +42,7 @@ def drop_rate(loads: list[np.ndarray], capacity) -> tuple[int, int]:
 class CapacityPass(Pass[CapturedProgram]):
     name = "capacity"
     description = "static [E, C, H] expert buffers; drops past capacity, reports the drop rate"
+    in_place = True  # it sets each block's lowering in the program it is given
 
     def __init__(
         self,

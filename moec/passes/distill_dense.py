@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 class DistillDensePass(Pass[CompressionState]):
     name = "distill-dense"
     description = "replace MoE blocks by dense FFNs fitted to their outputs on calibration data"
+    in_place = True  # it replaces blocks of the state it is given
     lossy = True
 
     def __init__(self, options: DistillOptions | None = None, **fields):

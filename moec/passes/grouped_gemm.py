@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from moec import registry
 from moec.compiler.autotune import TIMED_TOKENS, autotune
+from moec.errors import LoweringError
 from moec.ir.moe_spec import MoESpec
 from moec.ir.program import CapturedProgram
 from moec.passes.pass_base import Pass, PassResult
@@ -23,7 +24,8 @@ __all__ = ["GroupedGemmPass", "default_lowering"]
 
 
 def default_lowering(target: Target, spec: MoESpec) -> tuple[str, str]:
-    """(lowering, why) for ``spec`` by ``target``'s default rule."""
+    """(lowering, why) for ``spec`` by ``target``'s default rule; `LoweringError` when no step
+    of the rule can compute the block."""
     skipped = []
     for step in target.default:
         reasons = registry.lowering(step.lowering).unsupported_reasons(spec)
@@ -37,13 +39,13 @@ def default_lowering(target: Target, spec: MoESpec) -> tuple[str, str]:
         else:
             why = step.why or f"the default lowering of target {target.name}"
             return step.lowering, "; ".join([*skipped, why])
-    fallback = target.fallback  # every block can take it, or its check would have said
-    return fallback, "; ".join(skipped)
+    raise LoweringError(f"target {target.name} has no lowering for it: {'; '.join(skipped)}")
 
 
 class GroupedGemmPass(Pass[CapturedProgram]):
     name = "grouped-gemm"
     description = "each expert on its own tokens: the target's default rule, or --autotune"
+    in_place = True  # it sets each block's lowering in the program it is given
 
     def __init__(self, target: str, autotune: bool = False):
         self.target = registry.target(target)
@@ -55,10 +57,14 @@ class GroupedGemmPass(Pass[CapturedProgram]):
         for node in program.moe_nodes():
             block = program.block_for(node)
             spec = program.spec(node).with_lowering(None)
-            if self.autotune:
-                lowering, reason = self._timed(spec, program.present_weights(node), timings)
-            else:
-                lowering, reason = default_lowering(self.target, spec)
+            try:
+                if self.autotune:
+                    lowering, reason = self._timed(spec, program.present_weights(node), timings)
+                else:
+                    lowering, reason = default_lowering(self.target, spec)
+            except LoweringError as e:
+                where = f"{block.name or '(model)'} ({block.class_name})"
+                raise LoweringError(f"MoE block {where}: {e}") from e
             program.set_lowering(node, lowering, reason)
             choices.append({"block": block.name, "lowering": lowering, "reason": reason})
         report: dict = {"blocks": choices, "autotune": self.autotune}
@@ -74,8 +80,11 @@ class GroupedGemmPass(Pass[CapturedProgram]):
                 rejected.append(f"not {name}: " + "; ".join(reasons))
             else:
                 fits.append(name)
-        if len(fits) <= 1:
-            return (fits or [self.target.fallback])[0], "; ".join(rejected)
+        if not fits:
+            lowering, why = default_lowering(self.target, spec)
+            return lowering, "; ".join([*rejected, f"nothing to time: {why}"])
+        if len(fits) == 1:
+            return fits[0], "; ".join([*rejected, f"{fits[0]}: the one candidate, not timed"])
         key = f"{spec.summary()} (hidden {spec.hidden_size})"
         seconds, cached = autotune(spec, present, fits, self.target)
         relative = relative_times(seconds)

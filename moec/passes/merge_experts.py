@@ -54,6 +54,7 @@ ALIGN_MAX_WIDTH = 4096
 class MergeExpertsPass(Pass[CompressionState]):
     name = "merge-experts"
     description = "cluster experts on calibration data, merge each cluster, remap the router"
+    in_place = True  # it replaces blocks of the state it is given
     lossy = True
 
     def __init__(self, keep: float | int, method: str = "hc", correct: bool = False, seed: int = 0):

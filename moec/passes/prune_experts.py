@@ -43,6 +43,7 @@ RECONSTRUCTION_TOKENS = 1024
 class PruneExpertsPass(Pass[CompressionState]):
     name = "prune-experts"
     description = "drop the least valuable experts of each block (frequency, REAP, reconstruction)"
+    in_place = True  # it replaces blocks of the state it is given
     lossy = True
 
     def __init__(self, keep: float | int, method: str = "frequency"):

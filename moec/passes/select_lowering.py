@@ -18,6 +18,7 @@ __all__ = ["SelectLoweringPass"]
 class SelectLoweringPass(Pass[CapturedProgram]):
     name = "select-lowering"
     description = "give every MoE block the lowering asked for with --lowering"
+    in_place = True  # it sets each block's lowering in the program it is given
 
     def __init__(self, lowering: str):
         self.lowering = registry.lowering(lowering)

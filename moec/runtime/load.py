@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from moec import registry
+from moec.errors import TargetNotBuiltError
 from moec.runtime.manifest import Manifest
 from moec.runtime.runner import Runner
 
@@ -19,5 +20,9 @@ def load(path: str | Path, **runner_options: Any) -> Runner:
     ``intra_op_threads``; torch: ``threads``, ``pack``).
     """
     manifest = Manifest.read(path)
-    runner = registry.target(manifest.target).runner_class()
-    return runner(manifest, Path(path), **runner_options).activate()
+    target = registry.target(manifest.target)
+    if target.runner is None:
+        raise TargetNotBuiltError(
+            f"{path} is a {target.name!r} artifact, which this version of moec cannot run"
+        )
+    return target.runner_class()(manifest, Path(path), **runner_options).activate()
