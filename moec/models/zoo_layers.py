@@ -11,10 +11,10 @@ import abc
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moec.ir import MoESpec, MoEWeights
+from moec.ir.expert_kernels import PLAIN_ACTIVATION_FUNCTIONS
 
 __all__ = [
     "DeepSeekMoE",
@@ -26,13 +26,6 @@ __all__ = [
     "QwenMoE",
     "SwitchMoE",
 ]
-
-_ACTS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
 
 class GatedFFN(nn.Module):
@@ -52,7 +45,7 @@ class GatedFFN(nn.Module):
             gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
             return self.down((up + 1) * gate * torch.sigmoid(gate * self.alpha))
-        return self.down(_ACTS[self.activation](gate) * up)
+        return self.down(PLAIN_ACTIVATION_FUNCTIONS[self.activation](gate) * up)
 
 
 class PlainFFN(nn.Module):
@@ -65,7 +58,7 @@ class PlainFFN(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(_ACTS[self.activation](self.up(x)))
+        return self.down(PLAIN_ACTIVATION_FUNCTIONS[self.activation](self.up(x)))
 
 
 def _stack(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
