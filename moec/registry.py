@@ -162,8 +162,8 @@ BUILTIN_TARGETS = (
         "model.onnx for ONNX Runtime; may use com.microsoft.MoE and MoEGroupRouter",
         {"model": "model.onnx", "weights": "model.onnx.data"},
         (
-            Prefer("fused", 65536, "ORT's fused MoE op; measured faster on small experts"),
-            Prefer("gather", why="standard ops; measured faster on larger experts"),
+            Prefer("fused", 65536, "ORT's fused MoE op, measured faster up to this size"),
+            Prefer("gather", why="the exact grouped lowering in standard ops"),
         ),
         autotune=("fused", "gather"),
         write="moec.compiler.onnx_artifact:write_onnx",

@@ -33,8 +33,10 @@ def default_lowering(target: Target, spec: MoESpec) -> tuple[str, str]:
             skipped.append(f"not {step.lowering}: {'; '.join(reasons)}")
         elif not step.applies(spec):
             size = spec.hidden_size * spec.expert_size
+            bound = step.max_expert_elements
             skipped.append(
-                f"not {step.lowering}: hidden x expert size {size} > {step.max_expert_elements}"
+                f"not {step.lowering}: hidden x expert size {size} > {bound}, above which it "
+                "measured slower"
             )
         else:
             why = step.why or f"the default lowering of target {target.name}"
