@@ -45,7 +45,7 @@ def bench_artifact(
     manifest = Manifest.read(path)
     model = eager_model(manifest, source, trust_pickle)
     rows = []
-    with load(path) as runner:
+    with load(path, trust_pickle=trust_pickle) as runner:
         for feeds in make_inputs(manifest.inputs, schedule, seed=0):
             args = [torch.from_numpy(feeds[s.name]) for s in manifest.inputs]
             with torch.no_grad():

@@ -353,8 +353,9 @@ def bench_command(out, source, trust_pickle, repeat):
     type=click.Path(path_type=Path),
     help="Write every output to this .npz.",
 )
+@click.option("--trust-pickle", is_flag=True, help="Allow the artifact's model to unpickle.")
 @_friendly_errors
-def run_command(out, input_path, output_path):
+def run_command(out, input_path, output_path, trust_pickle):
     """Run OUT on the arrays in --input."""
     import numpy as np
 
@@ -366,7 +367,7 @@ def run_command(out, input_path, output_path):
             feeds = {k: data[k] for k in data.files}
     except (OSError, ValueError) as e:
         raise InputError(f"--input {input_path} is not a readable .npz ({e})") from e
-    with load(out) as runner:
+    with load(out, trust_pickle=trust_pickle) as runner:
         outputs = runner.infer(feeds)
         seconds = runner.inference_time
     table = Table("output", "shape", "dtype", title=f"outputs ({seconds * 1e3:.2f} ms)")

@@ -64,7 +64,7 @@ def verify(
     if len(routing) < len(routing_specs):
         notes.append("some blocks have no eager counterpart; their routing is not compared")
     report = VerifyReport(outputs, routing, notes=notes)
-    with load(path) as runner:
+    with load(path, trust_pickle=trust_pickle) as runner:
         for feeds in make_inputs(manifest.inputs, schedule, seed):
             report.shapes.append({k: list(v.shape) for k, v in feeds.items()})
             ref_outputs, ref_routing = _run_eager(model, manifest, blocks, feeds)

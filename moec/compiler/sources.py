@@ -24,6 +24,7 @@ from torch import nn
 from moec.errors import SourceError
 from moec.models import ModelSource, build_zoo
 from moec.models.hf_models import hf_model_source, hf_tokenizer, load_hf_dir
+from moec.runtime.safe_pt2 import load_pt2
 
 __all__ = ["LoadedSource", "load_source", "reload_source", "source_from_module", "weights_sha256"]
 
@@ -78,7 +79,7 @@ def load_source(
         if not os.access(path, os.R_OK) or path.is_dir():
             raise SourceError(f"SRC {src} is not a readable file; expected {SRC_FORMS}")
         if path.suffix == ".pt2":
-            loaded = _load_pt2(path)
+            loaded = _load_pt2(path, trust_pickle)
             record = {"spec": src, "kind": "pt2", "path": str(path)}
         else:
             loaded = _load_pickle(path, trust_pickle, example_inputs_file)
@@ -94,14 +95,8 @@ def load_source(
     return LoadedSource(loaded, record)
 
 
-def _load_pt2(path: Path) -> ModelSource:
-    try:
-        program = torch.export.load(path)
-    except Exception as e:  # zipfile, pickle and torch errors all mean "not a valid archive"
-        raise SourceError(
-            f"SRC {path} is not a readable .pt2 archive ({type(e).__name__}: {e}); it may be "
-            "truncated or corrupt: save it again with torch.export.save"
-        ) from e
+def _load_pt2(path: Path, trust_pickle: bool) -> ModelSource:
+    program = load_pt2(path, trust_pickle=trust_pickle, error=SourceError, what="SRC")
     args, kwargs = program.example_inputs or ((), {})
     if kwargs or not args:
         raise SourceError(

@@ -13,11 +13,12 @@ from moec.runtime.runner import Runner
 __all__ = ["load"]
 
 
-def load(path: str | Path, **runner_options: Any) -> Runner:
+def load(path: str | Path, *, trust_pickle: bool = False, **runner_options: Any) -> Runner:
     """An activated runner for the artifact at ``path``: the runner its target registered.
 
-    ``runner_options`` go to the backend's runner (ONNX Runtime: ``providers``,
-    ``intra_op_threads``; torch: ``threads``, ``pack``).
+    ``trust_pickle``: the artifact's files may be loaded by unpickling, which runs code (a
+    ``.pt2`` that needs it is refused otherwise). ``runner_options`` go to the backend's
+    runner (ONNX Runtime: ``providers``, ``intra_op_threads``; torch: ``threads``, ``pack``).
     """
     manifest = Manifest.read(path)
     target = registry.target(manifest.target)
@@ -25,4 +26,7 @@ def load(path: str | Path, **runner_options: Any) -> Runner:
         raise TargetNotBuiltError(
             f"{path} is a {target.name!r} artifact, which this version of moec cannot run"
         )
-    return target.runner_class()(manifest, Path(path), **runner_options).activate()
+    runner = target.runner_class()(
+        manifest, Path(path), trust_pickle=trust_pickle, **runner_options
+    )
+    return runner.activate()

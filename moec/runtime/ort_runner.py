@@ -22,8 +22,9 @@ class OrtRunner(Runner):
         directory: Path,
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
+        trust_pickle: bool = False,
     ):
-        super().__init__(manifest, directory)
+        super().__init__(manifest, directory, trust_pickle)
         self.requested_providers = providers
         self.intra_op_threads = intra_op_threads
         self.session = None

@@ -25,9 +25,11 @@ MAX_VALID_LAYOUTS = 1024  # layouts a runner remembers as checked; later ones ar
 
 
 class Runner(abc.ABC):
-    def __init__(self, manifest: Manifest, directory: Path):
+    def __init__(self, manifest: Manifest, directory: Path, trust_pickle: bool = False):
+        """``trust_pickle``: the artifact's files may be loaded by unpickling (runs code)."""
         self.manifest = manifest
         self.directory = Path(directory)
+        self.trust_pickle = trust_pickle
         self.is_active = False
         self.inference_time: float | None = None  # seconds taken by the last infer_impl
         self.input_names = [t.name for t in manifest.inputs]

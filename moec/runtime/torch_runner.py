@@ -16,6 +16,7 @@ import moec.ir.moe_op  # noqa: F401  (registers torch.ops.moec.moe, which the pr
 from moec.errors import ArtifactError
 from moec.runtime.manifest import Manifest
 from moec.runtime.runner import Runner
+from moec.runtime.safe_pt2 import load_pt2
 from moec.runtime.weight_packing import PackingReport, pack_weights
 
 __all__ = ["TorchRunner", "prepare_program"]
@@ -23,9 +24,14 @@ __all__ = ["TorchRunner", "prepare_program"]
 
 class TorchRunner(Runner):
     def __init__(
-        self, manifest: Manifest, directory: Path, threads: int | None = None, pack: bool = True
+        self,
+        manifest: Manifest,
+        directory: Path,
+        threads: int | None = None,
+        pack: bool = True,
+        trust_pickle: bool = False,
     ):
-        super().__init__(manifest, directory)
+        super().__init__(manifest, directory, trust_pickle)
         self.threads, self.pack = threads, pack
         self.output_names = [spec.name for spec in manifest.outputs]
         self.module = None
@@ -33,13 +39,8 @@ class TorchRunner(Runner):
 
     def activate_impl(self) -> None:
         path = self.directory / self.manifest.files["model"].path
-        try:
-            self.module = torch.export.load(path).module()
-        except Exception as e:  # torch raises many types for a bad archive
-            hint = ""
-            if "moec" in str(e):
-                hint = " (its moec::moe op is registered by importing moec; load it with moec.load)"
-            raise ArtifactError(f"torch cannot load {path}: {e}{hint}") from e
+        program = load_pt2(path, trust_pickle=self.trust_pickle, error=ArtifactError, what="model")
+        self.module = program.module()
         if self.threads is not None:  # first: packing measures GEMMs with these threads
             torch.set_num_threads(self.threads)
         self.packing = prepare_program(self.module, self.pack)
