@@ -41,9 +41,12 @@ def bench_artifact(
     schedule=BENCH_SCHEDULE,
     repeat: int = 7,
     trust_pickle: bool = False,
+    trust_remote_code: bool = False,
+    trust_source: bool = False,
 ) -> list[BenchRow]:
     manifest = Manifest.read(path)
-    model = eager_model(manifest, source, trust_pickle)
+    trust = {"trust_pickle": trust_pickle, "trust_remote_code": trust_remote_code}
+    model = eager_model(manifest, source, **trust, trust_source=trust_source)
     rows = []
     with load(path, trust_pickle=trust_pickle) as runner:
         for feeds in make_inputs(manifest.inputs, schedule, seed=0):

@@ -81,6 +81,27 @@ def _friendly_errors(command):
     return wrapper
 
 
+TRUST_FLAGS = {
+    "trust_pickle": "Allow loading by unpickling (a torch.save pickle, or a .pt2 that needs it): "
+    "it runs the file's code.",
+    "trust_remote_code": "Allow an hf: directory to run the Python code it ships.",
+    "trust_source": "Allow rebuilding a source the artifact names that runs code "
+    "(pkg.module:factory).",
+}
+
+
+def _trust_options(*names: str):
+    """The ``--trust-*`` flags ``names``: the user's consent, which no file can give."""
+
+    def decorate(command):
+        for name in reversed(names):
+            option = "--" + name.replace("_", "-")
+            command = click.option(option, name, is_flag=True, help=TRUST_FLAGS[name])(command)
+        return command
+
+    return decorate
+
+
 def _setting_option(flag: Flag):
     """The click option of one `CompileSettings` flag (None when not given)."""
     names = [flag.option, flag.name] + ([flag.short] if flag.short else [])
@@ -114,14 +135,16 @@ def main(verbose: bool) -> None:
 @click.argument("src", required=False)
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Artifact directory.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing artifact.")
-@click.option("--trust-pickle", is_flag=True, help="Allow SRC to be a torch.save pickle.")
+@_trust_options("trust_pickle", "trust_remote_code")
 @click.option(
     "--example-inputs", type=click.Path(), help="A .npz of inputs, for a pickled bare module."
 )
 @click.option("--list-passes", is_flag=True, help="Print the pass pipeline and exit.")
 @_setting_options
 @_friendly_errors
-def compile_command(src, out, force, trust_pickle, example_inputs, list_passes, **flags):
+def compile_command(
+    src, out, force, trust_pickle, trust_remote_code, example_inputs, list_passes, **flags
+):
     """Compile SRC (zoo:NAME, hf:DIR, FILE.pt2, pkg.module:factory, or a pickle) into OUT."""
     settings = CompileSettings.from_flags(flags)
     if list_passes:
@@ -151,6 +174,7 @@ def compile_command(src, out, force, trust_pickle, example_inputs, list_passes, 
             output=out,
             force=force,
             trust_pickle=trust_pickle,
+            trust_remote_code=trust_remote_code,
             on_stage=on_stage,
             on_step=on_step,
             **options,
@@ -249,17 +273,17 @@ def targets_command() -> None:
 @main.command("verify")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--source", help="Use this SRC as the eager model instead of the recorded one.")
-@click.option("--trust-pickle", is_flag=True, help="Allow the source to be a pickle.")
+@_trust_options("trust_pickle", "trust_remote_code", "trust_source")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Also write a JSON report."
 )
 @_friendly_errors
-def verify_command(out, source, trust_pickle, seed, json_path):
+def verify_command(out, source, seed, json_path, **trust):
     """Run OUT and its eager source on the same random inputs; compare outputs and routing."""
     from moec.verification import verify
 
-    report = verify(out, source=source, seed=seed, trust_pickle=trust_pickle)
+    report = verify(out, source=source, seed=seed, **trust)
     shapes = ", ".join(" ".join(f"{k}{v}" for k, v in s.items()) for s in report.shapes)
     outputs = Table(
         "output",
@@ -319,14 +343,14 @@ def verify_command(out, source, trust_pickle, seed, json_path):
 @main.command("bench")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--source", help="Use this SRC as the eager model instead of the recorded one.")
-@click.option("--trust-pickle", is_flag=True, help="Allow the source to be a pickle.")
+@_trust_options("trust_pickle", "trust_remote_code", "trust_source")
 @click.option("--repeat", type=click.IntRange(min=1), default=7, show_default=True)
 @_friendly_errors
-def bench_command(out, source, trust_pickle, repeat):
+def bench_command(out, source, repeat, **trust):
     """Time OUT against its eager source on a few input shapes (median ms)."""
     from moec.benchmark import bench_artifact
 
-    rows = bench_artifact(out, source=source, repeat=repeat, trust_pickle=trust_pickle)
+    rows = bench_artifact(out, source=source, repeat=repeat, **trust)
     table = Table(
         "inputs", "eager ms", "artifact ms", "speed-up", title=f"{out} (median of {repeat})"
     )
@@ -353,7 +377,7 @@ def bench_command(out, source, trust_pickle, repeat):
     type=click.Path(path_type=Path),
     help="Write every output to this .npz.",
 )
-@click.option("--trust-pickle", is_flag=True, help="Allow the artifact's model to unpickle.")
+@_trust_options("trust_pickle")
 @_friendly_errors
 def run_command(out, input_path, output_path, trust_pickle):
     """Run OUT on the arrays in --input."""
@@ -381,7 +405,7 @@ def run_command(out, input_path, output_path, trust_pickle):
 
 @main.command("inspect")
 @click.argument("target")
-@click.option("--trust-pickle", is_flag=True, help="Allow SRC to be a pickle.")
+@_trust_options("trust_pickle", "trust_remote_code")
 @click.option(
     "--calib",
     type=click.Path(path_type=Path),
@@ -392,7 +416,7 @@ def run_command(out, input_path, output_path, trust_pickle):
     "--plot", type=click.Path(path_type=Path), help="With --calib: write a PNG of the load."
 )
 @_friendly_errors
-def inspect_command(target, trust_pickle, calib, calib_samples, plot):
+def inspect_command(target, calib, calib_samples, plot, **trust):
     """Show the MoE blocks of a SRC, or what an artifact directory OUT holds."""
     if Path(target).is_dir():
         _inspect_artifact(Path(target))
@@ -402,7 +426,7 @@ def inspect_command(target, trust_pickle, calib, calib_samples, plot):
     from moec.compiler.sources import load_source
     from moec.models import find_moe_blocks
 
-    source = load_source(target, trust_pickle=trust_pickle).model_source
+    source = load_source(target, **trust).model_source
     model = source.model
     blocks = find_moe_blocks(model)
     table = Table(

@@ -88,6 +88,7 @@ def compile_model(
     output: str | Path | None = None,
     force: bool = False,
     trust_pickle: bool = False,
+    trust_remote_code: bool = False,
     passes: list[Pass] | None = None,
     calibration: list[dict[str, np.ndarray]] | None = None,
     on_stage: StageCallback | None = None,
@@ -99,7 +100,8 @@ def compile_model(
     How: ``settings``, or its flags as keywords (``target="ort"``, ``lowering="gather"``,
     ``capacity=1.5``, ``merge_experts=0.5``, ``calib="ids.npy"``, ...: `CompileSettings`
     `.from_flags`). Where: ``output`` (default: a new temporary directory), replaced only with
-    ``force``. ``trust_pickle``: allow SRC to be a pickle (unpickling runs code).
+    ``force``. ``trust_pickle``: allow SRC to be a pickle, or a .pt2 that needs unpickling
+    (unpickling runs code); ``trust_remote_code``: allow an ``hf:`` SRC to run its own code.
     ``passes``: the post-capture pipeline instead of `default_passes`; ``calibration``: feeds
     for the capacity pass (default: seeded random inputs of the model's declared shapes).
     ``on_stage(name)``, ``on_step(step, steps)``: progress of the stages and of distillation.
@@ -130,7 +132,8 @@ def compile_model(
         timings[name] = time.perf_counter() - start
 
     with stage("load"):
-        loaded = _load(model, example_inputs, trust_pickle, source_options)
+        trust = {"trust_pickle": trust_pickle, "trust_remote_code": trust_remote_code}
+        loaded = _load(model, example_inputs, trust, source_options)
     compression = None
     lossy = lossy_passes(settings)
     if lossy:
@@ -201,9 +204,9 @@ def _writer(
     return files
 
 
-def _load(model, example_inputs, trust_pickle: bool, options: dict[str, Any]) -> LoadedSource:
+def _load(model, example_inputs, trust: dict[str, bool], options: dict[str, Any]) -> LoadedSource:
     if isinstance(model, str):
-        return load_source(model, trust_pickle=trust_pickle, **options)
+        return load_source(model, **trust, **options)
     if not isinstance(model, nn.Module):
         raise MoecError(f"moec.compile takes an nn.Module or a SRC string, not {type(model)}")
     if is_hf_model(model) and example_inputs is None:

@@ -41,14 +41,18 @@ def verify(
     schedule: tuple[tuple[int, ...], ...] = DEFAULT_DIM_SCHEDULE,
     seed: int = 0,
     trust_pickle: bool = False,
+    trust_remote_code: bool = False,
+    trust_source: bool = False,
 ) -> VerifyReport:
     """Compare the artifact at ``path`` with its eager source; truthy when within tolerance.
 
     ``source`` overrides the recorded source: a SRC string, or the nn.Module for artifacts
-    compiled from an in-memory model.
+    compiled from an in-memory model. The ``trust_*`` flags are the user's consent to code
+    the source or artifact would run (`eager_model`); the manifest cannot give it.
     """
     manifest = Manifest.read(path)
-    model = eager_model(manifest, source, trust_pickle)
+    trust = {"trust_pickle": trust_pickle, "trust_remote_code": trust_remote_code}
+    model = eager_model(manifest, source, **trust, trust_source=trust_source)
     if manifest.compression:  # a lossy artifact is checked against its passes' output
         model = apply_compressed(model, manifest.compression, Path(path))
     blocks = {m.name: m for m in find_moe_blocks(model)}
@@ -78,14 +82,29 @@ def verify(
     return report
 
 
-def eager_model(manifest: Manifest, source, trust_pickle: bool) -> nn.Module:
-    """The eager model an artifact was compiled from (its weights' sha256 checked)."""
+def eager_model(
+    manifest: Manifest,
+    source,
+    *,
+    trust_pickle: bool = False,
+    trust_remote_code: bool = False,
+    trust_source: bool = False,
+) -> nn.Module:
+    """The eager model an artifact was compiled from (its weights' sha256 checked): ``source``
+    (the user's), or the one its manifest records, rebuilt only as far as the user's trust
+    flags allow (`reload_source`)."""
     if isinstance(source, nn.Module):
         if is_hf_model(source):
             source = hf_model_source(source.eval()).model
         model, digest = source.eval(), weights_sha256(source)
     else:
-        loaded = reload_source(manifest.source, trust_pickle=trust_pickle, override=source)
+        loaded = reload_source(
+            manifest.source,
+            trust_pickle=trust_pickle,
+            trust_remote_code=trust_remote_code,
+            trust_source=trust_source,
+            override=source,
+        )
         model, digest = loaded.model_source.model, loaded.sha256
     if digest != manifest.source.get("sha256"):
         raise VerificationError(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -41,3 +44,9 @@ def unlowerable():
 
 def mixtral_block() -> ModelSource:
     return build_zoo("mixtral", seed=3)
+
+
+def marking_mixtral_block() -> ModelSource:
+    """`mixtral_block` that also creates the file $MOEC_TEST_MARKER: code a factory runs."""
+    Path(os.environ["MOEC_TEST_MARKER"]).touch()
+    return mixtral_block()

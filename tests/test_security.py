@@ -99,3 +99,63 @@ def test_a_damaged_pt2_is_refused_in_one_line(tmp_path, torch_artifact):
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert done.returncode == 2
     assert len(lines) == 1 and "not a readable .pt2 archive" in lines[0], lines
+
+
+# -- sources the artifact names ---------------------------------------------------------------
+def test_verify_runs_no_factory_the_manifest_names(tmp_path, monkeypatch):
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("MOEC_TEST_MARKER", str(marker))
+    out = moec.compile("factories:marking_mixtral_block", output=tmp_path / "out").path
+    marker.unlink()
+    result = run_cli("verify", out)
+    assert result.exit_code == 2, result.output
+    assert "--source factories:marking_mixtral_block" in result.output
+    assert "--trust-source" in result.output and not marker.exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["source"].update(spec="os:abort")  # what an attacker's manifest would say
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("verify", out).exit_code == 2 and not marker.exists()
+    assert run_cli("verify", out, "--source", "factories:marking_mixtral_block").exit_code == 0
+    assert marker.exists()  # the user's own SRC runs: they typed it
+
+
+def test_verify_rebuilds_a_trusted_factory(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEC_TEST_MARKER", str(tmp_path / "marker"))
+    out = moec.compile("factories:marking_mixtral_block", output=tmp_path / "out").path
+    assert run_cli("verify", out, "--trust-source").exit_code == 0
+
+
+# -- hf: directories that ship code ------------------------------------------------------------
+def remote_code_dir(tmp_path, marker):
+    """An hf: directory whose config names a model type defined by its own Python file."""
+    directory = tmp_path / "remote"
+    directory.mkdir()
+    config = {
+        "model_type": "moec_evil",
+        "architectures": ["EvilModel"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"},
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n"
+        "    model_type = 'moec_evil'\n"
+    )
+    return directory
+
+
+def test_an_hf_directory_runs_none_of_its_code(tmp_path):
+    marker = tmp_path / "marker"
+    directory = remote_code_dir(tmp_path, marker)
+    for command in (
+        ["compile", f"hf:{directory}", "-o", tmp_path / "o"],
+        ["inspect", f"hf:{directory}"],
+    ):
+        result = run_cli(*command)
+        assert result.exit_code == 2, result.output
+        assert "auto_map" in result.output and "--trust-remote-code" in result.output
+    assert not marker.exists()
+    # opting in lets transformers import it (the model itself is incomplete, so it then fails)
+    run_cli("inspect", f"hf:{directory}", "--trust-remote-code")
+    assert marker.exists()

@@ -63,16 +63,22 @@ def source_from_module(source: ModelSource) -> LoadedSource:
 
 
 def load_source(
-    src: str, *, trust_pickle: bool = False, example_inputs_file: str | None = None
+    src: str,
+    *,
+    trust_pickle: bool = False,
+    trust_remote_code: bool = False,
+    example_inputs_file: str | None = None,
 ) -> LoadedSource:
-    """Load SRC (see module docstring); ``example_inputs_file``: .npz for a pickled bare module."""
+    """Load SRC (see module docstring); ``example_inputs_file``: .npz for a pickled bare module.
+    ``trust_pickle``: a pickle or a .pt2 that needs unpickling may run its code;
+    ``trust_remote_code``: an ``hf:`` directory may run the Python code it ships."""
     if src.startswith("zoo:"):
         loaded = build_zoo(src.removeprefix("zoo:"))
         record = {"spec": src, "kind": "zoo"}
     elif src.startswith("hf:"):
         directory = Path(src.removeprefix("hf:")).resolve()
-        loaded = hf_model_source(load_hf_dir(str(directory)))
-        loaded.tokenizer = hf_tokenizer(directory)
+        loaded = hf_model_source(load_hf_dir(str(directory), trust_remote_code))
+        loaded.tokenizer = hf_tokenizer(directory, trust_remote_code)
         record = {"spec": src, "kind": "hf", "path": f"hf:{directory}"}
     elif os.path.exists(src):
         path = Path(src).resolve()
@@ -176,22 +182,44 @@ def _as_model_source(obj: Any, where: str) -> ModelSource:
     )
 
 
+SOURCE_KINDS = ("zoo", "hf", "pt2", "pickle", "factory", "module")
+
+
 def reload_source(
-    record: dict[str, Any], *, trust_pickle: bool = False, override: str | None = None
+    record: dict[str, Any],
+    *,
+    trust_pickle: bool = False,
+    trust_remote_code: bool = False,
+    trust_source: bool = False,
+    override: str | None = None,
 ) -> LoadedSource:
-    """Load the source a manifest recorded again (or ``override`` in its place)."""
+    """Load the source a manifest recorded again (or ``override``, the user's own SRC, in its
+    place). A manifest is an artifact's word, not the user's: a recorded ``pkg.module:factory``
+    is imported and called only with ``trust_source``."""
     kind = record.get("kind")
+    spec = str(record.get("spec", ""))
     if override is not None:
         src = override
+    elif kind not in SOURCE_KINDS:
+        raise SourceError(f"the manifest records a source of unknown kind {kind!r}")
     elif kind == "module":
         raise SourceError(
             "the artifact was compiled from an in-memory module, which moec cannot rebuild; "
             "pass the model: moec.verify(OUT, source=model)"
         )
+    elif kind == "factory" and not trust_source:
+        raise SourceError(
+            f"the artifact's manifest names its source {spec!r}, a Python factory moec would "
+            f"have to import and run; give it yourself (--source {spec}) or pass --trust-source "
+            "if you trust the artifact"
+        )
     elif kind in ("pt2", "pickle", "hf"):
-        src = record.get("path", "")
+        src = str(record.get("path", ""))
     else:
-        src = record.get("spec", "")
+        src = spec
     return load_source(
-        src, trust_pickle=trust_pickle, example_inputs_file=record.get("example_inputs_file")
+        src,
+        trust_pickle=trust_pickle,
+        trust_remote_code=trust_remote_code,
+        example_inputs_file=record.get("example_inputs_file"),
     )

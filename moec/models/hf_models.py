@@ -85,8 +85,15 @@ def is_hf_model(model: object) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def load_hf_dir(directory: str) -> nn.Module:
-    """Build the model saved in ``directory`` (config.json + safetensors), float32, eval mode."""
+REMOTE_CODE_HINT = (
+    "moec does not run a model directory's own Python code unless you pass --trust-remote-code "
+    "(trust_remote_code=True)"
+)
+
+
+def load_hf_dir(directory: str, trust_remote_code: bool = False) -> nn.Module:
+    """Build the model saved in ``directory`` (config.json + safetensors), float32, eval mode.
+    Python code the directory ships (``auto_map``) runs only with ``trust_remote_code``."""
     path = Path(directory)
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -94,9 +101,12 @@ def load_hf_dir(directory: str) -> nn.Module:
             f"hf:{directory} has no config.json; give a directory written by save_pretrained"
         )
     try:
-        model_type = json.loads(config_path.read_text()).get("model_type")
-    except json.JSONDecodeError as e:
+        config_json = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise SourceError(f"hf:{directory}: config.json is not valid JSON ({e})") from e
+    if not isinstance(config_json, dict):
+        raise SourceError(f"hf:{directory}: config.json is not a JSON object")
+    model_type = config_json.get("model_type")
     try:
         import transformers
         from transformers import AutoConfig
@@ -107,9 +117,17 @@ def load_hf_dir(directory: str) -> nn.Module:
 
     transformers.utils.logging.disable_progress_bar()
 
+    remote = "auto_map" in config_json
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except (ValueError, KeyError) as e:
+        if remote and not trust_remote_code:
+            raise SourceError(
+                f"hf:{directory}: its model_type {model_type!r} is defined by the Python code it "
+                f"ships (auto_map in config.json); {REMOTE_CODE_HINT}"
+            ) from e
         raise SourceError(
             f"hf:{directory}: transformers {transformers.__version__} does not know "
             f"model_type {model_type!r} ({str(e).splitlines()[0]})"
@@ -122,7 +140,9 @@ def load_hf_dir(directory: str) -> nn.Module:
             "(...ForCausalLM or ...ForConditionalGeneration)"
         )
     try:
-        model = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = auto.from_pretrained(
+            path, local_files_only=True, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
     except (RuntimeError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceError(
@@ -132,13 +152,24 @@ def load_hf_dir(directory: str) -> nn.Module:
     return model.eval()
 
 
-def hf_tokenizer(directory: Path) -> Callable[[str], list[int]] | None:
+def hf_tokenizer(
+    directory: Path, trust_remote_code: bool = False
+) -> Callable[[str], list[int]] | None:
     """The tokenizer saved beside the model (text -> ids, no special tokens), if there is one."""
     if not any((directory / f).is_file() for f in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            directory, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except ValueError as e:
+        if trust_remote_code or "trust_remote_code" not in str(e):
+            raise
+        raise SourceError(
+            f"hf:{directory}: its tokenizer is its own Python code; {REMOTE_CODE_HINT}"
+        ) from e
     return functools.partial(tokenizer.encode, add_special_tokens=False)
 
 
