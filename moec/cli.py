@@ -276,14 +276,25 @@ def targets_command() -> None:
 @_trust_options("trust_pickle", "trust_remote_code", "trust_source")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--rel-l2",
+    type=click.FloatRange(min=0),
+    help="Tolerance on each output's relative L2 "
+    "[moec's, by dtype: fp32 1e-5, fp16 2e-3, bf16 2e-2].",
+)
+@click.option(
+    "--agreement",
+    type=click.FloatRange(0, 1),
+    help="Least routing agreement per block [0.999 in fp32, 0.99 in fp16 and bf16].",
+)
+@click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Also write a JSON report."
 )
 @_friendly_errors
-def verify_command(out, source, seed, json_path, **trust):
+def verify_command(out, source, seed, rel_l2, agreement, json_path, **trust):
     """Run OUT and its eager source on the same random inputs; compare outputs and routing."""
     from moec.verification import verify
 
-    report = verify(out, source=source, seed=seed, **trust)
+    report = verify(out, source=source, seed=seed, rel_l2=rel_l2, agreement=agreement, **trust)
     shapes = ", ".join(" ".join(f"{k}{v}" for k, v in s.items()) for s in report.shapes)
     outputs = Table(
         "output",
@@ -519,6 +530,9 @@ def _inspect_artifact(path: Path) -> None:
     for role, f in m.files.items():
         files.add_row(f"{role}: {f.path}", _human_bytes(f.bytes), f.sha256[:16])
     console.print(files)
+    unlisted = m.unlisted_files(path)
+    if unlisted:
+        console.print(f"[yellow]note:[/] files the manifest does not list: {', '.join(unlisted)}")
 
 
 def _status(passed: bool) -> str:

@@ -37,12 +37,11 @@ from moec.runtime.inputs import make_inputs
 from moec.runtime.manifest import Manifest
 from moec.settings import FLAGS, CompileSettings
 
-__all__ = ["DEFAULT_TOLERANCES", "STAGES", "CompileResult", "compile_model"]
+__all__ = ["STAGES", "CompileResult", "compile_model"]
 
 log = logging.getLogger(__name__)
 
 STAGES = ("load", "compress", "capture", "passes", "emit")
-DEFAULT_TOLERANCES = {"rel_l2": 1e-5, "routing_agreement": 0.999}
 SOURCE_OPTIONS = (
     "input_names",
     "output_names",
@@ -162,7 +161,6 @@ def compile_model(
             blocks=[b.to_dict() for b in captured.block_records()],
             passes=(compression.records if compression else []) + pass_records,
             compression=compression.manifest_section() if compression else {},
-            tolerances=dict(DEFAULT_TOLERANCES),
             versions=_versions(),
             notes=captured.notes,
             settings=settings.to_dict(),

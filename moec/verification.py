@@ -32,6 +32,14 @@ __all__ = ["DEFAULT_DIM_SCHEDULE", "eager_model", "verify"]
 
 # Values of the first, second, ... dynamic dim per input set (clipped to each dim's range).
 DEFAULT_DIM_SCHEDULE = ((1, 1), (1, 13), (2, 8), (4, 32))
+# (relative L2 of an output, routing agreement) an artifact must reach, by the output's dtype.
+# moec's own: an artifact does not choose what it is judged by (only the user, by flags).
+TOLERANCES = {
+    "float64": (1e-9, 0.999),
+    "float32": (1e-5, 0.999),
+    "float16": (2e-3, 0.99),
+    "bfloat16": (2e-2, 0.99),
+}
 
 
 def verify(
@@ -43,12 +51,15 @@ def verify(
     trust_pickle: bool = False,
     trust_remote_code: bool = False,
     trust_source: bool = False,
+    rel_l2: float | None = None,
+    agreement: float | None = None,
 ) -> VerifyReport:
     """Compare the artifact at ``path`` with its eager source; truthy when within tolerance.
 
     ``source`` overrides the recorded source: a SRC string, or the nn.Module for artifacts
     compiled from an in-memory model. The ``trust_*`` flags are the user's consent to code
-    the source or artifact would run (`eager_model`); the manifest cannot give it.
+    the source or artifact would run (`eager_model`); the manifest cannot give it. Tolerances
+    are `TOLERANCES` by each output's dtype, or ``rel_l2`` and ``agreement`` when given.
     """
     manifest = Manifest.read(path)
     trust = {"trust_pickle": trust_pickle, "trust_remote_code": trust_remote_code}
@@ -56,15 +67,21 @@ def verify(
     if manifest.compression:  # a lossy artifact is checked against its passes' output
         model = apply_compressed(model, manifest.compression, Path(path))
     blocks = {m.name: m for m in find_moe_blocks(model)}
-    tolerances = manifest.tolerances
-    outputs = [OutputStats(o.name, tolerances.get("rel_l2", 1e-5)) for o in manifest.main_outputs]
+    outputs = [
+        OutputStats(o.name, rel_l2 if rel_l2 is not None else _tolerance(o.dtype)[0])
+        for o in manifest.main_outputs
+    ]
+    least = min((_tolerance(o.dtype)[1] for o in manifest.main_outputs), default=1.0)
     routing_specs = [o for o in manifest.outputs if o.role == "routing"]
     routing = [
-        RoutingStats(o.block, o.name, tolerances.get("routing_agreement", 0.999))
+        RoutingStats(o.block, o.name, agreement if agreement is not None else least)
         for o in routing_specs
         if o.block in blocks
     ]
     notes = []
+    unlisted = manifest.unlisted_files(Path(path))
+    if unlisted:
+        notes.append(f"files the manifest does not list (never checked nor read): {unlisted}")
     if len(routing) < len(routing_specs):
         notes.append("some blocks have no eager counterpart; their routing is not compared")
     report = VerifyReport(outputs, routing, notes=notes)
@@ -80,6 +97,11 @@ def verify(
                 chosen, margin = ref_routing[stats.block]
                 stats.update(chosen, outs[stats.output], margin)
     return report
+
+
+def _tolerance(dtype: str) -> tuple[float, float]:
+    """moec's tolerance for an output of ``dtype`` (integers and booleans: exact)."""
+    return TOLERANCES.get(dtype, (0.0, 1.0))
 
 
 def eager_model(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -159,3 +160,104 @@ def test_an_hf_directory_runs_none_of_its_code(tmp_path):
     # opting in lets transformers import it (the model itself is incomplete, so it then fails)
     run_cli("inspect", f"hf:{directory}", "--trust-remote-code")
     assert marker.exists()
+
+
+# -- the manifest cannot vouch for itself ----------------------------------------------------
+@pytest.fixture(scope="module")
+def ort_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort") / "art"
+    return moec.compile("zoo:mixtral-lm", target="ort", output=out).path
+
+
+def edit(artifact, change):
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    change(manifest)
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_edited_weights_fail_verify_whatever_tolerance_the_manifest_claims(tmp_path, ort_artifact):
+    artifact = shutil.copytree(ort_artifact, tmp_path / "art")
+    data = bytearray((artifact / "model.onnx.data").read_bytes())
+    data[1000:5000] = np.random.default_rng(0).standard_normal(1000, np.float32).tobytes()
+    (artifact / "model.onnx.data").write_bytes(bytes(data))
+    edit(artifact, lambda m: m.update(tolerances={"rel_l2": 1e9, "routing_agreement": 0.0}))
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["files"]["weights"].update(
+        bytes=len(data), sha256=file_sha256(artifact / "model.onnx.data")
+    )
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("verify", artifact)
+    assert result.exit_code == 1 and "FAIL" in result.output, result.output
+    assert run_cli("verify", artifact, "--rel-l2", "1e9", "--agreement", "0").exit_code == 0
+
+
+def test_every_file_the_model_reads_is_listed_and_checked(tmp_path, ort_artifact):
+    artifact = shutil.copytree(ort_artifact, tmp_path / "art")
+    edit(artifact, lambda m: m["files"].pop("weights"))
+    with pytest.raises(ArtifactError, match="a file the manifest does not list"):
+        moec.load(artifact)
+    assert run_cli("run", artifact, "--input", tmp_path / "none.npz").exit_code == 2
+
+
+def test_files_the_manifest_does_not_list_are_reported(tmp_path, ort_artifact):
+    artifact = shutil.copytree(ort_artifact, tmp_path / "art")
+    (artifact / "surprise.bin").write_bytes(b"x")
+    verified = run_cli("verify", artifact)
+    assert verified.exit_code == 0 and "surprise.bin" in verified.output
+    assert "surprise.bin" in run_cli("inspect", artifact).output
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda text: text.replace('"notes": []', f'"notes": {DEEP}'), "nested too deeply"),
+        (
+            lambda text: text.replace('"format_version": 1', '"format_version": ' + "9" * 5000),
+            "not valid JSON",
+        ),
+        (
+            lambda text: text.replace('"value_range": [', '"value_range": ["a", "b", '),
+            "value_range",
+        ),
+        (
+            lambda text: text.replace(
+                '"value_range": [\n        0', '"value_range": [\n        1e400'
+            ),
+            "value_range",
+        ),
+        (lambda text: text.replace('"notes": []', '"notes": [NaN]'), "not valid JSON"),
+        (lambda text: text.replace('"target": "ort"', '"target": {"a": 1}'), "target"),
+        (lambda text: text.replace('"bytes": ', '"bytes": -'), "bytes"),
+        (lambda text: text.replace('"role": "routing"', '"role": "evil"'), "'role' must be one of"),
+    ],
+    ids=[
+        "deep",
+        "long-int",
+        "range-strings",
+        "range-inf",
+        "nan",
+        "target-object",
+        "negative-bytes",
+        "role",
+    ],
+)
+def test_a_malformed_manifest_gets_one_clear_line(tmp_path, ort_artifact, change, message):
+    artifact = shutil.copytree(ort_artifact, tmp_path / "art")
+    text = (artifact / "manifest.json").read_text()
+    changed = change(text)
+    assert changed != text
+    (artifact / "manifest.json").write_text(changed)
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        moec.load(artifact)
+    for command in (["verify", artifact], ["inspect", artifact]):
+        result = run_cli(*command)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+
+
+def test_a_string_tolerance_is_ignored_not_a_traceback(tmp_path, ort_artifact):
+    artifact = shutil.copytree(ort_artifact, tmp_path / "art")
+    edit(artifact, lambda m: m.update(tolerances={"rel_l2": "lots"}))
+    assert run_cli("verify", artifact).exit_code == 0

@@ -56,30 +56,21 @@ class TensorSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> TensorSpec:
-        require(isinstance(data, dict), where, "must be an object")
-        require(isinstance(data.get("name"), str), where, "needs a string 'name'")
-        require(data.get("dtype") in DTYPES, where, f"'dtype' must be one of {DTYPES}")
-        require(isinstance(data.get("shape"), list), where, "needs a list 'shape'")
-        shape: list[int | DynamicDim] = []
-        for d in data["shape"]:
-            if isinstance(d, int) and d >= 0:
-                shape.append(d)
-                continue
-            require(isinstance(d, dict) and isinstance(d.get("name"), str), where, f"bad dim {d!r}")
-            low, high = d.get("min", 1), d.get("max")
-            require(isinstance(low, int) and low >= 0, where, f"bad min in dim {d!r}")
-            require(high is None or (isinstance(high, int) and high >= low), where, f"dim {d!r}")
-            shape.append(DynamicDim(d["name"], low, high))
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        """The spec `to_dict` wrote (checked against the manifest's schema first)."""
+        shape = tuple(
+            d if isinstance(d, int) else DynamicDim(d["name"], d.get("min", 1), d.get("max"))
+            for d in data["shape"]
+        )
         value_range = data.get("value_range")
-        if value_range is not None:
-            require(
-                isinstance(value_range, list) and len(value_range) == 2, where, "bad value_range"
-            )
-            value_range = (int(value_range[0]), int(value_range[1]))
-        role = data.get("role", "main")
-        require(role in ROLES, where, f"unknown role {role!r}")
-        return cls(data["name"], data["dtype"], tuple(shape), role, data.get("block"), value_range)
+        return cls(
+            data["name"],
+            data["dtype"],
+            shape,
+            data.get("role", "main"),
+            data.get("block"),
+            None if value_range is None else (int(value_range[0]), int(value_range[1])),
+        )
 
 
 def require(condition: bool, where: str, what: str) -> None:

@@ -15,12 +15,18 @@ from typing import Any
 from moec import registry
 from moec.errors import ArtifactError
 from moec.ir.signature import TensorSpec, require
+from moec.runtime.manifest_schema import validate
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "FileEntry", "Manifest", "file_sha256"]
 
 FORMAT = "moec-artifact"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,6 @@ class Manifest:
     files: dict[str, FileEntry]
     blocks: list[dict[str, Any]] = field(default_factory=list)
     passes: list[dict[str, Any]] = field(default_factory=list)
-    tolerances: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     compression: dict[str, Any] = field(default_factory=dict)
@@ -71,11 +76,17 @@ class Manifest:
                 f"{directory} has no {MANIFEST_NAME}; it is not a moec artifact, or an incomplete "
                 "one: compile it again"
             )
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise ArtifactError(
-                f"{path} is not valid JSON ({e}); compile the artifact again"
+                f"{path} is {path.stat().st_size} bytes, more than a manifest ever needs "
+                f"({MAX_MANIFEST_BYTES}); it is not one moec wrote"
+            )
+        try:
+            data = json.loads(path.read_text(), parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+            raise ArtifactError(
+                f"{path} is not valid JSON ({why}); compile the artifact again"
             ) from e
         manifest = cls.from_dict(data, str(path))
         manifest.check_files(directory)
@@ -83,6 +94,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = MANIFEST_NAME) -> Manifest:
+        """A manifest from its JSON document, validated against `manifest_schema.SCHEMA` and
+        the registry (its target, and the files that target writes)."""
         require(isinstance(data, dict), where, "must be a JSON object")
         require(data.get("format") == FORMAT, where, f"'format' must be {FORMAT!r}")
         version = data.get("format_version")
@@ -92,55 +105,29 @@ class Manifest:
             f"format_version {version!r} is not {FORMAT_VERSION}, the one this moec reads; "
             "compile the artifact with this version of moec",
         )
+        validate(data, where)
         targets = registry.target_names()
-        require(data.get("target") in targets, where, f"'target' must be one of {targets}")
+        require(data["target"] in targets, where, f"'target' must be one of {targets}")
         declared = (*registry.target(data["target"]).files, *registry.SHARED_FILE_ROLES)
-        for key, kind in (("source", dict), ("inputs", list), ("outputs", list), ("files", dict)):
-            require(isinstance(data.get(key), kind), where, f"needs '{key}' ({kind.__name__})")
         files = {}
         for role, entry in data["files"].items():
-            ok = (
-                isinstance(entry, dict)
-                and isinstance(entry.get("path"), str)
-                and isinstance(entry.get("bytes"), int)
-                and isinstance(entry.get("sha256"), str)
-            )
-            require(ok, where, f"files.{role} needs path, bytes and sha256")
-            require(
-                role in declared,
-                where,
-                f"files.{role}: a {data['target']} artifact has no such file",
-            )
-            require(
-                "/" not in entry["path"] and entry["path"] not in ("", ".", ".."),
-                where,
-                f"files.{role}.path must be a plain file name",
-            )
+            kind = data["target"]
+            require(role in declared, where, f"files.{role}: a {kind} artifact has no such file")
             files[role] = FileEntry(entry["path"], entry["bytes"], entry["sha256"])
-        require("model" in files, where, "files needs a 'model' entry")
-        inputs = [
-            TensorSpec.from_dict(d, f"{where}: inputs[{i}]") for i, d in enumerate(data["inputs"])
-        ]
-        outputs = [
-            TensorSpec.from_dict(d, f"{where}: outputs[{i}]") for i, d in enumerate(data["outputs"])
-        ]
-        require(bool(inputs), where, "declares no inputs")
+        paths = [f.path for f in files.values()]
+        require(len(paths) == len(set(paths)), where, "files name one file twice")
+        require(MANIFEST_NAME not in paths, where, f"files may not name {MANIFEST_NAME}")
+        inputs = [TensorSpec.from_dict(d) for d in data["inputs"]]
+        outputs = [TensorSpec.from_dict(d) for d in data["outputs"]]
         require(any(o.role == "main" for o in outputs), where, "declares no main output")
         names = [t.name for t in inputs + outputs]
         require(len(names) == len(set(names)), where, "input/output names must be unique")
-        optional = {
-            "blocks": list,
-            "passes": list,
-            "tolerances": dict,
-            "versions": dict,
-            "notes": list,
-            "compression": dict,
-            "settings": dict,
-        }
-        for key, kind in optional.items():
-            require(
-                isinstance(data.get(key, kind()), kind), where, f"'{key}' must be a {kind.__name__}"
-            )
+        for spec in inputs + outputs:
+            for dim in spec.shape:
+                bounded = isinstance(dim, int) or dim.max is None or dim.max >= dim.min
+                require(bounded, where, f"{spec.name}: dim {dim} has max < min")
+            low, high = spec.value_range or (0, 1)
+            require(low < high, where, f"{spec.name}: value_range [{low}, {high}) is empty")
         return cls(
             target=data["target"],
             source=data["source"],
@@ -149,12 +136,17 @@ class Manifest:
             files=files,
             blocks=data.get("blocks", []),
             passes=data.get("passes", []),
-            tolerances=data.get("tolerances", {}),
             versions=data.get("versions", {}),
             notes=data.get("notes", []),
             compression=data.get("compression", {}),
             settings=data.get("settings", {}),
         )
+
+    def unlisted_files(self, directory: Path) -> list[str]:
+        """Files in the artifact directory that the manifest does not list (never checked,
+        never read by moec)."""
+        listed = {f.path for f in self.files.values()} | {MANIFEST_NAME}
+        return sorted(p.name for p in Path(directory).iterdir() if p.name not in listed)
 
     def check_files(self, directory: Path) -> None:
         for role, entry in self.files.items():

@@ -45,6 +45,7 @@ class OrtRunner(Runner):
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = self.intra_op_threads
         path = self.directory / self.manifest.files["model"].path
+        check_external_data(path, {f.path for f in self.manifest.files.values()})
         try:
             self.session = ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -57,3 +58,57 @@ class OrtRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.session = None
+
+
+def check_external_data(model_path: Path, listed: set[str]) -> None:
+    """Raise `ArtifactError` unless every file ``model_path`` reads its tensors from is one of
+    ``listed`` (the manifest's files, whose sizes and hashes were checked) and every tensor lies
+    inside its file: ONNX Runtime would read whatever the graph names."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and onnx's own errors
+        raise ArtifactError(f"{model_path} is not a readable ONNX model ({e})") from e
+    sizes: dict[str, int] = {}
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        if location not in listed:
+            raise ArtifactError(
+                f"{model_path.name} reads tensor {tensor.name!r} from {location!r}, a file the "
+                "manifest does not list and moec has not checked; compile the artifact again"
+            )
+        if location not in sizes:
+            sizes[location] = (model_path.parent / location).stat().st_size
+        try:
+            offset = int(info.get("offset", 0))
+            end = offset + int(info.get("length", sizes[location] - offset))
+        except ValueError:
+            offset = end = -1
+        if not 0 <= offset <= end <= sizes[location]:
+            raise ArtifactError(
+                f"{model_path.name}: tensor {tensor.name!r} lies outside {location} "
+                f"(offset {info.get('offset')}, length {info.get('length')}, file "
+                f"{sizes[location]} bytes); compile the artifact again"
+            )
+
+
+def _tensors(graph):
+    """Every tensor a graph holds: initializers, sparse ones, constants in node attributes,
+    and those of subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
