@@ -12,12 +12,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from crafted import KINDS, craft
 
 import moec
 from moec.cli import main
 from moec.errors import ArtifactError, SourceError
+from moec.models import build_zoo
 from moec.runtime.manifest import file_sha256
 
 
@@ -261,3 +263,83 @@ def test_a_string_tolerance_is_ignored_not_a_traceback(tmp_path, ort_artifact):
     artifact = shutil.copytree(ort_artifact, tmp_path / "art")
     edit(artifact, lambda m: m.update(tolerances={"rel_l2": "lots"}))
     assert run_cli("verify", artifact).exit_code == 0
+
+
+# -- inputs that gave silently wrong outputs ---------------------------------------------------
+@pytest.mark.parametrize("target", ["ort", "torch"])
+def test_big_endian_inputs_give_the_native_results(tmp_path, target):
+    path = moec.compile("zoo:mixtral-lm", target=target, output=tmp_path / "a").path
+    ids = np.random.default_rng(0).integers(0, 256, (2, 7))
+    with moec.load(path) as runner:
+        native = runner(ids)
+        swapped = runner(ids.astype(">i8"))
+        again = runner(ids.astype(">i8"))  # a second call takes the checked-layout path
+    np.testing.assert_array_equal(native, swapped)
+    np.testing.assert_array_equal(native, again)
+    block = build_zoo("mixtral")
+    path = moec.compile(
+        block.model, block.example_inputs, target=target, output=tmp_path / "b"
+    ).path
+    x = np.random.default_rng(1).standard_normal((1, 5, 32)).astype(np.float32)
+    with moec.load(path) as runner:
+        np.testing.assert_array_equal(runner(x), runner(x.astype(">f4")))
+
+
+NONFINITE_CASES = [
+    ("mixtral", "ort", None),  # com.microsoft.MoE with its own softmax routing
+    ("mixtral", "ort", "gather"),
+    ("switch", "onnx", None),  # capacity routing: a NaN token gets no expert
+    ("switch", "torch", None),
+    ("switch", "torch", "grouped_mm"),
+    ("deepseek", "ort", None),  # MoEGroupRouter
+    ("deepseek", "torch", None),
+]
+
+
+@pytest.mark.parametrize(("zoo", "target", "lowering"), NONFINITE_CASES)
+def test_a_nonfinite_token_is_nan_out_as_in_eager(tmp_path, zoo, target, lowering):
+    block = build_zoo(zoo)
+    args = dict(target=target, output=tmp_path / "a")
+    if lowering:
+        args["lowering"] = lowering
+    path = moec.compile(block.model, block.example_inputs, **args).path
+    hidden = block.example_inputs[0].shape[-1]
+    x = np.random.default_rng(0).standard_normal((1, 6, hidden)).astype(np.float32)
+    x[0, 2, 3] = np.nan  # one token: eager Switch drops a second NaN token by capacity
+    with torch.no_grad():
+        ref = block.model(torch.from_numpy(x)).numpy()
+    out = moec.load(path)(x)
+    bad = ~np.isfinite(out).all(-1)
+    assert (bad == ~np.isfinite(ref).all(-1)).all() and bad[0].tolist() == [0, 0, 1, 0, 0, 0]
+    np.testing.assert_allclose(out[~bad], ref[~bad], rtol=1e-4, atol=1e-5)
+
+
+def test_a_nonfinite_token_alone_on_the_torch_one_token_path(tmp_path):
+    """One token routed by the family's router takes `PackedMoE`'s one-token path."""
+    from test_external_routing import SPEC, _weights
+
+    from moec.compiler.moe_block import MoEExpertsBlock
+
+    class Routed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = torch.nn.Linear(SPEC.hidden_size, SPEC.num_experts, bias=False)
+            self.experts = MoEExpertsBlock(SPEC, _weights())
+
+        def forward(self, x):
+            weights, ids = self.router(x).softmax(-1).topk(SPEC.top_k, dim=-1)
+            return self.experts(x, ids, weights)
+
+    model = Routed().eval()
+    example = (torch.randn(4, SPEC.hidden_size),)
+    path = moec.compile(model, example, target="torch", output=tmp_path / "a").path
+    x = np.full((1, SPEC.hidden_size), np.nan, np.float32)
+    with moec.load(path) as runner:
+        assert runner.packing.moe_blocks == 1
+        assert np.isnan(runner(x)).all()
+
+
+def test_a_meta_tensor_is_an_input_error(tmp_path):
+    path = moec.compile("zoo:mixtral", target="ort", output=tmp_path / "a").path
+    with pytest.raises(moec.MoecError, match="meta tensor, which has no values"):
+        moec.load(path)(torch.empty(1, 3, 32, device="meta"))

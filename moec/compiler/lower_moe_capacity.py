@@ -20,10 +20,10 @@ from moec.compiler.onnx_ops import (
     FLOAT,
     INT64,
     activation,
-    add_shared_and_bias,
     const_d,
     const_f,
     const_i,
+    finish_moe_output,
     gated_activation,
     op,
     reshape_chosen,
@@ -103,7 +103,7 @@ def lower_moe_capacity(spec: MoESpec, x, w: dict):
     y = op.ReduceSum(
         op.Mul(gathered, op.Unsqueeze(pair_weight, const_i([-1]))), const_i([1]), keepdims=0
     )
-    y = add_shared_and_bias(spec, y, x2, w)
+    y = finish_moe_output(spec, y, x2, w)
     served = op.ScatterElements(
         op.ConstantOfShape(op.Shape(chosen)), ids, op.Cast(keep, to=FLOAT), axis=1
     )

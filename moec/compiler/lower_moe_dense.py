@@ -11,8 +11,8 @@ from __future__ import annotations
 from moec.compiler.lower_routing import lower_routing
 from moec.compiler.onnx_ops import (
     activation,
-    add_shared_and_bias,
     const_i,
+    finish_moe_output,
     gated_activation,
     op,
     reshape_chosen,
@@ -44,5 +44,5 @@ def lower_moe_dense(spec: MoESpec, x, w: dict):
     y = op.MatMul(op.Reshape(weighted, const_i([-1, e * i])), down)
     if w.get("b_down") is not None:
         y = op.Add(y, op.MatMul(combine, w["b_down"]))
-    y = add_shared_and_bias(spec, y, x2, w)
+    y = finish_moe_output(spec, y, x2, w)
     return op.Reshape(y, op.Shape(x)), reshape_chosen(chosen, x, e)

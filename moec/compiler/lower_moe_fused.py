@@ -22,9 +22,9 @@ from __future__ import annotations
 from moec.compiler.lower_routing import lower_router_logits, lower_routing, scatter_chosen
 from moec.compiler.onnx_ops import (
     FLOAT,
-    add_shared_and_bias,
     const_f,
     const_i,
+    finish_moe_output,
     msft,
     ones_like,
     op,
@@ -137,7 +137,7 @@ def lower_moe_fused(spec: MoESpec, x, w: dict):
     )
     if post_scale is not None:
         y = op.Mul(y, op.CastLike(post_scale, y))
-    y = add_shared_and_bias(spec, y, x2, w)
+    y = finish_moe_output(spec, y, x2, w)
     return op.Reshape(y, op.Shape(x)), reshape_chosen(chosen, x, e)
 
 

@@ -36,9 +36,9 @@ from moec.compiler.onnx_ops import (
     BOOL,
     INT64,
     activation,
-    add_shared_and_bias,
     const_f,
     const_i,
+    finish_moe_output,
     gated_activation,
     ones_like,
     op,
@@ -111,7 +111,7 @@ def lower_moe_gather(spec: MoESpec, x, w: dict):
         y, chosen = _sorted_pairs(spec, w, x2, *pairs)
     else:
         y, chosen = _masked_pairs(spec, w, x, x2)
-    y = add_shared_and_bias(spec, y, x2, w)
+    y = finish_moe_output(spec, y, x2, w)
     return op.Reshape(y, op.Shape(x)), reshape_chosen(chosen, x, spec.num_experts)
 
 

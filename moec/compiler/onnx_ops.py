@@ -19,10 +19,10 @@ from moec.ir import MoESpec
 __all__ = [
     "ORT_DOMAIN",
     "activation",
-    "add_shared_and_bias",
     "const_d",
     "const_f",
     "const_i",
+    "finish_moe_output",
     "gated_activation",
     "linear",
     "msft",
@@ -156,13 +156,16 @@ def gated_activation(spec: MoESpec, gate, up):
     return op.Mul(glu, op.Add(up, const_f(spec.swiglu_beta, up)))
 
 
-def add_shared_and_bias(spec: MoESpec, y, x2, w: dict):
-    """y [T, H] plus the shared expert on tokens x2 [T, H] and the output bias, where present."""
+def finish_moe_output(spec: MoESpec, y, x2, w: dict):
+    """y [T, H] plus the shared expert on tokens x2 [T, H] and the output bias, where present,
+    and NaN for every token whose input is not finite, as the eager block gives (routing may
+    hand such a token no expert at all)."""
     if spec.shared_expert_size:
         y = op.Add(y, _shared_expert(spec, x2, w))
     if w.get("output_bias") is not None:
         y = op.Add(y, w["output_bias"])
-    return y
+    nonfinite = op.ReduceSum(op.Mul(x2, const_f(0.0, x2)), const_i([-1]), keepdims=1)
+    return op.Add(y, nonfinite)  # 0 for a finite token, NaN for any other
 
 
 def _shared_expert(spec: MoESpec, x2, w: dict):

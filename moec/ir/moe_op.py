@@ -39,6 +39,7 @@ from moec.ir.routing import map_experts, route, router_logits
 
 __all__ = [
     "MoEOpArgs",
+    "carry_nonfinite",
     "chosen_from_ids",
     "experts_kernel",
     "gather_experts_scatter",
@@ -131,7 +132,13 @@ def moe_eager(
         out = experts(out, flat_x, tokens, counts.tolist(), gates.to(x.dtype))
     if w.output_bias is not None:
         out = out + w.output_bias
-    return out.reshape(x.shape), chosen
+    return carry_nonfinite(out, flat_x).reshape(x.shape), chosen
+
+
+def carry_nonfinite(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` [T, H] with NaN in every token whose input ``x`` [T, H] is not finite, as the
+    eager block gives (routing may hand such a token no expert, or a capacity no slot)."""
+    return out + (x * 0).sum(-1, keepdim=True)
 
 
 def gather_experts_scatter(

@@ -132,7 +132,7 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, Any]) -> dict[str, np.
     for spec in specs:
         value = feeds[spec.name]
         if _is_torch(value):
-            value = value.detach().cpu().numpy()
+            value = _torch_to_numpy(spec, value)
         if not isinstance(value, np.ndarray):
             raise InputError(
                 f"input {spec.name!r} is a {type(value).__name__}; pass a numpy array or a "
@@ -152,17 +152,39 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, Any]) -> dict[str, np.
             _check_dim(spec, axis, size, dim, dims_seen)
         if spec.value_range is not None:
             _check_values(spec, value)
-        arrays[spec.name] = np.asarray(value, order="C")  # ascontiguousarray makes 0-d 1-d
+        # native byte order (a runtime reads raw bytes); ascontiguousarray would make 0-d 1-d
+        arrays[spec.name] = np.asarray(value, dtype=value.dtype.newbyteorder("="), order="C")
     return arrays
 
 
 def feed_layout(feeds: dict[str, Any]) -> tuple | None:
     """What `check_feeds` checks of ``feeds`` besides values, as a key (names, dtypes, shapes),
-    or None unless every feed is a C-contiguous numpy array (which it passes on as it is)."""
+    or None unless every feed is a C-contiguous numpy array in native byte order (which it
+    passes on as it is)."""
     for value in feeds.values():
-        if type(value) is not np.ndarray or not value.flags.c_contiguous:
+        if (
+            type(value) is not np.ndarray
+            or not value.flags.c_contiguous
+            or not value.dtype.isnative
+        ):
             return None
     return tuple((name, value.dtype, value.shape) for name, value in feeds.items())
+
+
+def _torch_to_numpy(spec: TensorSpec, value: Any) -> np.ndarray:
+    """A torch tensor's values as numpy; a tensor without data (meta, or on a device numpy
+    cannot read) is an input error."""
+    if value.is_meta:
+        raise InputError(
+            f"input {spec.name!r} is a meta tensor, which has no values; pass a tensor with data"
+        )
+    try:
+        return value.detach().cpu().numpy()
+    except (RuntimeError, TypeError) as e:
+        raise InputError(
+            f"input {spec.name!r} ({value.dtype} on {value.device}) cannot be read as an array "
+            f"({e}); pass {spec.dtype} {spec.shape_str()}"
+        ) from e
 
 
 def _check_values(spec: TensorSpec, value: np.ndarray) -> None:

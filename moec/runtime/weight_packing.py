@@ -38,7 +38,13 @@ from moec.ir.expert_kernels import (
     gated_activation,
     grouped_experts,
 )
-from moec.ir.moe_op import chosen_from_ids, experts_kernel, gather_experts_scatter, moe_eager
+from moec.ir.moe_op import (
+    carry_nonfinite,
+    chosen_from_ids,
+    experts_kernel,
+    gather_experts_scatter,
+    moe_eager,
+)
 from moec.ir.moe_spec import MoESpec
 from moec.ir.moe_weights import MoEWeights
 from moec.ir.program import is_moe_node, node_args
@@ -176,7 +182,7 @@ class PackedMoE(nn.Module):
             out = torch.addmm(self._shared(flat), gates, out)
         if self.routing.output_bias is not None:
             out = out + self.routing.output_bias
-        return out.reshape(x.shape), chosen
+        return carry_nonfinite(out, flat).reshape(x.shape), chosen
 
     def _gated_expert(self, e: int, x: torch.Tensor, tokens: torch.Tensor, gates: torch.Tensor):
         return self._expert(e, x.index_select(0, tokens)) * gates
