@@ -23,7 +23,7 @@ from torch import nn
 
 import moec
 from moec import registry
-from moec.compiler.artifact_writer import check_destination, write_artifact
+from moec.compiler.artifact_writer import claim, write_artifact
 from moec.compiler.capture import capture
 from moec.compiler.sources import LoadedSource, load_source, source_from_module
 from moec.errors import LoweringError, MoecError
@@ -119,7 +119,6 @@ def compile_model(
     target = registry.target(settings.target)
     target.writer()  # an unavailable target fails before any work
     out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="moec-")) / "out"
-    check_destination(out, force)
     timings: dict[str, float] = {}
 
     @contextmanager
@@ -130,42 +129,44 @@ def compile_model(
         yield
         timings[name] = time.perf_counter() - start
 
-    with stage("load"):
-        trust = {"trust_pickle": trust_pickle, "trust_remote_code": trust_remote_code}
-        loaded = _load(model, example_inputs, trust, source_options)
-    compression = None
-    lossy = lossy_passes(settings)
-    if lossy:
-        with stage("compress"):
-            for p in lossy:
-                if on_step is not None and hasattr(p, "on_step"):
-                    p.on_step = on_step
-            data = load_calibration(settings.calib, loaded.model_source, settings.calib_samples)
-            compression = compress_model(loaded.model_source, lossy, data)
-    with stage("capture"):
-        captured = capture(compression.source if compression else loaded.model_source)
-    with stage("passes"):
-        if passes is None:
-            if calibration is None and settings.wants_capacity:
-                calibration = make_inputs(captured.inputs, CALIBRATION_SCHEDULE, seed=1)
-            passes = default_passes(settings, calibration)
-        captured, pass_records = PassManager(passes).run(captured)
-        _check_lowerings(captured, target)
-    with stage("emit"):
-        manifest = Manifest(
-            target=target.name,
-            source=loaded.record,
-            inputs=captured.inputs,
-            outputs=captured.outputs,
-            files={},
-            blocks=[b.to_dict() for b in captured.block_records()],
-            passes=(compression.records if compression else []) + pass_records,
-            compression=compression.manifest_section() if compression else {},
-            versions=_versions(),
-            notes=captured.notes,
-            settings=settings.to_dict(),
-        )
-        path = write_artifact(out, manifest, _writer(captured, target, compression), force)
+    with claim(out, force) as held:
+        with stage("load"):
+            trust = {"trust_pickle": trust_pickle, "trust_remote_code": trust_remote_code}
+            loaded = _load(model, example_inputs, trust, source_options)
+        compression = None
+        lossy = lossy_passes(settings)
+        if lossy:
+            with stage("compress"):
+                for p in lossy:
+                    if on_step is not None and hasattr(p, "on_step"):
+                        p.on_step = on_step
+                data = load_calibration(settings.calib, loaded.model_source, settings.calib_samples)
+                compression = compress_model(loaded.model_source, lossy, data)
+        with stage("capture"):
+            captured = capture(compression.source if compression else loaded.model_source)
+        with stage("passes"):
+            if passes is None:
+                if calibration is None and settings.wants_capacity:
+                    calibration = make_inputs(captured.inputs, CALIBRATION_SCHEDULE, seed=1)
+                passes = default_passes(settings, calibration)
+            captured, pass_records = PassManager(passes).run(captured)
+            _check_lowerings(captured, target)
+        with stage("emit"):
+            manifest = Manifest(
+                target=target.name,
+                source=loaded.record,
+                inputs=captured.inputs,
+                outputs=captured.outputs,
+                files={},
+                blocks=[b.to_dict() for b in captured.block_records()],
+                passes=(compression.records if compression else []) + pass_records,
+                compression=compression.manifest_section() if compression else {},
+                versions=_versions(),
+                notes=captured.notes,
+                settings=settings.to_dict(),
+            )
+            writer = _writer(captured, target, compression)
+            path = write_artifact(held, manifest, writer, force)
     log.info("compiled %s for %s into %s", loaded.record["spec"], target.name, path)
     return CompileResult(path, manifest, captured.block_records(), timings, captured.notes)
 

@@ -1,21 +1,47 @@
 """Writing an artifact directory so that nothing is ever half-written or lost.
 
-Files go to a temporary sibling of OUT, the manifest (with each file's size and sha256) last;
-only then is the directory renamed into place. An existing OUT is replaced only with ``force``
-and only if it is a moec artifact (or empty), so ``-o ~ --force`` cannot delete a home directory.
+`claim(out, force)` is held for a whole compile: it takes a lock on OUT (a second compile to the
+same OUT fails at once instead of after all its work), removes what earlier, killed compiles of
+OUT left beside it, turns SIGTERM into a clean exit, and gives a staging directory beside OUT
+for the artifact's files and any scratch work (nothing goes to the system's temp directory).
+`write_artifact` writes the files there, the manifest (each file's size and sha256) last, and
+only then puts the directory in place: renamed to OUT, or exchanged with an existing OUT in one
+atomic step (Linux's ``renameat2(RENAME_EXCHANGE)``), so that at every instant OUT is either
+the old artifact or the new one. An existing OUT is replaced only with ``force`` and only if it
+is a moec artifact (or empty), so ``-o ~ --force`` cannot delete a home directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import ctypes
+import errno
+import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from moec.errors import ArtifactError
 from moec.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, file_sha256
 
-__all__ = ["check_destination", "write_artifact"]
+__all__ = ["Claim", "check_destination", "claim", "scratch_dir", "write_artifact"]
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+_SCRATCH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("scratch", default=None)
+
+
+@dataclass
+class Claim:
+    """A compile's hold on OUT: its staging directory and scratch space beside OUT."""
+
+    out: Path
+    staging: Path
+    scratch: Path
 
 
 def check_destination(out: Path, force: bool) -> None:
@@ -33,42 +59,145 @@ def check_destination(out: Path, force: bool) -> None:
         )
 
 
+def scratch_dir() -> Path | None:
+    """The running compile's scratch directory (beside OUT), or None outside a compile."""
+    return _SCRATCH.get()
+
+
+@contextlib.contextmanager
+def claim(out: Path, force: bool) -> Iterator[Claim]:
+    """Hold OUT for one compile (see the module docstring); everything it created beside OUT
+    but the artifact itself is gone when it exits, however it exits."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(out), _sigterm_as_exit():
+        _recover_and_clean(out)
+        check_destination(out, force)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        scratch = staging / ".scratch"
+        scratch.mkdir()
+        token = _SCRATCH.set(scratch)
+        try:
+            yield Claim(out, staging, scratch)
+        finally:
+            _SCRATCH.reset(token)
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_artifact(
-    out: Path,
+    held: Claim,
     manifest: Manifest,
     write_files: Callable[[Path], dict[str, str]],
     force: bool = False,
 ) -> Path:
-    """Create ``out``: ``write_files(tmp_dir)`` writes the files and returns role -> file name."""
-    out = Path(out).absolute()
+    """Create ``held.out``: ``write_files(dir)`` writes the files and returns role -> name."""
+    out, staging = held.out, held.staging
+    shutil.rmtree(held.scratch, ignore_errors=True)
+    roles = write_files(staging)
+    manifest.files = {
+        role: FileEntry(name, (staging / name).stat().st_size, file_sha256(staging / name))
+        for role, name in roles.items()
+    }
+    (staging / MANIFEST_NAME).write_text(manifest.to_json())
     check_destination(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        roles = write_files(tmp)
-        manifest.files = {
-            role: FileEntry(name, (tmp / name).stat().st_size, file_sha256(tmp / name))
-            for role, name in roles.items()
-        }
-        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        _move_into_place(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
     if not out.exists():
-        tmp.rename(out)
-        return
-    check_destination(out, force)  # it may have appeared while we worked
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    out.rename(trash / out.name)
+        staging.rename(out)
+    elif not _exchange(staging, out):
+        _replace_in_two_steps(staging, out)
+    return out  # `claim` removes the staging path, which now holds the old artifact if any
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system cannot (then nothing happened)."""
     try:
-        tmp.rename(out)
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE)
+    if done == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _replace_in_two_steps(staging: Path, out: Path) -> None:
+    """OUT moved aside, the new one moved in: the old one stays beside OUT as ``.OUT.old-*``
+    until the new one is in place, and a later compile puts it back if this one dies between
+    the two renames (`_recover_and_clean`)."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        staging.rename(out)
     except BaseException:
-        (trash / out.name).rename(out)
+        old.rename(out)
         raise
+    old.rename(staging)  # `claim` removes it
+
+
+def _recover_and_clean(out: Path) -> None:
+    """Put back an artifact a killed compile left aside (OUT missing, ``.OUT.old-*`` complete),
+    then remove every staging and aside directory of OUT: this compile holds OUT's lock, so no
+    other compile is using them."""
+    prefix = f".{out.name}."
+    leftovers = [p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    aside = [p for p in leftovers if p.name.startswith(prefix + "old-")]
+    if not out.exists():
+        complete = [p for p in aside if (p / MANIFEST_NAME).is_file()]
+        if complete:
+            newest = max(complete, key=lambda p: p.stat().st_mtime)
+            newest.rename(out)
+            leftovers.remove(newest)
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on OUT for this process (a lock file beside it), or `ArtifactError`
+    at once when another compile holds it."""
+    import fcntl
+
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ArtifactError(
+                f"{out} is being written by another moec compile (process {holder}); wait for "
+                "it to finish, or choose another output directory"
+            ) from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break  # the file we locked is still the lock file (not one unlinked meanwhile)
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
     finally:
-        shutil.rmtree(trash, ignore_errors=True)
+        os.unlink(path)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM raises SystemExit in the main thread, so cleanup runs as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

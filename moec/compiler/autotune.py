@@ -24,6 +24,7 @@ from torch.export import Dim
 
 import moec
 from moec import registry
+from moec.compiler.artifact_writer import scratch_dir
 from moec.compiler.capture import capture
 from moec.compiler.moe_block import MoEBlock, MoEExpertsBlock
 from moec.ir.moe_spec import MoESpec
@@ -98,7 +99,7 @@ def measure_lowerings(
         for t in tokens
     ]
     runners = []
-    with tempfile.TemporaryDirectory(prefix="moec-autotune-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="moec-autotune-", dir=scratch_dir()) as tmp:
         try:
             calls = {}
             for lowering in lowerings:
