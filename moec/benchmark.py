@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moec.runtime.arrays import to_torch
 from moec.runtime.inputs import make_inputs
 from moec.runtime.load import load
 from moec.runtime.manifest import Manifest
 from moec.timing import median_ms
-from moec.verification import eager_model
+from moec.verification import eager_input, eager_model
 
 __all__ = ["BENCH_SCHEDULE", "BenchRow", "bench_artifact"]
 
@@ -50,7 +51,7 @@ def bench_artifact(
     rows = []
     with load(path, trust_pickle=trust_pickle) as runner:
         for feeds in make_inputs(manifest.inputs, schedule, seed=0):
-            args = [torch.from_numpy(feeds[s.name]) for s in manifest.inputs]
+            args = [eager_input(model, to_torch(feeds[s.name])) for s in manifest.inputs]
             with torch.no_grad():
                 eager_ms = median_ms(lambda args=args: model(*args), repeat)
             artifact_ms = median_ms(lambda feeds=feeds: runner.infer(feeds), repeat)

@@ -143,7 +143,8 @@ def compile_model(
                 data = load_calibration(settings.calib, loaded.model_source, settings.calib_samples)
                 compression = compress_model(loaded.model_source, lossy, data)
         with stage("capture"):
-            captured = capture(compression.source if compression else loaded.model_source)
+            dtype = getattr(torch, settings.dtype_name)
+            captured = capture(compression.source if compression else loaded.model_source, dtype)
         with stage("passes"):
             if passes is None:
                 if calibration is None and settings.wants_capacity:

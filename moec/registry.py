@@ -127,7 +127,8 @@ class Target:
     block takes). ``autotune``: the exact lowerings ``--autotune`` times against each other.
     ``write(program, directory, target) -> {role: file}``: makes the files of a captured
     program; ``runner``: the `moec.runtime.Runner` subclass that loads them. ``unavailable``:
-    why this build of moec cannot compile it (then ``write`` is None).
+    why this build of moec cannot compile it (then ``write`` is None). ``dtypes``: the
+    floating dtypes its runtime runs, and ``runtime``, that runtime in words for messages.
     """
 
     name: str
@@ -135,6 +136,8 @@ class Target:
     files: dict[str, str]
     default: tuple[Prefer, ...]
     autotune: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ("float32",)
+    runtime: str = ""
     write: Hook | None = None
     runner: Hook | None = None
     unavailable: str = ""
@@ -166,6 +169,8 @@ BUILTIN_TARGETS = (
             Prefer("gather", why="the exact grouped lowering in standard ops"),
         ),
         autotune=("fused", "gather"),
+        dtypes=("float32", "float16"),
+        runtime="ONNX Runtime on CPU",
         write="moec.compiler.onnx_artifact:write_onnx",
         runner="moec.runtime.ort_runner:OrtRunner",
         options={"standard_ops_only": False},
@@ -175,6 +180,8 @@ BUILTIN_TARGETS = (
         "model.onnx with standard ops only, for TensorRT and other ONNX runtimes",
         {"model": "model.onnx", "weights": "model.onnx.data"},
         (Prefer("gather", why="the exact grouped lowering in standard ops"),),
+        dtypes=("float32", "float16"),
+        runtime="ONNX Runtime on CPU",
         write="moec.compiler.onnx_artifact:write_onnx",
         runner="moec.runtime.ort_runner:OrtRunner",
         options={"standard_ops_only": True},
@@ -195,6 +202,8 @@ BUILTIN_TARGETS = (
         {"model": "model.pt2"},
         (Prefer("kernel", why="one GEMM per expert on weights packed at load"),),
         autotune=("kernel", "grouped_mm"),
+        dtypes=("float32", "float16", "bfloat16"),
+        runtime="PyTorch",
         write="moec.compiler.pt2_artifact:write_pt2",
         runner="moec.runtime.torch_runner:TorchRunner",
     ),

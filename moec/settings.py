@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "DISTILL_INITS",
     "DISTILL_TRAIN",
+    "DTYPES",
     "FLAGS",
     "MERGE_METHODS",
     "PRUNE_METHODS",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 DEFAULT_TARGET = registry.DEFAULT_TARGET
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype -> dtype name
 MERGE_METHODS = ("hc", "router-logits", "random")
 PRUNE_METHODS = ("frequency", "reap", "reconstruction")
 DISTILL_INITS = ("concat", "average")
@@ -123,6 +125,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("target", "--target", "What to build.", "choice", default=DEFAULT_TARGET, short="-t"),
     Flag("lowering", "--lowering", "Lower every MoE block this way instead of the target's "
          "default rule.", "choice"),
+    Flag("dtype", "--dtype", "Weights and activations in this precision (routing stays "
+         "float32).", "choice", default="fp32", choices=tuple(DTYPES)),
     Flag("capacity_factor", "--capacity-factor", "Capacity lowering with C = ceil(F * T * k / "
          "E) slots.", "float"),
     Flag("capacity", "--capacity", "Capacity lowering sized by the largest expert load on "
@@ -186,7 +190,8 @@ class CompileSettings:
     """How to compile.
 
     - ``target``: a registered target; ``lowering``: force one registered lowering on every
-      block (the target must run it); ``capacity``: a capacity factor F > 0 or ``"auto"``,
+      block (the target must run it); ``dtype``: ``fp32``, ``fp16`` or ``bf16`` (the
+      target's runtime must run it); ``capacity``: a capacity factor F > 0 or ``"auto"``,
       which chooses the ``capacity`` lowering; ``autotune``: time the target's candidate
       lowerings on this host instead of its default rule.
     - ``calib``: calibration data for the lossy passes (``calib_samples`` rows at most);
@@ -195,6 +200,7 @@ class CompileSettings:
 
     target: str = DEFAULT_TARGET
     lowering: str | None = None
+    dtype: str = "fp32"
     capacity: float | str | None = None
     autotune: bool = False
     calib: str | None = None
@@ -205,6 +211,14 @@ class CompileSettings:
 
     def __post_init__(self):
         target = registry.target(self.target)
+        _choice("--dtype", self.dtype, tuple(DTYPES))
+        if DTYPES[self.dtype] not in target.dtypes:
+            runs = ", ".join(k for k, v in DTYPES.items() if v in target.dtypes)
+            runtime = target.runtime or "its runtime"
+            raise SettingsError(
+                f"--dtype {self.dtype}: target {target.name} runs on {runtime}, which has no "
+                f"{DTYPES[self.dtype]} kernels; it can run {runs}"
+            )
         if self.lowering is not None:
             registry.lowering(self.lowering)
             allowed = registry.lowerings_for(target.name)
@@ -254,6 +268,11 @@ class CompileSettings:
         asked = {"--merge-experts": self.merge, "--prune-experts": self.prune}
         asked["--distill-dense"] = self.distill
         return [flag for flag, options in asked.items() if options is not None]
+
+    @property
+    def dtype_name(self) -> str:
+        """``dtype`` as torch and numpy name it (``float16``)."""
+        return DTYPES[self.dtype]
 
     @property
     def wants_capacity(self) -> bool:
@@ -306,6 +325,7 @@ class CompileSettings:
         return cls(
             target=given.get("target", DEFAULT_TARGET),
             lowering=given.get("lowering"),
+            dtype=given.get("dtype", "fp32"),
             capacity=given.get("capacity_factor", given.get("capacity")),
             autotune=bool(given.get("autotune", False)),
             calib=None if "calib" not in given else os.fspath(given["calib"]),
@@ -345,6 +365,8 @@ class CompileSettings:
     def rows(self) -> list[tuple[str, str]]:
         """(flag, value) of every setting that is not its default, and the target, to print."""
         rows = [("--target", self.target)]
+        if self.dtype != "fp32":
+            rows.append(("--dtype", self.dtype))
         plain = {"--lowering": self.lowering, "--calib": self.calib}
         plain["--calib-samples"] = self.calib_samples
         if self.capacity is not None:

@@ -7,6 +7,7 @@ The user's model is restored afterwards; only the stacked expert weights are cop
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import re
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from moec.compiler.moe_block import MoEBlock, op_block
+from moec.compiler.moe_block import MoEBlock, cast_keeping_routers, op_block
 from moec.errors import CaptureError, SourceError
 from moec.ir.program import CapturedBlock, CapturedProgram, moe_nodes, node_spec
 from moec.ir.signature import DynamicDim, TensorSpec
@@ -98,14 +99,17 @@ def _swapped(model: nn.Module, matches: list[BlockMatch]) -> Iterator[nn.Module]
             setattr(parent, attr, original)
 
 
-def capture(source: ModelSource) -> CapturedProgram:
-    """Export ``source.model`` with its MoE blocks as ``moec::moe`` nodes."""
-    model = source.model
+def capture(source: ModelSource, dtype: torch.dtype = torch.float32) -> CapturedProgram:
+    """Export ``source.model`` with its MoE blocks as ``moec::moe`` nodes; with another
+    ``dtype``, a copy of it in that precision (routers in float32: `cast_keeping_routers`)."""
+    model = source.model if dtype == torch.float32 else copy.deepcopy(source.model)
     matches = find_moe_blocks(model)
     unconverted = unconverted_moe_modules(model, matches)
-    inputs = tuple(source.example_inputs)
+    inputs = tuple(_cast(x, dtype) for x in source.example_inputs)
     input_names = source.input_names or _forward_parameter_names(model, len(inputs))
     with _swapped(model, matches) as swapped, export_patches(model) as patches:
+        if dtype != torch.float32:
+            swapped = cast_keeping_routers(swapped, dtype)
         op_blocks = (
             [swapped]
             if matches and matches[0].name == ""
@@ -143,6 +147,13 @@ def capture(source: ModelSource) -> CapturedProgram:
         for name, cls in unconverted
     ]
     return CapturedProgram(program, blocks, specs[0], specs[1], notes)
+
+
+def _cast(value, dtype: torch.dtype):
+    """A floating example input in ``dtype``; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
 
 
 def _blocks(program: ExportedProgram, matches: list[BlockMatch]) -> list[CapturedBlock]:

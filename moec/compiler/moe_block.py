@@ -16,7 +16,15 @@ from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights
 from moec.ir.moe_op import MoEOpArgs
 from moec.models.generic_moe import module_experts_forward
 
-__all__ = ["MoEBlock", "MoEExpertsBlock", "ModuleExpertsBlock", "experts_call_args", "op_block"]
+__all__ = [
+    "ROUTER_WEIGHTS",
+    "MoEBlock",
+    "MoEExpertsBlock",
+    "ModuleExpertsBlock",
+    "cast_keeping_routers",
+    "experts_call_args",
+    "op_block",
+]
 
 
 class MoEBlock(nn.Module):
@@ -104,3 +112,19 @@ def op_block(
         return ModuleExpertsBlock(spec, weights, expert_modules)
     cls = MoEExpertsBlock if spec.routing == "external" else MoEBlock
     return cls(spec, weights)
+
+
+ROUTER_WEIGHTS = ("router_weight", "router_bias", "selection_bias")  # kept in float32
+
+
+def cast_keeping_routers(root: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``root`` with its floating parameters and buffers in ``dtype``, in place, except the
+    routers of its `MoEBlock`s, which stay float32: the op routes in float32, and a router
+    rounded to half precision would choose other experts."""
+    blocks = [m for m in root.modules() if isinstance(m, MoEBlock)]
+    kept = [{n: getattr(b, n) for n in ROUTER_WEIGHTS if getattr(b, n) is not None} for b in blocks]
+    root.to(dtype)
+    for block, routers in zip(blocks, kept, strict=True):
+        for name, tensor in routers.items():
+            setattr(block, name, nn.Parameter(tensor.detach().float(), requires_grad=False))
+    return root

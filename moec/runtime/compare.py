@@ -63,6 +63,7 @@ class RoutingStats:
     block: str
     output: str
     tolerance: float  # minimum agreement
+    near_tie: float = NEAR_TIE  # a reference margin below this counts a token as a near-tie
     tokens: int = 0
     agree: int = 0
     near_ties: int = 0
@@ -85,7 +86,7 @@ class RoutingStats:
         ref2 = ref_chosen.reshape(-1, ref_chosen.shape[-1])
         out2 = out_chosen.reshape(-1, out_chosen.shape[-1])
         same = (ref2 == out2).all(axis=-1)
-        near = margin.reshape(-1) < NEAR_TIE
+        near = margin.reshape(-1) < self.near_tie
         self.tokens += same.size
         self.agree += int(same.sum())
         self.near_ties += int(near.sum())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from moec.ir.signature import DynamicDim, TensorSpec
+from moec.runtime.arrays import numpy_dtype
 
 __all__ = ["make_inputs"]
 
@@ -41,4 +42,4 @@ def _random(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) 
     if spec.dtype.startswith("int"):
         low, high = spec.value_range or (0, 2)
         return rng.integers(low, high, size=shape, dtype=spec.dtype)
-    return rng.standard_normal(shape).astype(spec.dtype)
+    return rng.standard_normal(shape).astype(numpy_dtype(spec.dtype))

@@ -17,6 +17,7 @@ import numpy as np
 
 from moec.errors import InputError, UsageError
 from moec.ir.signature import DynamicDim, TensorSpec
+from moec.runtime.arrays import to_numpy, to_torch
 from moec.runtime.manifest import Manifest
 
 __all__ = ["Runner", "check_feeds", "feed_layout"]
@@ -66,9 +67,7 @@ class Runner(abc.ABC):
         outputs = self.infer_impl(arrays)
         self.inference_time = time.perf_counter() - start
         if as_torch:
-            import torch
-
-            return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in outputs.items()}
+            return {k: to_torch(np.ascontiguousarray(v)) for k, v in outputs.items()}
         return outputs
 
     def checked_feeds(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -179,7 +178,7 @@ def _torch_to_numpy(spec: TensorSpec, value: Any) -> np.ndarray:
             f"input {spec.name!r} is a meta tensor, which has no values; pass a tensor with data"
         )
     try:
-        return value.detach().cpu().numpy()
+        return to_numpy(value.detach().cpu())
     except (RuntimeError, TypeError) as e:
         raise InputError(
             f"input {spec.name!r} ({value.dtype} on {value.device}) cannot be read as an array "

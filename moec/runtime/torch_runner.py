@@ -14,6 +14,7 @@ import torch
 
 import moec.ir.moe_op  # noqa: F401  (registers torch.ops.moec.moe, which the program calls)
 from moec.errors import ArtifactError
+from moec.runtime.arrays import to_numpy, to_torch
 from moec.runtime.manifest import Manifest
 from moec.runtime.runner import Runner
 from moec.runtime.safe_pt2 import load_pt2
@@ -46,11 +47,11 @@ class TorchRunner(Runner):
         self.packing = prepare_program(self.module, self.pack)
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [torch.from_numpy(feeds[name]) for name in self.input_names]
+        args = [to_torch(feeds[name]) for name in self.input_names]
         with torch.no_grad():  # forward: the program's hooks have nothing to do (prepare_program)
             values = self.module.forward(*args)
         values = values if isinstance(values, (tuple, list)) else (values,)
-        return {name: v.numpy() for name, v in zip(self.output_names, values, strict=True)}
+        return {name: to_numpy(v) for name, v in zip(self.output_names, values, strict=True)}
 
     def deactivate_impl(self) -> None:
         self.module = None
