@@ -75,7 +75,9 @@ def _friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except MoecError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True
+            )
             sys.exit(2)
 
     return wrapper

@@ -13,6 +13,7 @@ __all__ = [
     "InputError",
     "LoweringError",
     "MoecError",
+    "OutOfMemoryError",
     "PassError",
     "SettingsError",
     "SourceError",
@@ -70,6 +71,10 @@ class ArtifactError(MoecError):
 
 class InputError(MoecError):
     """Run-time inputs do not match the artifact's declared inputs."""
+
+
+class OutOfMemoryError(MoecError):
+    """The process ran out of memory (its own limit, or the machine's); names the stage."""
 
 
 class UsageError(MoecError):

@@ -26,7 +26,7 @@ from moec import registry
 from moec.compiler.artifact_writer import claim, write_artifact
 from moec.compiler.capture import capture
 from moec.compiler.sources import LoadedSource, load_source, source_from_module
-from moec.errors import LoweringError, MoecError
+from moec.errors import LoweringError, MoecError, OutOfMemoryError
 from moec.ir.program import BlockRecord, CapturedProgram
 from moec.models import ModelSource
 from moec.models.hf_models import hf_model_source, is_hf_model
@@ -126,7 +126,16 @@ def compile_model(
         if on_stage is not None:
             on_stage(name)
         start = time.perf_counter()
-        yield
+        try:
+            yield
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            raise OutOfMemoryError(
+                f"out of memory in the {name} stage ({_first_line(e)}); the compile needs more "
+                "memory than this process may use: free memory, raise its limit (ulimit -v), "
+                "or compile on a larger machine"
+            ) from e
         timings[name] = time.perf_counter() - start
 
     with claim(out, force) as held:
@@ -170,6 +179,20 @@ def compile_model(
             path = write_artifact(held, manifest, writer, force)
     log.info("compiled %s for %s into %s", loaded.record["spec"], target.name, path)
     return CompileResult(path, manifest, captured.block_records(), timings, captured.notes)
+
+
+OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (Python's, or one torch or a runtime raised)."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(words in text for words in OUT_OF_MEMORY)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _check_lowerings(program: CapturedProgram, target: registry.Target) -> None:

@@ -46,6 +46,11 @@ def mixtral_block() -> ModelSource:
     return build_zoo("mixtral", seed=3)
 
 
+def big_mixtral_block() -> ModelSource:
+    """A Mixtral-like block with 800 MB of expert weights."""
+    return build_zoo("mixtral", hidden=1024, num_experts=8, expert_size=8192)
+
+
 def marking_mixtral_block() -> ModelSource:
     """`mixtral_block` that also creates the file $MOEC_TEST_MARKER: code a factory runs."""
     Path(os.environ["MOEC_TEST_MARKER"]).touch()

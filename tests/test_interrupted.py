@@ -132,3 +132,29 @@ def test_an_artifact_left_aside_is_put_back(tmp_path):
     with pytest.raises(moec.MoecError, match="already exists"):
         moec.compile("zoo:mixtral", output=out)  # restored first, so not replaced without force
     assert Manifest.read(out) and leftovers(out) == []
+
+
+def test_a_compile_out_of_memory_says_so_and_leaves_nothing(tmp_path):
+    """Under an address-space limit a little above what the imports take, the 800 MB model
+    cannot be built: one clear line, exit 2, nothing left beside OUT."""
+    import resource
+
+    imports = "import moec.pipeline, moec.cli; print(open('/proc/self/status').read())"
+    status = subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True)
+    vm_kb = next(int(line.split()[1]) for line in status.stdout.splitlines() if "VmSize" in line)
+    limit = (vm_kb + 400_000) * 1024
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    out = tmp_path / "out"
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": tests, "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "-m", "moec.cli", "compile", "factories:big_mixtral_block"]
+    done = subprocess.run(
+        [*command, "-o", str(out)], env=env, preexec_fn=cap, capture_output=True, text=True
+    )
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory in the "), lines
+    assert not out.exists() and leftovers(out) == []

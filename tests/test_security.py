@@ -343,3 +343,65 @@ def test_a_meta_tensor_is_an_input_error(tmp_path):
     path = moec.compile("zoo:mixtral", target="ort", output=tmp_path / "a").path
     with pytest.raises(moec.MoecError, match="meta tensor, which has no values"):
         moec.load(path)(torch.empty(1, 3, 32, device="meta"))
+
+
+# -- crafted data files -------------------------------------------------------------------------
+def craft_external_data(artifact, change):
+    import onnx
+
+    path = artifact / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    tensor = next(
+        t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    )
+    change(tensor)
+    onnx.save(model, str(path))
+    resign(artifact)
+
+
+def set_external(tensor, key: str, value: str) -> None:
+    next(e for e in tensor.external_data if e.key == key).value = value
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: set_external(t, "offset", "99999999"),
+        lambda t: t.dims.__setitem__(0, 10**9),
+        lambda t: set_external(t, "location", "../x"),
+    ],
+    ids=["offset-past-the-end", "huge-shape", "location-outside"],
+)
+def test_crafted_onnx_external_data_is_refused(tmp_path, ort_artifact, change):
+    artifact = shutil.copytree(ort_artifact, tmp_path / "art")
+    craft_external_data(artifact, change)
+    with pytest.raises(ArtifactError, match="compile the artifact again"):
+        moec.load(artifact)
+
+
+def test_crafted_safetensors_is_refused(tmp_path):
+    import struct
+
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 256, (12, 16)))
+    out = tmp_path / "lossy"
+    moec.compile("zoo:mixtral-lm", output=out, calib=str(tmp_path / "ids.npy"), merge_experts=0.5)
+    path = out / "compressed.safetensors"
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["data_offsets"] = [0, 10**12]
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["compressed"].update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("verify", out)
+    assert result.exit_code == 2 and "cannot read compressed.safetensors" in result.output
+
+
+def test_dims_that_would_need_huge_inputs_are_refused_by_verify(tmp_path, ort_artifact):
+    artifact = shutil.copytree(ort_artifact, tmp_path / "art")
+    edit(artifact, lambda m: m["inputs"][0]["shape"][0].update(min=2**31, max=None))
+    result = run_cli("verify", artifact)
+    assert result.exit_code == 2 and "more than moec generates" in result.output, result.output

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -105,8 +106,10 @@ def apply_compressed(model: nn.Module, section: dict[str, Any], directory: Path)
     """A copy of ``model`` with the blocks the passes produced put in place."""
     try:
         tensors = load_file(directory / COMPRESSED_FILE)
-    except (OSError, RuntimeError) as e:
-        raise ArtifactError(f"{directory}: cannot read {COMPRESSED_FILE} ({e})") from e
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise ArtifactError(
+            f"{directory}: cannot read {COMPRESSED_FILE} ({e}); compile the artifact again"
+        ) from e
     by_block: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         block, _, tensor_name = key.partition("::")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from moec.errors import ArtifactError
 from moec.ir.signature import DynamicDim, TensorSpec
 from moec.runtime.arrays import numpy_dtype
 
-__all__ = ["make_inputs"]
+__all__ = ["MAX_ELEMENTS", "make_inputs"]
+
+MAX_ELEMENTS = 1 << 28  # of one generated input: 1 GiB of float32
 
 
 def make_inputs(
@@ -31,6 +36,12 @@ def make_inputs(
         feeds = {}
         for spec in specs:
             shape = tuple(d if isinstance(d, int) else sizes[d.name] for d in spec.shape)
+            if math.prod(shape) > MAX_ELEMENTS:
+                raise ArtifactError(
+                    f"input {spec.name!r} would need {math.prod(shape)} elements at shape "
+                    f"{list(shape)}, more than moec generates ({MAX_ELEMENTS}); its declared "
+                    "dims are not those of a model moec compiled"
+                )
             feeds[spec.name] = _random(spec, shape, rng)
         sets.append(feeds)
     return sets

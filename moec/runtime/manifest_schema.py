@@ -32,17 +32,18 @@ def _array(items: dict) -> dict:
     return {"type": "array", "items": items, "maxItems": MAX_ITEMS}
 
 
+DIM_SIZE = {"type": "integer", "minimum": 0, "maximum": 2**31}
 DIM = {
     "oneOf": [
-        SIZE,
+        DIM_SIZE,
         {
             "type": "object",
             "required": ["name"],
             "additionalProperties": False,
             "properties": {
                 "name": NAME,
-                "min": SIZE,
-                "max": {"oneOf": [SIZE, {"type": "null"}]},
+                "min": DIM_SIZE,
+                "max": {"oneOf": [DIM_SIZE, {"type": "null"}]},
             },
         },
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +89,13 @@ def check_external_data(model_path: Path, listed: set[str]) -> None:
             end = offset + int(info.get("length", sizes[location] - offset))
         except ValueError:
             offset = end = -1
-        if not 0 <= offset <= end <= sizes[location]:
+        size = _nbytes(tensor.data_type, math.prod(tensor.dims))
+        if not 0 <= offset <= end <= sizes[location] or end - offset != size:
             raise ArtifactError(
-                f"{model_path.name}: tensor {tensor.name!r} lies outside {location} "
-                f"(offset {info.get('offset')}, length {info.get('length')}, file "
-                f"{sizes[location]} bytes); compile the artifact again"
+                f"{model_path.name}: tensor {tensor.name!r} (shape {list(tensor.dims)}, "
+                f"{size} bytes) does not lie within {location} (offset {info.get('offset')}, "
+                f"length {info.get('length')}, file {sizes[location]} bytes); compile the "
+                "artifact again"
             )
 
 
@@ -112,3 +115,13 @@ def _tensors(graph):
                 yield from _tensors(attribute.g)
             for subgraph in attribute.graphs:
                 yield from _tensors(subgraph)
+
+
+def _nbytes(data_type: int, count: int) -> int:
+    """Bytes of ``count`` elements of an ONNX data type (4-bit types pack two in a byte)."""
+    import onnx
+
+    packed = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1}
+    if data_type in packed:
+        return (count + 1) // 2
+    return count * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
