@@ -159,32 +159,31 @@ class Target:
         return resolve(self.runner)
 
 
+_GATHER = Prefer("gather", why="the exact grouped lowering in standard ops")
+_ONNX_FILES = {"model": "model.onnx", "weights": "model.onnx.data"}
+_ON_ONNX_RUNTIME = {  # what the two ONNX targets share: their writer, runner and its dtypes
+    "dtypes": ("float32", "float16"),
+    "runtime": "ONNX Runtime on CPU",
+    "write": "moec.compiler.onnx_artifact:write_onnx",
+    "runner": "moec.runtime.ort_runner:OrtRunner",
+}
 BUILTIN_TARGETS = (
     Target(
         "ort",
         "model.onnx for ONNX Runtime; may use com.microsoft.MoE and MoEGroupRouter",
-        {"model": "model.onnx", "weights": "model.onnx.data"},
-        (
-            Prefer("fused", 65536, "ORT's fused MoE op, measured faster up to this size"),
-            Prefer("gather", why="the exact grouped lowering in standard ops"),
-        ),
+        _ONNX_FILES,
+        (Prefer("fused", 65536, "ORT's fused MoE op, measured faster up to this size"), _GATHER),
         autotune=("fused", "gather"),
-        dtypes=("float32", "float16"),
-        runtime="ONNX Runtime on CPU",
-        write="moec.compiler.onnx_artifact:write_onnx",
-        runner="moec.runtime.ort_runner:OrtRunner",
         options={"standard_ops_only": False},
+        **_ON_ONNX_RUNTIME,
     ),
     Target(
         "onnx",
         "model.onnx with standard ops only, for TensorRT and other ONNX runtimes",
-        {"model": "model.onnx", "weights": "model.onnx.data"},
-        (Prefer("gather", why="the exact grouped lowering in standard ops"),),
-        dtypes=("float32", "float16"),
-        runtime="ONNX Runtime on CPU",
-        write="moec.compiler.onnx_artifact:write_onnx",
-        runner="moec.runtime.ort_runner:OrtRunner",
+        _ONNX_FILES,
+        (_GATHER,),
         options={"standard_ops_only": True},
+        **_ON_ONNX_RUNTIME,
     ),
     Target(
         "trt",
