@@ -272,6 +272,115 @@ def targets_command() -> None:
     console.print(lowerings)
 
 
+@main.command("place")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--devices", type=click.IntRange(min=1), required=True, help="Devices (ranks).")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--redundant",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Extra expert replicas per block, for the most loaded experts.",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(["eplb", "hierarchical", "contiguous"]),
+    default="eplb",
+    show_default=True,
+)
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="A .npy of the artifact's first input (token ids [N, S]).",
+)
+@click.option("--calib-samples", type=click.IntRange(min=2), help="Use at most this many rows.")
+@click.option(
+    "--max-moves",
+    type=click.IntRange(min=0),
+    help="Rebalance the artifact's placement moving at most this many experts.",
+)
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of load per device.")
+@click.option("--simulate", is_flag=True, help="Also print a step's cost on 8 to 256 GPUs.")
+@_friendly_errors
+def place_command(out, devices, nodes, redundant, policy, calib, calib_samples, max_moves, plot,
+                  simulate):  # fmt: skip
+    """Plan where each MoE block's experts live over DEVICES, write it into OUT."""
+    from moec.placing import place
+
+    report = place(
+        out,
+        devices=devices,
+        nodes=nodes,
+        redundant=redundant,
+        policy=policy,
+        calib=calib,
+        calib_samples=calib_samples,
+        max_moves=max_moves,
+    )
+    _print_placement(report, out)
+    if plot is not None:
+        from moec.placement_plot import plot_placement
+
+        plot_placement(report, plot)
+        console.print(f"plot written to {plot}")
+    if simulate:
+        _print_simulation(report, out)
+
+
+def _print_placement(report, out: Path) -> None:
+    p = report.placement
+    table = Table(
+        "block", "experts", "replicas", "contiguous", p.policy, "moved",
+        title=escape(f"max/mean tokens per device on held-out tokens, {p.devices} devices"),
+    )  # fmt: skip
+    for b in report.blocks:
+        table.add_row(
+            b.block or "(model)", str(b.experts), str(b.replicas), f"{b.baseline:.3f}",
+            f"{b.planned:.3f}", str(b.moves),
+        )  # fmt: skip
+    base, plan = report.overall
+    table.add_row("[bold]mean", "", "", f"[bold]{base:.3f}", f"[bold]{plan:.3f}", "")
+    console.print(table)
+    per_device = sum(report.slots * size for size in report.expert_bytes.values())
+    console.print(
+        f"expert weights per device: {_human_bytes(per_device)} "
+        f"({report.slots} slots per block); placement written to {out}"
+    )
+
+
+def _print_simulation(report, out: Path) -> None:
+    import numpy as np
+
+    from moec.placement_simulator import GPU_COUNTS, redundant_for, simulate
+    from moec.runtime.manifest import Manifest
+
+    blocks = {b["name"]: b for b in Manifest.read(out).blocks}
+    table = Table(
+        "block", "GPUs", "contiguous ms", "eplb ms", "eplb max/mean",
+        title="simulated step per MoE layer (H100 defaults, 4096 tokens per GPU)",
+    )  # fmt: skip
+    for name, load in report.placement.load.items():
+        shape = _block_shape(blocks[name])
+        fit = np.asarray(load["fit"], dtype=np.float64)
+        for gpus in GPU_COUNTS:
+            base = simulate(fit, gpus=gpus, policy="contiguous", **shape)
+            plan = simulate(
+                fit, gpus=gpus, policy="eplb", redundant=redundant_for(len(fit), gpus), **shape
+            )
+            table.add_row(
+                name or "(model)", str(gpus), f"{base.step_s * 1e3:.3f}",
+                f"{plan.step_s * 1e3:.3f}", f"{plan.balance:.3f}",
+            )  # fmt: skip
+    console.print(table)
+
+
+def _block_shape(block: dict) -> dict:
+    """A manifest block's sizes, as `simulate` takes them."""
+    return {k: int(block.get(k) or 1) for k in ("hidden", "expert_size", "top_k")}
+
+
 @main.command("verify")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--source", help="Use this SRC as the eager model instead of the recorded one.")
@@ -393,7 +502,10 @@ def bench_command(out, source, repeat, **trust):
 @_trust_options("trust_pickle")
 @_friendly_errors
 def run_command(out, input_path, output_path, trust_pickle):
-    """Run OUT on the arrays in --input."""
+    """Run OUT on the arrays in --input (under torchrun: expert-parallel by its placement, rank
+    0 writing the outputs)."""
+    import os
+
     import numpy as np
 
     from moec.errors import InputError
@@ -404,9 +516,19 @@ def run_command(out, input_path, output_path, trust_pickle):
             feeds = {k: data[k] for k in data.files}
     except (OSError, ValueError) as e:
         raise InputError(f"--input {input_path} is not a readable .npz ({e})") from e
+    rank = 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from moec.runtime.expert_parallel import distributed_world, init_from_env, leave
+
+        init_from_env()
+        rank, _ = distributed_world()
     with load(out, trust_pickle=trust_pickle) as runner:
         outputs = runner.infer(feeds)
         seconds = runner.inference_time
+    if rank or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave()
+    if rank != 0:
+        return
     table = Table("output", "shape", "dtype", title=f"outputs ({seconds * 1e3:.2f} ms)")
     for name, value in outputs.items():
         table.add_row(name, escape(str(list(value.shape))), str(value.dtype))

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 Hook = Callable[..., Any] | str  # a callable, or "module:attribute" imported on first use
-SHARED_FILE_ROLES = ("compressed",)  # files any target's artifact may carry (the lossy passes')
+SHARED_FILE_ROLES = ("compressed", "placement")  # files any target's artifact may carry
 CAPACITY = "capacity"  # the lowering --capacity-factor and --capacity choose (`CapacityPass`)
 DEFAULT_TARGET = "ort"  # what moec compile builds without --target
 
@@ -138,6 +138,7 @@ class Target:
     autotune: tuple[str, ...] = ()
     dtypes: tuple[str, ...] = ("float32",)
     runtime: str = ""
+    placement: bool = False  # its runner runs experts over devices by a placement
     write: Hook | None = None
     runner: Hook | None = None
     unavailable: str = ""
@@ -203,6 +204,7 @@ BUILTIN_TARGETS = (
         autotune=("kernel", "grouped_mm"),
         dtypes=("float32", "float16", "bfloat16"),
         runtime="PyTorch",
+        placement=True,
         write="moec.compiler.pt2_artifact:write_pt2",
         runner="moec.runtime.torch_runner:TorchRunner",
     ),

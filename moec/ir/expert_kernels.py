@@ -49,10 +49,11 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """x [n, in] @ weight [out, in].T (+ bias [out]): oneDNN's GEMM on the dense weight for
-    float32 without autograd (faster than MKL on most hosts measured; see
+    float32 on the CPU without autograd (faster than MKL on most hosts measured; see
     docs/performance.md), ``F.linear`` otherwise."""
     if (
         ONEDNN
+        and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):

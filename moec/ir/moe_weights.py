@@ -10,7 +10,9 @@ import torch
 from moec.errors import SpecError
 from moec.ir.moe_spec import MoESpec
 
-__all__ = ["WEIGHT_NAMES", "MoEWeights"]
+__all__ = ["EXPERT_WEIGHTS", "WEIGHT_NAMES", "MoEWeights"]
+
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")  # stacked per expert
 
 
 @dataclass

@@ -9,6 +9,8 @@ runs between passes.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +22,7 @@ from moec import registry
 from moec.errors import MoecError
 from moec.ir.moe_op import MoEOpArgs, parse_spec
 from moec.ir.moe_spec import MoESpec
-from moec.ir.moe_weights import MoEWeights
+from moec.ir.moe_weights import EXPERT_WEIGHTS, MoEWeights
 from moec.ir.signature import TensorSpec
 
 __all__ = [
@@ -88,6 +90,12 @@ class BlockRecord:
     summary: str
     lowering: str | None
     reason: str
+    experts: int | None = None  # stored experts (a block without a node: None)
+    groups: int = 1  # the router's expert groups
+    top_k: int = 0
+    hidden: int = 0
+    expert_size: int = 0
+    expert_bytes: int = 0  # one expert's weights
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +105,12 @@ class BlockRecord:
             "summary": self.summary,
             "lowering": self.lowering,
             "reason": self.reason,
+            "experts": self.experts,
+            "groups": self.groups,
+            "top_k": self.top_k,
+            "hidden": self.hidden,
+            "expert_size": self.expert_size,
+            "expert_bytes": self.expert_bytes,
         }
 
 
@@ -146,10 +160,26 @@ class CapturedProgram:
         return block.fixed_lowering if node is None else self.spec(node).lowering
 
     def block_records(self) -> list[BlockRecord]:
-        return [
-            BlockRecord(b.name, b.class_name, b.adapter, b.summary, self.lowering_of(b), b.reason)
-            for b in self.blocks
-        ]
+        records = []
+        for b in self.blocks:
+            node = self.node_for(b)
+            record = BlockRecord(
+                b.name, b.class_name, b.adapter, b.summary, self.lowering_of(b), b.reason
+            )
+            if node is not None:
+                spec = self.spec(node)
+                size = _expert_bytes(node_args(node))
+                record = dataclasses.replace(
+                    record,
+                    experts=spec.num_experts,
+                    groups=spec.n_group,
+                    top_k=spec.top_k,
+                    hidden=spec.hidden_size,
+                    expert_size=spec.expert_size,
+                    expert_bytes=size,
+                )
+            records.append(record)
+        return records
 
     def problems(self) -> list[str]:
         """The IR check: each ``moec::moe`` node belongs to one block, its spec is valid, its
@@ -194,6 +224,16 @@ def _node_problems(node: fx.Node) -> list[str]:
             for reason in registry.lowering(spec.lowering).unsupported_reasons(spec)
         ]
     return found
+
+
+def _expert_bytes(args: MoEOpArgs) -> int:
+    """Bytes of one expert's weights (its slice of each stacked expert tensor)."""
+    total = 0
+    for name in EXPERT_WEIGHTS:
+        value = getattr(args.weights.get(name), "meta", {}).get("val")
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            total += math.prod(int(d) for d in value.shape[1:]) * value.element_size()
+    return int(total)
 
 
 def _shape(arg: Any) -> tuple[int, ...] | None:

@@ -22,6 +22,7 @@ from moec.errors import MoecError
 from moec.ir import MoESpec, MoEWeights, map_experts, route, router_logits
 from moec.ir.expert_kernels import expert_ffn
 from moec.ir.moe_op import scatter_routing
+from moec.ir.moe_weights import EXPERT_WEIGHTS
 from moec.models import ModelSource, find_moe_blocks
 from moec.passes.calibration import CalibrationData, model_inputs
 
@@ -29,7 +30,7 @@ __all__ = ["EXPERT_TENSORS", "BlockStats", "CompressionState", "expert_outputs",
 
 log = logging.getLogger(__name__)
 
-EXPERT_TENSORS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")  # stacked per expert
+EXPERT_TENSORS = EXPERT_WEIGHTS  # the block's tensors stacked per expert
 MAX_STAT_TOKENS = 4096
 BATCH_ROWS = 8
 

@@ -49,6 +49,7 @@ from moec.ir.moe_spec import MoESpec
 from moec.ir.moe_weights import MoEWeights
 from moec.ir.program import is_moe_node, node_args
 from moec.runtime.expert_threads import run_side_by_side, side_by_side
+from moec.runtime.graph_edits import attribute, call_module_instead
 from moec.runtime.packed_gemm import PackedGemm
 
 __all__ = ["PackedLinear", "PackedMoE", "PackingReport", "pack_weights", "packable"]
@@ -300,34 +301,21 @@ def _stored(node) -> bool:
     return node is None or (isinstance(node, fx.Node) and node.op == "get_attr")
 
 
-def _replace(module: fx.GraphModule, node: fx.Node, name: str, packed: nn.Module, args, weights):
-    """Call ``packed`` (a new submodule ``name``) with ``args`` instead of ``node``; drop the
-    stored ``weights`` nothing reads any more."""
-    module.add_submodule(name, packed)
-    with module.graph.inserting_before(node):
-        call = module.graph.call_module(name, tuple(args))
-    node.replace_all_uses_with(call)
-    module.graph.erase_node(node)
-    for w in weights:
-        if w is not None and not w.users:
-            module.graph.erase_node(w)
-            _drop_attribute(module, w.target)
-
-
 def _pack_moe(module: fx.GraphModule, node: fx.Node, index: int) -> int:
     args = node_args(node)
     if not all(_stored(a) for a in args.weights.values()):
         return 0  # a weight computed in the graph: leave the node to the op's kernel
     tensors = {
-        name: None if a is None else _attribute(module, a.target)
-        for name, a in args.weights.items()
+        name: None if a is None else attribute(module, a.target) for name, a in args.weights.items()
     }
     spec, weights = args.spec, MoEWeights(**tensors)
     if not packable(spec, weights):
         return 0
     packed = PackedMoE(spec, weights)
     inputs = (args.x, args.routed_ids, args.routed_weights)
-    _replace(module, node, f"moec_packed_moe_{index}", packed, inputs, args.weights.values())
+    call_module_instead(
+        module, node, f"moec_packed_moe_{index}", packed, inputs, args.weights.values()
+    )
     return 1
 
 
@@ -335,25 +323,12 @@ def _pack_linear(module: fx.GraphModule, node: fx.Node, index: int) -> int:
     x, weight, bias = (*node.args, None)[:3]
     if node.kwargs or not (weight is not None and _stored(weight) and _stored(bias)):
         return 0
-    w = _attribute(module, weight.target)
-    b = None if bias is None else _attribute(module, bias.target)
+    w = attribute(module, weight.target)
+    b = None if bias is None else attribute(module, bias.target)
     if w.dim() != 2 or w.dtype != torch.float32 or (b is not None and b.dtype != w.dtype):
         return 0
     if len(w) < MIN_PACKED_OUT_FEATURES:  # a router over a few experts: faster dense
         return 0
     packed = PackedLinear(w, None if b is None else b.detach())
-    _replace(module, node, f"moec_packed_linear_{index}", packed, [x], [weight, bias])
+    call_module_instead(module, node, f"moec_packed_linear_{index}", packed, [x], [weight, bias])
     return 1
-
-
-def _owner(module: nn.Module, target: str) -> tuple[nn.Module, str]:
-    owner_path, _, attr = target.rpartition(".")
-    return (module.get_submodule(owner_path) if owner_path else module), attr
-
-
-def _attribute(module: nn.Module, target: str) -> torch.Tensor:
-    return getattr(*_owner(module, target))
-
-
-def _drop_attribute(module: nn.Module, target: str) -> None:
-    delattr(*_owner(module, target))
