@@ -3,8 +3,9 @@
 Two models: the byte-level MoE language model of `compression.py` (16 experts, top-2, 4
 layers), trained here on Python's documentation for --moe-steps steps (real text, so real
 imbalance: its load-balancing loss keeps it mild), and zoo:deepseek-lm on random token ids.
-For each, the expert load is the torch artifact's own routing on 256 training rows (fit) and
-the corpus' held-out rows, then:
+For each, the expert load is the torch artifact's own routing on 1024 rows drawn from the
+corpus' training part (fit) and 1024 from its held-out part (random ids for the zoo model),
+then:
 
 - max/mean tokens per device on held-out tokens for N = 2, 4, 8, 16 devices: contiguous, eplb
   and hierarchical (nodes of 4 devices), with R = 0 and R = N redundant experts;
@@ -52,7 +53,7 @@ import compression  # noqa: E402  (the trained model of the compression benchmar
 
 RESULTS = HERE / "results" / "expert_parallel.json"
 DEVICES = (2, 4, 8, 16)
-FIT_ROWS = 256
+FIT_ROWS = 1024
 TIMED_RANKS = (2, 4)
 console = Console()
 
@@ -199,13 +200,14 @@ def trained_model(steps: int, work: Path) -> tuple[Path, np.ndarray, np.ndarray]
     artifact = moec.compile(source.model, source.example_inputs, target="torch",
                             output=work / "trained", input_names=["input_ids"],
                             input_ranges={"input_ids": (0, 256)}).path  # fmt: skip
-    fit = train_rows[np.random.default_rng(1).permutation(len(train_rows))[:FIT_ROWS]]
-    return artifact, fit, held_rows[:FIT_ROWS]
+    g = np.random.default_rng(1)  # samples of the whole corpus: its head is documentation only
+    fit = train_rows[g.permutation(len(train_rows))[:FIT_ROWS]]
+    return artifact, fit, held_rows[g.permutation(len(held_rows))[:FIT_ROWS]]
 
 
 def zoo_model(work: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     artifact = moec.compile("zoo:deepseek-lm", target="torch", output=work / "zoo").path
-    rows = np.random.default_rng(2).integers(0, 256, (2 * FIT_ROWS // 4, 64))
+    rows = np.random.default_rng(2).integers(0, 256, (2 * FIT_ROWS, 64))
     return artifact, rows[: len(rows) // 2], rows[len(rows) // 2 :]
 
 

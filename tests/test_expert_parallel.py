@@ -22,7 +22,15 @@ from moec.cli import main
 from moec.errors import ArtifactError, SettingsError, UsageError
 from moec.placing import place
 from moec.runtime.placement import Placement
-from moec.runtime.placement_policies import contiguous, eplb, moved, rebalance
+from moec.runtime.placement_policies import (
+    balanced_packing,
+    contiguous,
+    eplb,
+    moved,
+    rebalance,
+    replicate,
+    swap_down,
+)
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "ep_worker.py"
@@ -261,3 +269,21 @@ def test_the_planner_balances_and_a_small_rebalance_recovers_most_of_the_gap():
     target = eplb("b", load, 8, 0)
     recovered = (balance(base) - balance(partial)) / (balance(base) - balance(target))
     assert recovered >= 0.5, recovered
+
+
+def test_swaps_lower_what_greedy_packing_leaves_and_keep_replicas_apart():
+    g = np.random.default_rng(3)
+    for _ in range(20):
+        experts = 16
+        load = g.gamma(2.0, 100.0, experts)
+        count = replicate(load, experts + 8)
+        physical = np.repeat(np.arange(experts), count)
+        share = load[physical] / count[physical]
+        greedy = balanced_packing(share, 8, kinds=physical)
+        swapped = swap_down(greedy, share, physical, max_swaps=100)
+        assert max(share[p].sum() for p in swapped) <= max(share[p].sum() for p in greedy)
+        assert sorted(i for p in swapped for i in p) == list(range(len(physical)))
+        assert all(len(set(physical[p])) == len(p) == 3 for p in swapped)
+    items = np.array([5.0, 4.0, 3.0, 3.0, 3.0, 2.0])  # greedy: 5+3+2 / 4+3+3 -> 10; best 10
+    packs = swap_down([[0, 1, 5], [2, 3, 4]], items, np.arange(6), max_swaps=10)
+    assert max(items[p].sum() for p in packs) == 10.0

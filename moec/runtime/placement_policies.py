@@ -5,7 +5,8 @@ After DeepSeek's EPLB, as pure functions on load arrays:
 - `contiguous`: experts split in order, no replicas (the baseline);
 - `eplb`: `replicate` adds ``redundant`` replicas one at a time to the expert with the most load
   per replica, then `balanced_packing` puts the replicas, heaviest first, on the least loaded
-  device with a free slot;
+  device with a free slot, and `swap_down` swaps replicas off the busiest device while that
+  lowers it (EPLB stops after the packing);
 - `hierarchical`: the block's expert groups packed to nodes first, then replicas and packing
   within each node (when groups divide evenly over nodes; `eplb` otherwise);
 - `rebalance`: from a running placement, at most ``max_moves`` expert moves (swaps between the
@@ -27,6 +28,7 @@ __all__ = [
     "moved",
     "rebalance",
     "replicate",
+    "swap_down",
 ]
 
 Slots = tuple[tuple[int, ...], ...]
@@ -69,13 +71,15 @@ def balanced_packing(
 
 
 def eplb(block: str, load: np.ndarray, devices: int, redundant: int) -> BlockPlacement:
-    """Replicate the most loaded experts, then pack the replicas over the devices."""
+    """Replicate the most loaded experts, pack the replicas over the devices, then swap them
+    off the busiest device while that lowers it."""
     experts = len(load)
     _check_slots(block, experts, devices, redundant)
     count = replicate(load, experts + redundant)
     physical = np.repeat(np.arange(experts), count)  # logical expert of each replica
     share = np.asarray(load, dtype=np.float64)[physical] / count[physical]
     packs = balanced_packing(share, devices, kinds=physical)
+    packs = swap_down(packs, share, physical, max_swaps=4 * len(physical))
     slots = tuple(tuple(sorted(int(physical[i]) for i in pack)) for pack in packs)
     return BlockPlacement(block, experts, slots)
 
@@ -101,33 +105,45 @@ def hierarchical(
 def rebalance(current: BlockPlacement, load: np.ndarray, max_moves: int) -> BlockPlacement:
     """At most ``max_moves`` experts moved (each swap between the busiest device and another
     moves two), each swap the one that lowers the busiest device's load the most."""
-    slots = [list(device) for device in current.slots]
-    moves = 0
-    while moves + 2 <= max_moves:
-        placed = BlockPlacement(current.block, current.experts, tuple(map(tuple, slots)))
-        share = np.asarray(load, dtype=np.float64) / placed.replicas
-        totals = placed.device_load(load)
+    share = np.asarray(load, dtype=np.float64) / current.replicas
+    items = [expert for device in current.slots for expert in device]
+    packs, start = [], 0
+    for device in current.slots:
+        packs.append(list(range(start, start + len(device))))
+        start += len(device)
+    packs = swap_down(packs, share[items], np.asarray(items), max_moves // 2)
+    slots = tuple(tuple(sorted(items[i] for i in pack)) for pack in packs)
+    return BlockPlacement(current.block, current.experts, slots)
+
+
+def swap_down(
+    packs: list[list[int]], weights: np.ndarray, kinds: np.ndarray, max_swaps: int
+) -> list[list[int]]:
+    """Packs after at most ``max_swaps`` swaps, each between the busiest pack and another, the
+    one that lowers the busier of the two the most; never two items of a kind in one pack."""
+    packs = [list(pack) for pack in packs]
+    for _ in range(max_swaps):
+        totals = np.array([weights[pack].sum() for pack in packs])
         busiest = int(np.argmax(totals))
         best = None
-        for other in range(len(slots)):
+        for other, pack in enumerate(packs):
             if other == busiest:
                 continue
-            for i, a in enumerate(slots[busiest]):
-                for j, b in enumerate(slots[other]):
-                    gain = share[a] - share[b]
+            for i, a in enumerate(packs[busiest]):
+                for j, b in enumerate(pack):
+                    gain = weights[a] - weights[b]
                     peak = max(totals[busiest] - gain, totals[other] + gain)
-                    if (
-                        gain > 0
-                        and peak < totals[busiest] - 1e-12
-                        and (best is None or peak < best[0])
-                    ):
+                    if gain <= 0 or peak >= totals[busiest] - 1e-12:
+                        continue
+                    if kinds[a] in kinds[pack] or kinds[b] in kinds[packs[busiest]]:
+                        continue
+                    if best is None or peak < best[0]:
                         best = (peak, other, i, j)
         if best is None:
             break
         _, other, i, j = best
-        slots[busiest][i], slots[other][j] = slots[other][j], slots[busiest][i]
-        moves += 2
-    return BlockPlacement(current.block, current.experts, tuple(tuple(sorted(d)) for d in slots))
+        packs[busiest][i], packs[other][j] = packs[other][j], packs[busiest][i]
+    return packs
 
 
 def moved(before: BlockPlacement, after: BlockPlacement) -> int:
