@@ -448,6 +448,17 @@ def verify_command(out, source, seed, rel_l2, agreement, json_path, **trust):
                 _status(r.passed),
             )
         console.print(routing)
+    if report.decode:
+        title = "decoding vs eager transformers with its own cache (step 0: the prompt)"
+        steps = Table(
+            "step", "tokens", "logits rel L2", "tol", "routing agreement", "", title=title
+        )
+        for d in report.decode:
+            row = d.to_dict()
+            steps.add_row(str(d.step), str(d.tokens), f"{row['logits_rel_l2']:.2e}",
+                          f"{row['tolerance']:.0e}", f"{row['routing_agreement']:.2%}",
+                          _status(d.passed))  # fmt: skip
+        console.print(steps)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     from moec.runtime.manifest import Manifest
@@ -536,6 +547,80 @@ def run_command(out, input_path, output_path, trust_pickle):
     if output_path:
         np.savez(output_path, **outputs)
         console.print(f"wrote {output_path}")
+
+
+@main.command("generate")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--prompt", multiple=True, help="Text to continue (repeat for a batch).")
+@click.option(
+    "--prompt-file",
+    type=click.Path(path_type=Path),
+    help="A text file whose every non-empty line is a prompt.",
+)
+@click.option("--batch", type=click.IntRange(min=1), help="Repeat the prompt(s) to this batch.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1))
+@click.option("--top-p", type=float)
+@click.option("--seed", type=int, help="Seed of the sampler.")
+@_trust_options("trust_pickle")
+@_friendly_errors
+def generate_command(out, prompt, prompt_file, batch, max_new_tokens, sample, temperature, top_k,
+                     top_p, seed, trust_pickle):  # fmt: skip
+    """Continue text with OUT (an artifact with a KV cache and a tokenizer), printing it as it
+    comes, then tokens/s."""
+    import time
+
+    from moec.errors import InputError
+    from moec.runtime.load import load
+    from moec.runtime.text import ArtifactTokenizer
+
+    prompts = list(prompt)
+    if prompt_file is not None:
+        try:
+            prompts += [line for line in prompt_file.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--prompt-file {prompt_file} is not a readable text file") from e
+    if not prompts:
+        raise InputError("no prompt: give --prompt TEXT or --prompt-file FILE")
+    if batch is not None:
+        prompts = [prompts[i % len(prompts)] for i in range(batch)]
+    with load(out, trust_pickle=trust_pickle) as runner:
+        if runner.decoding is None:
+            runner.generate([[0]])  # raises the error that names --no-kv-cache
+        eos = runner.decoding.eos_token_id
+        tokenizer = ArtifactTokenizer(out, runner.manifest.files, eos[0] if eos else 0)
+        ids, mask = tokenizer.encode(prompts)
+        streamed: list[int] = []
+        shown = ""
+
+        def stream(tokens) -> None:
+            nonlocal shown
+            streamed.append(int(tokens[0]))
+            text = tokenizer.decode(streamed)
+            if len(prompts) == 1 and text.startswith(shown):
+                console.print(text[len(shown) :], end="", highlight=False, markup=False)
+                shown = text
+
+        if len(prompts) == 1:
+            console.print(prompts[0], end="", highlight=False, markup=False, style="bold")
+        start = time.perf_counter()
+        tokens = runner.generate(
+            ids, max_new_tokens, attention_mask=mask, streamer=stream, do_sample=sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+    new = tokens.shape[1] - ids.shape[1]
+    if len(prompts) == 1:
+        console.print()
+    else:
+        for text, row in zip(prompts, tokens[:, ids.shape[1] :], strict=True):
+            console.print(f"[bold]{escape(text)}[/]{escape(tokenizer.decode(row))}")
+    console.print(
+        f"{new * len(prompts)} tokens in {seconds:.2f} s: {new * len(prompts) / seconds:.1f} "
+        f"tokens/s (batch {len(prompts)}, prefill included)"
+    )
 
 
 @main.command("inspect")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,13 +27,15 @@ from moec import registry
 from moec.compiler.artifact_writer import claim, write_artifact
 from moec.compiler.capture import capture
 from moec.compiler.sources import LoadedSource, load_source, source_from_module
-from moec.errors import LoweringError, MoecError, OutOfMemoryError
+from moec.errors import CaptureError, LoweringError, MoecError, OutOfMemoryError
 from moec.ir.program import BlockRecord, CapturedProgram
 from moec.models import ModelSource
 from moec.models.hf_models import hf_model_source, is_hf_model
+from moec.models.kv_cache import with_kv_cache
 from moec.passes import CALIBRATION_SCHEDULE, Pass, PassManager, default_passes, lossy_passes
 from moec.passes.calibration import load_calibration
 from moec.passes.compress import CompressionResult, compress_model
+from moec.runtime.decoding import Decoding
 from moec.runtime.inputs import make_inputs
 from moec.runtime.manifest import Manifest
 from moec.settings import FLAGS, CompileSettings
@@ -42,6 +45,7 @@ __all__ = ["STAGES", "CompileResult", "compile_model"]
 log = logging.getLogger(__name__)
 
 STAGES = ("load", "compress", "capture", "passes", "emit")
+TOKENIZER_FILE = "tokenizer.json"
 SOURCE_OPTIONS = (
     "input_names",
     "output_names",
@@ -153,11 +157,17 @@ def compile_model(
                 compression = compress_model(loaded.model_source, lossy, data)
         with stage("capture"):
             dtype = getattr(torch, settings.dtype_name)
-            captured = capture(compression.source if compression else loaded.model_source, dtype)
+            source = compression.source if compression else loaded.model_source
+            captured, decoding = _capture(source, dtype, settings.kv_cache)
         with stage("passes"):
             if passes is None:
                 if calibration is None and settings.wants_capacity:
                     calibration = make_inputs(captured.inputs, CALIBRATION_SCHEDULE, seed=1)
+                elif (
+                    calibration is not None and decoding
+                ):  # the cache's inputs, as runners fill them
+                    cache = Decoding.from_manifest(decoding, captured.inputs, captured.outputs, "")
+                    calibration = [cache.complete(feeds, captured.inputs) for feeds in calibration]
                 passes = default_passes(settings, calibration)
             captured, pass_records = PassManager(passes).run(captured)
             _check_lowerings(captured, target)
@@ -174,8 +184,9 @@ def compile_model(
                 versions=_versions(),
                 notes=captured.notes,
                 settings=settings.to_dict(),
+                decoding=decoding,
             )
-            writer = _writer(captured, target, compression)
+            writer = _writer(captured, target, compression, _tokenizer_file(loaded, decoding))
             path = write_artifact(held, manifest, writer, force)
     log.info("compiled %s for %s into %s", loaded.record["spec"], target.name, path)
     return CompileResult(path, manifest, captured.block_records(), timings, captured.notes)
@@ -195,6 +206,26 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
+def _capture(
+    source: ModelSource, dtype: torch.dtype, kv_cache: bool
+) -> tuple[CapturedProgram, dict]:
+    """The captured program, with the causal LM's KV cache as inputs and outputs where
+    ``kv_cache`` and moec captures it (the manifest's ``decoding`` section), else without,
+    saying why in the notes."""
+    why = None
+    if kv_cache:
+        cached, decoding, why = with_kv_cache(source)
+        if cached is not None:
+            try:
+                return capture(cached, dtype), decoding
+            except CaptureError as e:
+                why = f"capture with the cache failed: {str(e)[:300]}"
+    captured = capture(source, dtype)
+    if why:
+        captured.notes.append(f"compiled without a KV cache: {why}")
+    return captured, {}
+
+
 def _check_lowerings(program: CapturedProgram, target: registry.Target) -> None:
     """Every block's lowering is one ``target`` runs. A block no pass lowered (a custom
     ``passes`` list) gets the target's exact fallback."""
@@ -212,19 +243,34 @@ def _check_lowerings(program: CapturedProgram, target: registry.Target) -> None:
 
 
 def _writer(
-    program: CapturedProgram, target: registry.Target, compression: CompressionResult | None
+    program: CapturedProgram,
+    target: registry.Target,
+    compression: CompressionResult | None,
+    tokenizer: Path | None,
 ):
-    """``write(directory) -> {role: file}`` for the artifact writer: the target's files, and
-    the compressed blocks when lossy passes ran."""
+    """``write(directory) -> {role: file}`` for the artifact writer: the target's files, the
+    compressed blocks when lossy passes ran, and the tokenizer of a model that generates."""
     write = target.writer()
 
     def files(directory: Path) -> dict[str, str]:
         written = write(program, directory, target)
         if compression is not None:
             written["compressed"] = compression.write_tensors(directory)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
+            written["tokenizer"] = TOKENIZER_FILE
         return written
 
     return files
+
+
+def _tokenizer_file(loaded: LoadedSource, decoding: dict) -> Path | None:
+    """An ``hf:`` source's ``tokenizer.json``, for an artifact that generates."""
+    path = loaded.record.get("path", "")
+    if not decoding or not path.startswith("hf:"):
+        return None
+    found = Path(path.removeprefix("hf:")) / TOKENIZER_FILE
+    return found if found.is_file() else None
 
 
 def _load(model, example_inputs, trust: dict[str, bool], options: dict[str, Any]) -> LoadedSource:

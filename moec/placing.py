@@ -174,10 +174,15 @@ def _current(path: Path, manifest: Manifest) -> Placement | None:
 
 def _feeds(manifest: Manifest, rows: np.ndarray) -> dict[str, np.ndarray]:
     """The artifact's inputs for a batch of first-input rows: an input of one valid value
-    (an attention mask) filled with it, decoder ids equal to the ids."""
+    (an attention mask) filled with it, decoder ids equal to the ids; the runner fills a
+    cache artifact's mask, positions and (empty) past."""
     first = manifest.inputs[0]
     feeds = {first.name: np.ascontiguousarray(rows)}
+    cache = manifest.cache
+    filled = set() if cache is None else {cache.mask, cache.positions, *cache.past_names}
     for spec in manifest.inputs[1:]:
+        if spec.name in filled:
+            continue
         low_high = spec.value_range
         if low_high is not None and low_high[1] - low_high[0] == 1:
             feeds[spec.name] = np.full(rows.shape[:2], low_high[0], dtype=spec.dtype)

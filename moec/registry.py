@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 Hook = Callable[..., Any] | str  # a callable, or "module:attribute" imported on first use
-SHARED_FILE_ROLES = ("compressed", "placement")  # files any target's artifact may carry
+# files any target's artifact may carry (the tokenizer: an hf: source's tokenizer.json)
+SHARED_FILE_ROLES = ("compressed", "placement", "tokenizer")
 CAPACITY = "capacity"  # the lowering --capacity-factor and --capacity choose (`CapacityPass`)
 DEFAULT_TARGET = "ort"  # what moec compile builds without --target
 

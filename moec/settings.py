@@ -131,6 +131,8 @@ FLAGS: tuple[Flag, ...] = (
          "E) slots.", "float"),
     Flag("capacity", "--capacity", "Capacity lowering sized by the largest expert load on "
          "calibration inputs.", "choice", choices=("auto",)),
+    Flag("no_kv_cache", "--no-kv-cache", "Compile causal LMs without KV cache inputs and "
+         "outputs (one full pass per call).", "flag"),
     Flag("autotune", "--autotune", "Choose each block's lowering by timing the target's "
          "candidates on this host (cached).", "flag"),
     Flag("calib", "--calib", "Calibration data for lossy passes: token ids .npy [N, S], or "
@@ -193,7 +195,8 @@ class CompileSettings:
       block (the target must run it); ``dtype``: ``fp32``, ``fp16`` or ``bf16`` (the
       target's runtime must run it); ``capacity``: a capacity factor F > 0 or ``"auto"``,
       which chooses the ``capacity`` lowering; ``autotune``: time the target's candidate
-      lowerings on this host instead of its default rule.
+      lowerings on this host instead of its default rule; ``kv_cache``: causal LMs take and
+      return their KV cache (`moec.models.kv_cache`).
     - ``calib``: calibration data for the lossy passes (``calib_samples`` rows at most);
       ``merge``, ``prune``, ``distill``: the lossy passes asked for (they run in that order).
     """
@@ -203,6 +206,7 @@ class CompileSettings:
     dtype: str = "fp32"
     capacity: float | str | None = None
     autotune: bool = False
+    kv_cache: bool = True
     calib: str | None = None
     calib_samples: int | None = None
     merge: MergeOptions | None = None
@@ -328,6 +332,7 @@ class CompileSettings:
             dtype=given.get("dtype", "fp32"),
             capacity=given.get("capacity_factor", given.get("capacity")),
             autotune=bool(given.get("autotune", False)),
+            kv_cache=not given.get("no_kv_cache", False),
             calib=None if "calib" not in given else os.fspath(given["calib"]),
             calib_samples=given.get("calib_samples"),
             merge=merge,
@@ -374,6 +379,8 @@ class CompileSettings:
         rows += [(flag, str(value)) for flag, value in plain.items() if value is not None]
         if self.autotune:
             rows.append(("--autotune", "yes"))
+        if not self.kv_cache:
+            rows.append(("--no-kv-cache", "yes"))
         for flag, options in (
             ("--merge-experts", self.merge),
             ("--prune-experts", self.prune),

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from moec.compiler.moe_block import experts_call_args
 from moec.compiler.sources import reload_source, weights_sha256
+from moec.decode_verification import verify_decoding
+from moec.eager_routing import eager_routing_hooks
 from moec.errors import VerificationError
-from moec.ir import map_experts, near_tie_margin, route, router_logits
 from moec.models import BlockMatch, find_moe_blocks
 from moec.models.hf_models import hf_model_source, is_hf_model
+from moec.models.kv_cache import CausalLMWithCache, TinyLMWithCache, cache_model
 from moec.passes.compress import apply_compressed
 from moec.runtime.arrays import to_numpy, to_torch
 from moec.runtime.compare import OutputStats, RoutingStats, VerifyReport
@@ -29,10 +30,17 @@ from moec.runtime.inputs import make_inputs
 from moec.runtime.load import load
 from moec.runtime.manifest import Manifest
 
-__all__ = ["DEFAULT_DIM_SCHEDULE", "TOLERANCES", "eager_input", "eager_model", "verify"]
+__all__ = [
+    "DEFAULT_DIM_SCHEDULE",
+    "TOLERANCES",
+    "eager_input",
+    "eager_model",
+    "verify",
+]
 
 # Values of the first, second, ... dynamic dim per input set (clipped to each dim's range).
-DEFAULT_DIM_SCHEDULE = ((1, 1), (1, 13), (2, 8), (4, 32))
+# A causal LM's third dim is its past: empty, then 5 and 3 tokens.
+DEFAULT_DIM_SCHEDULE = ((1, 1, 0), (1, 13, 0), (2, 8, 5), (4, 32, 3))
 # By the artifact's output dtype: (relative L2 an output must reach, routing agreement a block
 # must reach, the reference margin under which a token is a near-tie and may flip). moec's
 # own: an artifact does not choose what it is judged by (only the user, by flags).
@@ -71,7 +79,7 @@ def verify(
     blocks = {m.name: m for m in find_moe_blocks(model)}
     outputs = [
         OutputStats(o.name, rel_l2 if rel_l2 is not None else _tolerance(o.dtype)[0])
-        for o in manifest.main_outputs
+        for o in manifest.model_outputs
     ]
     loosest = max((_tolerance(o.dtype) for o in manifest.main_outputs), key=lambda t: t[0])
     least = agreement if agreement is not None else loosest[1]
@@ -99,6 +107,11 @@ def verify(
             for stats in routing:
                 chosen, margin = ref_routing[stats.block]
                 stats.update(chosen, outs[stats.output], margin)
+        if runner.decoding is not None and isinstance(model, (CausalLMWithCache, TinyLMWithCache)):
+            logits_tolerance = next(o.tolerance for o in outputs if o.name == "logits")
+            report.decode = verify_decoding(
+                runner, model, blocks, routing_specs, logits_tolerance, least, loosest[2], seed
+            )
     return report
 
 
@@ -137,7 +150,8 @@ def eager_model(
             "compiled from (the sha256 of its weights differs): recompile the artifact, or pass "
             "the original model as the source"
         )
-    return model
+    cached = cache_model(model) if manifest.decoding else None
+    return model if cached is None else cached
 
 
 PERTURBATION = 1e-5  # relative noise that marks an external routing decision as a near-tie
@@ -176,25 +190,8 @@ def _run_eager(
 ) -> tuple[list[np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Main outputs, and per block (chosen [..., E], near-tie margin [...]) on its real input."""
     routing: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def hook(match: BlockMatch):
-        def record(module, args, kwargs):
-            routing[match.name] = _eager_routing(match, args, kwargs)
-
-        return record
-
-    handles = [
-        (m.conversion.routing_module or m.module).register_forward_pre_hook(
-            hook(m), with_kwargs=True
-        )
-        for m in blocks.values()
-    ]
-    try:
-        with torch.no_grad():
-            out = model(*(eager_input(model, to_torch(feeds[s.name])) for s in manifest.inputs))
-    finally:
-        for h in handles:
-            h.remove()
+    with eager_routing_hooks(blocks, routing), torch.no_grad():
+        out = model(*(eager_input(model, to_torch(feeds[s.name])) for s in manifest.inputs))
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     return [to_numpy(o.detach()) for o in outs], routing
 
@@ -206,22 +203,3 @@ def eager_input(model: nn.Module, value: torch.Tensor) -> torch.Tensor:
         return value
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), value.dtype)
     return value.to(dtype)
-
-
-def _eager_routing(match: BlockMatch, args: tuple, kwargs: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen [..., E], near-tie margin [...]) of one block call in the eager model.
-
-    A block routed by moec is routed again from its input with the IR's routing; an experts
-    module behind the family's own router reports the routing it was handed (its margin comes
-    from `_mark_fragile_external_routing`).
-    """
-    spec, w = match.spec, match.weights
-    x, ids, _ = experts_call_args(args, kwargs)
-    if spec.routing == "external":
-        chosen = torch.zeros((*ids.shape[:-1], spec.router_experts), dtype=torch.bool)
-        chosen.scatter_(-1, ids, True)
-        _, chosen = map_experts(spec, chosen.float(), chosen)
-        return chosen.numpy(), np.full(ids.shape[:-1], np.inf)
-    logits = router_logits(x, w.router_weight, w.router_bias)
-    _, chosen = map_experts(spec, *route(spec, logits, w.selection_bias))
-    return chosen.numpy(), near_tie_margin(spec, logits, w.selection_bias).numpy()

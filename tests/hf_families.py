@@ -49,3 +49,18 @@ def build_tiny(family: str, seed: int = 0) -> torch.nn.Module:
 def save_tiny(family: str, directory: Path, seed: int = 0) -> Path:
     build_tiny(family, seed).save_pretrained(directory)
     return directory
+
+
+def save_char_tokenizer(directory: Path) -> Path:
+    """A character-level tokenizer of printable ASCII (ids 32-126, as the characters' codes;
+    0 unknown, 2 end of text) saved beside a tiny model of vocabulary 128."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(32, 127)} | {"<unk>": 0, "</s>": 2}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(directory)
+    return directory

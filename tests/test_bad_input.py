@@ -229,10 +229,13 @@ def test_damaged_artifact_is_refused_at_load(artifact, damage, message):
     ("feeds", "message"),
     [
         ({"ids": np.zeros((1, 4), np.int64)}, "unknown input(s) ['ids']"),
-        ({}, "missing input(s) ['input_ids']"),
+        ({}, "missing input(s) ['input_ids', 'attention_mask'"),
         ({"input_ids": np.zeros((1, 4), np.int32)}, "dtype int32, expected int64"),
         ({"input_ids": np.zeros(4, np.int64)}, "rank 1"),
-        ({"input_ids": np.zeros((1, 65), np.int64)}, "dim 1 (seq) is 65; it must be [1, 64]"),
+        (
+            {"input_ids": np.zeros((1, 65), np.int64)},
+            "dim 1 (sequence_length) is 65; it must be [1, 64]",
+        ),
         ({"input_ids": np.full((1, 4), 300, np.int64)}, "outside the valid range [0, 256)"),
         ({"input_ids": [[1, 2]]}, "is a list"),
     ],

@@ -53,7 +53,7 @@ def test_manifest_records_what_the_design_asks_for(zoo_artifact):
     assert "tolerances" not in data  # moec judges an artifact by its own tolerances
     assert data["settings"]["target"] == "ort"
     assert [p["name"] for p in data["passes"]] == ["grouped-gemm"]
-    assert data["inputs"][0]["shape"][1] == {"name": "seq", "min": 1, "max": 64}
+    assert data["inputs"][0]["shape"][1] == {"name": "sequence_length", "min": 1, "max": 64}
     assert all(b["lowering"] in ("fused", "gather") for b in data["blocks"])
     assert all("top-4 softmax" in b["summary"] for b in data["blocks"])
     assert set(data["files"]) == {"model", "weights"}
@@ -68,7 +68,8 @@ def test_runner_keeps_the_callers_array_type(zoo_artifact):
     assert isinstance(as_torch, torch.Tensor)
     np.testing.assert_array_equal(as_torch.numpy(), logits)
     outputs = m.infer({"input_ids": ids})
-    assert set(outputs) == {"logits", "routing.0", "routing.1"}
+    cache = {f"present.{i}.{kv}" for i in (0, 1) for kv in ("key", "value")}
+    assert set(outputs) == {"logits", "routing.0", "routing.1"} | cache
     assert outputs["routing.0"].dtype == np.bool_ and m.inference_time > 0
     m.deactivate()
     assert not m.is_active

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from generation_checks import assert_same_as_transformers, left_padded_prompt
 from hf_families import FAMILIES, build_tiny, save_tiny
 
 import moec
@@ -59,12 +60,18 @@ def test_family_compiles_and_verifies(saved, tmp_path, family, target):
     assert all(r.agreement >= 0.999 for r in report.routing)
     if target == "onnx":
         assert {b.lowering for b in result.blocks} <= {"gather", "subgraph"}
+    if family != "switch_transformers":  # an encoder-decoder: no cache yet
+        assert result.manifest.decoding, result.notes
+        assert len(report.decode) == 9 and all(step.passed for step in report.decode)
+        with moec.load(result.path) as runner:
+            assert_same_as_transformers(runner, build_tiny(family), *left_padded_prompt())
 
 
 def test_in_memory_transformers_model(tmp_path):
     model = build_tiny("qwen3_moe")
     result = moec.compile(model, target="ort", output=tmp_path / "out")
-    assert [i.name for i in result.manifest.inputs] == ["input_ids", "attention_mask"]
+    names = [i.name for i in result.manifest.inputs]
+    assert names[:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
     assert {b.lowering for b in result.blocks} <= {"fused", "gather"}
     assert moec.verify(result.path, source=model)
 

@@ -119,7 +119,7 @@ def capture(source: ModelSource, dtype: torch.dtype = torch.float32) -> Captured
         tap = _RoutingTap(swapped, op_blocks, ran)
         dynamic = _dynamic_shapes(source, inputs)
         try:
-            program, export_notes = _export(tap, inputs, dynamic, input_names)
+            program, export_notes = _export(tap, inputs, dynamic, input_names, source.dim_sums)
         except Exception as e:  # torch.export raises many types; all mean "cannot trace"
             raise CaptureError(_export_failure(e, model, matches, unconverted)) from e
     skipped = [m for i, m in enumerate(matches) if i not in ran]
@@ -191,10 +191,11 @@ def _blocks(program: ExportedProgram, matches: list[BlockMatch]) -> list[Capture
     return blocks
 
 
-def _export(tap: nn.Module, inputs: tuple, dynamic: tuple, input_names: list[str]):
+def _export(tap: nn.Module, inputs: tuple, dynamic: tuple, input_names: list[str], sums: dict):
     """torch.export with the requested dynamic dims; if torch cannot prove them (guards it
     derives from the model's code that sympy cannot simplify), again with Dim.AUTO on the same
-    axes, noting any dim the model's code fixed to one size."""
+    axes, noting any dim the model's code fixed to one size (or bounds, but for ``sums``: dims
+    that are the sum of others, bounded by theirs)."""
     with torch.no_grad():
         try:
             return torch.export.export(tap, inputs, dynamic_shapes=(dynamic,)), []
@@ -216,7 +217,8 @@ def _export(tap: nn.Module, inputs: tuple, dynamic: tuple, input_names: list[str
                 )
                 continue
             low = program.range_constraints[size.node.expr].lower
-            if int(low) > 2:  # 2 is torch's 0/1-specialisation floor, not the model's
+            derived = getattr(dynamic[i][axis], "__name__", None) in sums
+            if int(low) > 2 and not derived:  # 2 is torch's 0/1-specialisation floor
                 notes.append(
                     f"input {input_names[i]} dim {axis} must be >= {int(low)}: the model's code "
                     "requires it"
@@ -319,7 +321,9 @@ def _signature(program, input_names, output_names, matches, source, dynamic):
             # graph itself is valid for 1, which verification checks.
             low = 1 if bounds is None or int(bounds.lower) <= 2 else int(bounds.lower)
             high = int(bounds.upper) if bounds is not None and bounds.upper.is_Integer else None
-            shape.append(DynamicDim(symbols[key], low, high))
+            low, high = source.dim_bounds.get(symbols[key], (low, high))
+            sum_of = tuple(source.dim_sums.get(symbols[key], ()))
+            shape.append(DynamicDim(symbols[key], low, high, sum_of))
         return tuple(shape)
 
     inputs = []
@@ -331,13 +335,14 @@ def _signature(program, input_names, output_names, matches, source, dynamic):
                 name,
                 _dtype_name(value.dtype),
                 shape_of(value, i),
+                role=source.roles.get(name, "main"),
                 value_range=source.input_ranges.get(name),
             )
         )
     output_node = next(n for n in program.graph.nodes if n.op == "output")
     values = [a.meta["val"] for a in output_node.args[0]]
     outputs = [
-        TensorSpec(name, _dtype_name(v.dtype), shape_of(v))
+        TensorSpec(name, _dtype_name(v.dtype), shape_of(v), role=source.roles.get(name, "main"))
         for name, v in zip(output_names, values, strict=False)
     ]
     for i, (match, v) in enumerate(zip(matches, values[len(output_names) :], strict=True)):

@@ -23,6 +23,11 @@ class ModelSource:
     - ``input_ranges``: for integer inputs, the half-open range [low, high) of valid values
       (token ids: [0, vocab)); verification draws random inputs from it.
     - ``tokenizer``: text -> token ids of the first input, for calibration text files.
+    - ``roles``: an input or output's role when not ``main`` (``mask``, ``cache``: `TensorSpec`).
+    - ``dim_bounds``: [min, max] of named dynamic dims as the artifact declares them, where
+      they are not what torch.export finds (an empty past; bounds left out of the export,
+      where torch would narrow them by its 0/1 specialisation).
+    - ``dim_sums``: named dynamic dims that are the sum of others (past + new tokens).
     """
 
     model: nn.Module
@@ -32,3 +37,6 @@ class ModelSource:
     output_names: list[str] | None = None
     input_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     tokenizer: Callable[[str], list[int]] | None = None
+    roles: dict[str, str] = field(default_factory=dict)
+    dim_bounds: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    dim_sums: dict[str, tuple[str, ...]] = field(default_factory=dict)

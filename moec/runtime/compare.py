@@ -101,9 +101,14 @@ class VerifyReport:
     routing: list[RoutingStats]
     shapes: list[dict[str, list[int]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    decode: list = field(default_factory=list)  # `DecodeStep`s of a cache artifact
 
     def __bool__(self) -> bool:
-        return all(o.passed for o in self.outputs) and all(r.passed for r in self.routing)
+        return (
+            all(o.passed for o in self.outputs)
+            and all(r.passed for r in self.routing)
+            and all(s.passed for s in self.decode)
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -135,5 +140,6 @@ class VerifyReport:
                 }
                 for r in self.routing
             ],
+            "decode": [s.to_dict() for s in self.decode],
             "notes": self.notes,
         }

@@ -22,7 +22,7 @@ def make_inputs(
     bounds: dict[str, tuple[int, int | None]] = {}  # a dim shared by inputs: the tightest range
     for spec in specs:
         for d in spec.shape:
-            if isinstance(d, DynamicDim):
+            if isinstance(d, DynamicDim) and not d.sum_of:
                 low, high = bounds.get(d.name, (d.min, d.max))
                 highs = [h for h in (high, d.max) if h is not None]
                 bounds[d.name] = (max(low, d.min), min(highs) if highs else None)
@@ -33,6 +33,10 @@ def make_inputs(
         for i, (name, (low, high)) in enumerate(bounds.items()):
             size = max(values[i] if i < len(values) else 3, low)
             sizes[name] = size if high is None else min(size, high)
+        for spec in specs:
+            for d in spec.shape:
+                if isinstance(d, DynamicDim) and d.sum_of:
+                    sizes[d.name] = sum(sizes[part] for part in d.sum_of)
         feeds = {}
         for spec in specs:
             shape = tuple(d if isinstance(d, int) else sizes[d.name] for d in spec.shape)
@@ -48,6 +52,8 @@ def make_inputs(
 
 
 def _random(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if spec.role == "mask":  # every token attended: what the source is verified on
+        return np.ones(shape, dtype=spec.dtype)
     if spec.dtype == "bool":
         return rng.random(shape) < 0.5
     if spec.dtype.startswith("int"):

@@ -15,6 +15,7 @@ from typing import Any
 from moec import registry
 from moec.errors import ArtifactError
 from moec.ir.signature import TensorSpec, require
+from moec.runtime.decoding import Decoding
 from moec.runtime.manifest_schema import validate
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "FileEntry", "Manifest", "file_sha256"]
@@ -51,12 +52,22 @@ class Manifest:
     notes: list[str] = field(default_factory=list)
     compression: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # `CompileSettings.to_dict()`
+    decoding: dict[str, Any] = field(default_factory=dict)  # the KV cache: `Decoding`
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     @property
     def main_outputs(self) -> list[TensorSpec]:
         return [o for o in self.outputs if o.role == "main"]
+
+    @property
+    def model_outputs(self) -> list[TensorSpec]:
+        """The model's own outputs: the main ones and its KV cache."""
+        return [o for o in self.outputs if o.role in ("main", "cache")]
+
+    @property
+    def cache(self) -> Decoding | None:
+        return Decoding.from_manifest(self.decoding, self.inputs, self.outputs, MANIFEST_NAME)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -128,6 +139,7 @@ class Manifest:
                 require(bounded, where, f"{spec.name}: dim {dim} has max < min")
             low, high = spec.value_range or (0, 1)
             require(low < high, where, f"{spec.name}: value_range [{low}, {high}) is empty")
+        Decoding.from_manifest(data.get("decoding", {}), inputs, outputs, where)
         return cls(
             target=data["target"],
             source=data["source"],
@@ -140,6 +152,7 @@ class Manifest:
             notes=data.get("notes", []),
             compression=data.get("compression", {}),
             settings=data.get("settings", {}),
+            decoding=data.get("decoding", {}),
         )
 
     def unlisted_files(self, directory: Path) -> list[str]:

@@ -44,6 +44,7 @@ DIM = {
                 "name": NAME,
                 "min": DIM_SIZE,
                 "max": {"oneOf": [DIM_SIZE, {"type": "null"}]},
+                "sum_of": {**_array(NAME), "maxItems": 8},
             },
         },
     ]
@@ -106,6 +107,7 @@ SCHEMA: dict[str, Any] = {
         "notes": _array(TEXT),
         "compression": OBJECT,
         "settings": OBJECT,
+        "decoding": OBJECT,
     },
 }
 _VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)

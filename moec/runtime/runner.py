@@ -37,6 +37,7 @@ class Runner(abc.ABC):
         self.main_output_names = [t.name for t in manifest.main_outputs]
         self.ranged_inputs = [t for t in manifest.inputs if t.value_range is not None]
         self.valid_layouts: set[tuple] = set()  # of feeds `check_feeds` passed (`feed_layout`)
+        self.decoding = manifest.cache  # the KV cache, if the artifact has one
 
     # -- lifecycle ----------------------------------------------------------------------------
     def activate(self) -> Runner:
@@ -62,6 +63,8 @@ class Runner(abc.ABC):
         if not self.is_active:
             raise UsageError(f"{type(self).__name__} is not active; use it in a with-block")
         as_torch = any(_is_torch(v) for v in feeds.values())
+        if self.decoding is not None:
+            feeds = self.decoding.complete(feeds, self.manifest.inputs)
         arrays = self.checked_feeds(feeds)
         start = time.perf_counter()
         outputs = self.infer_impl(arrays)
@@ -99,6 +102,13 @@ class Runner(abc.ABC):
         main = [outputs[name] for name in self.main_output_names]
         return main[0] if len(main) == 1 else tuple(main)
 
+    def generate(self, input_ids: Any, max_new_tokens: int = 20, **options: Any) -> Any:
+        """The prompt followed by new tokens, as transformers' ``generate`` returns them
+        (`moec.runtime.generate.generate` has the options)."""
+        from moec.runtime.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **options)
+
     # -- backend hooks ------------------------------------------------------------------------
     @abc.abstractmethod
     def activate_impl(self) -> None:
@@ -124,11 +134,11 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, Any]) -> dict[str, np.
     if unknown:
         raise InputError(f"unknown input(s) {unknown}; the artifact's inputs are {expected}")
     missing = [n for n in expected if n not in feeds]
-    if missing:
-        raise InputError(f"missing input(s) {missing}; the artifact's inputs are {expected}")
     arrays: dict[str, np.ndarray] = {}
     dims_seen: dict[str, tuple[int, str]] = {}
-    for spec in specs:
+    for spec in specs:  # the inputs given first: what is wrong with them says most
+        if spec.name not in feeds:
+            continue
         value = feeds[spec.name]
         if _is_torch(value):
             value = _torch_to_numpy(spec, value)
@@ -153,6 +163,12 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, Any]) -> dict[str, np.
             _check_values(spec, value)
         # native byte order (a runtime reads raw bytes); ascontiguousarray would make 0-d 1-d
         arrays[spec.name] = np.asarray(value, dtype=value.dtype.newbyteorder("="), order="C")
+    if missing:
+        raise InputError(f"missing input(s) {missing}; the artifact's inputs are {expected}")
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, DynamicDim) and dim.sum_of:
+                _check_sum(spec, axis, arrays[spec.name].shape[axis], dim, dims_seen)
     return arrays
 
 
@@ -192,6 +208,16 @@ def _check_values(spec: TensorSpec, value: np.ndarray) -> None:
         raise InputError(
             f"input {spec.name!r} has values in [{value.min()}, {value.max()}], outside "
             f"the valid range [{low}, {high})"
+        )
+
+
+def _check_sum(spec: TensorSpec, axis: int, size: int, dim: DynamicDim, seen: dict) -> None:
+    parts = [seen[name][0] for name in dim.sum_of if name in seen]
+    if len(parts) == len(dim.sum_of) and size != sum(parts):
+        terms = " + ".join(f"{name} {seen[name][0]}" for name in dim.sum_of)
+        raise InputError(
+            f"input {spec.name!r} dim {axis} ({dim.name}) is {size}, but it must be {terms} = "
+            f"{sum(parts)}"
         )
 
 

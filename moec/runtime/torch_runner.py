@@ -69,7 +69,9 @@ class TorchRunner(Runner):
         program = load_pt2(path, trust_pickle=self.trust_pickle, error=ArtifactError, what="model")
         if devices[0].type != "cpu":
             program = move_to_device_pass(program, devices[0])
-        self.module = program.module()
+        # A cache program's guards bound the mask by its parts' 0/1-specialisation floors
+        # (total >= 4); the manifest's dims, checked on every call, are the real contract.
+        self.module = program.module(check_guards=self.decoding is None)
         del program  # the weights this process does not hold go with it once sharded
         if self.threads is not None:  # first: packing measures GEMMs with these threads
             torch.set_num_threads(self.threads)
