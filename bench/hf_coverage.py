@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from hf_families import FAMILIES, NOT_MOE, save_tiny  # noqa: E402
+from hf_families import FAMILIES, NOT_MOE, build_tiny, save_tiny  # noqa: E402
 
 TARGETS = ("ort", "onnx")
 MOE_CODE = re.compile(
@@ -80,10 +80,36 @@ def check_one(family: str, target: str) -> dict:
             ]
             row["agreement"] = min((r.agreement for r in report.routing), default=None)
             row["passed"] = bool(report)
+            row["decode"] = decode_check(family, result, report)
         except Exception as e:  # every failure is a row in the table, with its reason
             row["passed"] = False
             row["error"] = f"{type(e).__name__}: {e}"
     return row
+
+
+DECODE_TOKENS = 16
+
+
+def decode_check(family: str, result, report) -> str:
+    """``pass`` when the artifact's decode steps verify and its greedy `generate` gives
+    transformers' tokens; ``no cache`` for an artifact compiled without one; else what failed."""
+    import torch
+
+    import moec
+
+    if not result.manifest.decoding:
+        return "no cache"
+    if not all(step.passed for step in report.decode):
+        worst = max(step.logits.rel_l2 for step in report.decode)
+        return f"steps differ: rel L2 {worst:.1e}"
+    model = build_tiny(family)
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=DECODE_TOKENS, do_sample=False,
+                                  pad_token_id=0)  # fmt: skip
+    with moec.load(result.path) as runner:
+        tokens = runner.generate(ids, DECODE_TOKENS)
+    return "pass" if torch.equal(tokens, expected) else "generate differs"
 
 
 def current_commit() -> str:
@@ -144,22 +170,27 @@ def cell(row: dict | None) -> str:
 
 def table(families: list[str], results: dict) -> str:
     lines = [
-        "| family | model class | ort (rel L2) | onnx (rel L2) | lowering (ort / onnx) | notes |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| family | model class | ort (rel L2) | onnx (rel L2) | decode (ort / onnx) "
+        "| lowering (ort / onnx) | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for family in families:
         if family in NOT_MOE:
-            lines.append(f"| {family} | - | - | - | - | not MoE: {NOT_MOE[family]} |")
+            lines.append(f"| {family} | - | - | - | - | - | not MoE: {NOT_MOE[family]} |")
             continue
         if family not in FAMILIES:
-            lines.append(f"| {family} | - | - | - | - | no tiny config in tests/hf_families.json |")
+            lines.append(
+                f"| {family} | - | - | - | - | - | no tiny config in tests/hf_families.json |"
+            )
             continue
         rows = [results.get((family, t)) for t in TARGETS]
         lowering = " / ".join(",".join(r.get("lowerings", [])) or "-" for r in rows if r)
+        decode = " / ".join((r or {}).get("decode") or "-" for r in rows)
         reason = reason_of([r for r in rows if r])
         model = FAMILIES[family]["model"]
         lines.append(
-            f"| {family} | {model} | {cell(rows[0])} | {cell(rows[1])} | {lowering} | {reason} |"
+            f"| {family} | {model} | {cell(rows[0])} | {cell(rows[1])} | {decode} | {lowering} "
+            f"| {reason} |"
         )
     return "\n".join(lines)
 
