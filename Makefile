@@ -23,7 +23,8 @@ demo: install
 	$(MOEC) compile $(DEMO_MODEL) --target ort -o $(DEMO_OUT) --force
 	$(PY) -c "import moec, numpy as np; m = moec.load('$(DEMO_OUT)'); \
 	ids = np.random.default_rng(0).integers(0, 256, (1, 12)); \
-	logits = m(ids); print('logits', logits.shape, 'next tokens', logits[0].argmax(-1))"
+	logits = m(ids); print('logits', logits.shape, 'next tokens', logits[0].argmax(-1)); \
+	print('generated with the KV cache', m.generate(ids, max_new_tokens=8)[0, 12:])"
 	$(MOEC) verify $(DEMO_OUT)
 
 lint: install

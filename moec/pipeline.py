@@ -163,9 +163,7 @@ def compile_model(
             if passes is None:
                 if calibration is None and settings.wants_capacity:
                     calibration = make_inputs(captured.inputs, CALIBRATION_SCHEDULE, seed=1)
-                elif (
-                    calibration is not None and decoding
-                ):  # the cache's inputs, as runners fill them
+                elif calibration is not None and decoding:  # fill the cache's inputs
                     cache = Decoding.from_manifest(decoding, captured.inputs, captured.outputs, "")
                     calibration = [cache.complete(feeds, captured.inputs) for feeds in calibration]
                 passes = default_passes(settings, calibration)

@@ -17,7 +17,7 @@ def left_padded_prompt(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def assert_same_as_transformers(runner, model, ids, mask) -> None:
     """Token for token; where they part, the reference's choice must have been a near-tie."""
-    ours = runner.generate(ids, max_new_tokens=NEW_TOKENS, attention_mask=mask)
+    ours = runner.generate(ids, max_new_tokens=NEW_TOKENS, attention_mask=mask, pad_token_id=0)
     with torch.no_grad():
         ref = model.generate(
             ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0

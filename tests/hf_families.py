@@ -22,6 +22,23 @@ FAMILIES: dict[str, dict[str, Any]] = json.loads(
     (Path(__file__).with_name("hf_families.json")).read_text()
 )
 
+# The families the tests compile (test_hf_families, test_decoding); the rest are covered by
+# bench/hf_coverage.py (README table).
+REQUIRED = [
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "olmoe",
+    "granitemoe",
+    "gpt_oss",
+    "phimoe",
+    "jetmoe",
+    "switch_transformers",
+    "dbrx",
+]
+
 NOT_MOE = {
     "bamba": "no router: num_experts is fixed at 1, a dense SwiGLU MLP",
     "granite_docling": "its 'density router' picks a connector path per image",

@@ -10,27 +10,11 @@ import numpy as np
 import pytest
 import torch
 from generation_checks import assert_same_as_transformers, left_padded_prompt
-from hf_families import FAMILIES, build_tiny, save_tiny
+from hf_families import FAMILIES, REQUIRED, build_tiny, save_tiny
 
 import moec
 from moec.errors import SourceError, UnsupportedBlockError
 from moec.models import find_moe_blocks
-
-# The families the issue names; the rest are covered by bench/hf_coverage.py (README table).
-REQUIRED = [
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "deepseek_v2",
-    "deepseek_v3",
-    "olmoe",
-    "granitemoe",
-    "gpt_oss",
-    "phimoe",
-    "jetmoe",
-    "switch_transformers",
-    "dbrx",
-]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from torch import nn
 from torch.export import Dim
 
 from moec.models.adapters import find_moe_blocks
-from moec.models.hf_models import CausalLMLogits
+from moec.models.hf_models import CausalLMLogits, Seq2SeqLMLogits
 from moec.models.model_source import ModelSource
 from moec.models.zoo_lm import TinyMoELM
 
@@ -108,19 +108,22 @@ def with_kv_cache(source: ModelSource) -> tuple[ModelSource | None, dict | None,
     why not) for a causal LM whose cache moec does not capture; (None, None, None) for a model
     that is not a causal LM moec knows."""
     model = source.model
-    if isinstance(model, (TinyMoELM, CausalLMLogits)):
-        why = _non_causal_routing(model)
-        if why:
-            return None, None, why
-    if isinstance(model, TinyMoELM) and len(source.example_inputs) == 1:
+    if isinstance(model, Seq2SeqLMLogits):
+        return None, None, "an encoder-decoder: moec does not capture its decoder's cache yet"
+    zoo_lm = isinstance(model, TinyMoELM) and len(source.example_inputs) == 1
+    generates = isinstance(model, CausalLMLogits) and len(source.example_inputs) == 2
+    if not (zoo_lm or (generates and getattr(model.model, "can_generate", lambda: False)())):
+        return None, None, None  # a classifier, a block: nothing to generate
+    why = _non_causal_routing(model)
+    if why:
+        return None, None, why
+    if zoo_lm:
         (ids,) = source.example_inputs
         heads = model.layers[0].attn.heads
         head_dim = model.embed.embedding_dim // heads
         layer = {"kind": "full", "kv_heads": heads, "key_dim": head_dim, "value_dim": head_dim}
         layers = [{**layer, "dtype": model.embed.weight.dtype} for _ in model.layers]
         return _cached(source, model, ids, layers, model.max_positions, [])
-    if not isinstance(model, CausalLMLogits) or len(source.example_inputs) != 2:
-        return None, None, None
     if cache_keyword(model.model) is None:
         return None, None, f"{type(model.model).__name__}.forward takes no KV cache"
     ids, mask = source.example_inputs
@@ -239,9 +242,8 @@ def _cache_layout(model: nn.Module, ids, mask) -> tuple[list[dict] | None, str |
     if not isinstance(cache, DynamicCache):
         kind = type(cache).__name__
         return None, f"{type(model).__name__} returns a {kind} cache, not a DynamicCache"
-    others = sorted(
-        {type(layer).__name__ for layer in cache.layers if not isinstance(layer, DynamicLayer)}
-    )
+    plain = (DynamicLayer, DynamicSlidingWindowLayer)  # subclasses keep more (an indexer's keys)
+    others = sorted({type(layer).__name__ for layer in cache.layers if type(layer) not in plain})
     if others:
         return None, (
             f"{type(model).__name__}'s cache holds {', '.join(others)} layers, not plain keys "
@@ -253,7 +255,7 @@ def _cache_layout(model: nn.Module, ids, mask) -> tuple[list[dict] | None, str |
         if keys is None or keys.dim() != 4 or values.dim() != 4:
             return None, f"{type(model).__name__}'s cache layers are not [batch, heads, seq, dim]"
         entry = {
-            "kind": "sliding" if isinstance(layer, DynamicSlidingWindowLayer) else "full",
+            "kind": "sliding" if type(layer) is DynamicSlidingWindowLayer else "full",
             "kv_heads": int(keys.shape[1]),
             "key_dim": int(keys.shape[-1]),
             "value_dim": int(values.shape[-1]),
