@@ -233,10 +233,9 @@ def step_bytes(model, runner, prompt: torch.Tensor, args) -> float:
         distinct.append(sum(int(r.reshape(-1, r.shape[-1]).any(0).sum()) for r in routing))
         chosen = outputs[decoding.logits][:, -1].argmax(-1)[:, None]
         total = feeds.get(decoding.mask, np.ones_like(feeds["input_ids"])).shape[1] + 1
-        feeds = {"input_ids": chosen, decoding.mask: np.ones((len(chosen), total), np.int64)}
-        feeds[decoding.positions] = np.full((len(chosen), 1), total - 1, np.int64)
-        for past, present in zip(decoding.past_names, decoding.present_names, strict=True):
-            feeds[past] = outputs[present]
+        mask = np.ones((len(chosen), total), np.int64)
+        positions = np.full((len(chosen), 1), total - 1, np.int64)
+        feeds = decoding.next_step(chosen, mask, positions, outputs)
     per_expert = experts / len(routing) / routing[0].shape[-1]  # bytes of one expert
     length = args.prompt + args.new / 2
     cache = sum(

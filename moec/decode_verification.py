@@ -97,13 +97,8 @@ def verify_decoding(
         chosen_tokens = ref_logits[:, -1].argmax(-1)[:, None].astype(np.int64)
         tokens[:, end] = chosen_tokens[:, 0]
         end += 1
-        feeds = {
-            "input_ids": chosen_tokens,
-            decoding.mask: mask[:, :end].copy(),
-            decoding.positions: positions_from_mask(mask[:, :end])[:, -1:],
-        }
-        for past, present in zip(decoding.past_names, decoding.present_names, strict=True):
-            feeds[past] = outputs[present]
+        positions = positions_from_mask(mask[:, :end])[:, -1:]
+        feeds = decoding.next_step(chosen_tokens, mask[:, :end], positions, outputs)
     return steps
 
 

@@ -31,8 +31,8 @@ class Hardware:
     bytes_per_value: int
 
 
-# 989 TFLOP/s dense bf16 peak at half of it on expert-sized GEMMs; 450 GB/s NVLink 4 per
-# direction; one 400 Gb/s NIC per GPU (50 GB/s); 8 GPUs per node; bf16 activations
+# An H100 node's published figures, as docs/expert_parallel.md states them: half of the dense
+# bf16 peak on expert-sized GEMMs, NVLink 4 per direction, one NIC per GPU, bf16 activations
 H100 = Hardware(flops=0.5 * 989e12, nvlink=450e9, network=50e9, gpus_per_node=8, bytes_per_value=2)
 
 

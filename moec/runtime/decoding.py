@@ -15,6 +15,7 @@ import numpy as np
 
 from moec.errors import ArtifactError, InputError
 from moec.ir.signature import TensorSpec, require
+from moec.runtime.arrays import to_numpy
 
 __all__ = ["CacheLayer", "Decoding", "positions_from_mask"]
 
@@ -82,6 +83,15 @@ class Decoding:
     def present_names(self) -> list[str]:
         return [n for layer in self.layers for n in (layer.present_key, layer.present_value)]
 
+    def next_step(self, tokens, mask, positions, outputs: dict) -> dict[str, Any]:
+        """Feeds of the decode step after the one that returned ``outputs``: its new tokens
+        [B, 1], the mask so far [B, total], their positions [B, 1], the returned cache as past."""
+        feeds = {"input_ids": tokens, self.mask: np.ascontiguousarray(mask)}
+        feeds[self.positions] = positions
+        for past, present in zip(self.past_names, self.present_names, strict=True):
+            feeds[past] = outputs[present]
+        return feeds
+
     def complete(self, feeds: dict[str, Any], specs: list[TensorSpec]) -> dict[str, Any]:
         """``feeds`` with the mask, positions and past filled in where left out (an empty past
         unless one is given: then the mask is needed to say which of it to attend)."""
@@ -108,7 +118,8 @@ class Decoding:
         if self.mask not in done:
             done[self.mask] = np.ones((batch, past + new), dtype=dtypes[self.mask])
         if self.positions not in done:
-            mask = np.asarray(_as_numpy(done[self.mask]))
+            mask = done[self.mask]
+            mask = to_numpy(mask.detach().cpu()) if _is_torch(mask) else np.asarray(mask)
             done[self.positions] = positions_from_mask(mask)[:, -new:].astype(
                 dtypes[self.positions]
             )
@@ -129,7 +140,5 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
     return np.where(mask == 0, 1, positions)
 
 
-def _as_numpy(value: Any) -> np.ndarray:
-    if type(value).__module__.startswith("torch"):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")

@@ -102,13 +102,9 @@ def generate(
         if finished.all() or step == max_new_tokens - 1:
             break
         positions = positions + 1
-        feeds = {
-            "input_ids": tokens[:, end - 1 : end].copy(),
-            decoding.mask: np.ascontiguousarray(mask[:, :end]),
-            decoding.positions: positions[:, None].copy(),
-        }
-        for past, present in zip(decoding.past_names, decoding.present_names, strict=True):
-            feeds[past] = outputs[present]
+        feeds = decoding.next_step(
+            tokens[:, end - 1 : end].copy(), mask[:, :end], positions[:, None].copy(), outputs
+        )
     result = tokens[:, :end]
     if as_torch:
         import torch
