@@ -27,6 +27,8 @@ def assert_same_as_transformers(runner, model, ids, mask) -> None:
         return
     row, col = map(int, (ours != ref).nonzero()[0])
     with torch.no_grad():
-        logits = model(ref[row : row + 1, :col], attention_mask=None).logits[0, -1]
+        full_mask = torch.cat([mask, torch.ones_like(ref[:, ids.shape[1] :])], dim=1)
+        rows = slice(row, row + 1)
+        logits = model(ref[rows, :col], attention_mask=full_mask[rows, :col]).logits[0, -1]
     top = logits.topk(2).values
     assert float(top[0] - top[1]) < 1e-4 * float(logits.abs().max()), (row, col, ours, ref)

@@ -8,12 +8,17 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-__all__ = ["numpy_dtype", "to_numpy", "to_torch"]
+__all__ = ["is_torch", "numpy_dtype", "to_numpy", "to_torch"]
 
 
 def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype of a manifest dtype name (``bfloat16`` included)."""
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def is_torch(value: Any) -> bool:
+    """Whether ``value`` is a torch object (without importing torch)."""
+    return type(value).__module__.startswith("torch")
 
 
 def to_numpy(tensor: Any) -> np.ndarray:

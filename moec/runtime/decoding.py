@@ -15,7 +15,7 @@ import numpy as np
 
 from moec.errors import ArtifactError, InputError
 from moec.ir.signature import TensorSpec, require
-from moec.runtime.arrays import to_numpy
+from moec.runtime.arrays import is_torch, to_numpy
 
 __all__ = ["CacheLayer", "Decoding", "positions_from_mask"]
 
@@ -119,7 +119,7 @@ class Decoding:
             done[self.mask] = np.ones((batch, past + new), dtype=dtypes[self.mask])
         if self.positions not in done:
             mask = done[self.mask]
-            mask = to_numpy(mask.detach().cpu()) if _is_torch(mask) else np.asarray(mask)
+            mask = to_numpy(mask.detach().cpu()) if is_torch(mask) else np.asarray(mask)
             done[self.positions] = positions_from_mask(mask)[:, -new:].astype(
                 dtypes[self.positions]
             )
@@ -138,7 +138,3 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
     attended tokens 0, 1, 2, ...; padding 1."""
     positions = np.cumsum(mask, axis=-1, dtype=np.int64) - 1
     return np.where(mask == 0, 1, positions)
-
-
-def _is_torch(value: Any) -> bool:
-    return type(value).__module__.startswith("torch")

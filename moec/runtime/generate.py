@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from moec.errors import InputError, UsageError
+from moec.runtime.arrays import is_torch
 from moec.runtime.decoding import Decoding, positions_from_mask
 
 __all__ = ["generate"]
@@ -49,7 +50,7 @@ def generate(
             "whose cache moec does not capture: see its manifest's notes); compile it again "
             "without --no-kv-cache to generate"
         )
-    as_torch = type(input_ids).__module__.startswith("torch")
+    as_torch = is_torch(input_ids)
     prompt = _tokens(input_ids, "input_ids")
     batch, length = prompt.shape
     if length == 0:
@@ -114,7 +115,7 @@ def generate(
 
 
 def _tokens(value: Any, name: str) -> np.ndarray:
-    if type(value).__module__.startswith("torch"):
+    if is_torch(value):
         value = value.detach().cpu().numpy()
     array = np.asarray(value)
     if array.ndim == 1:

@@ -17,7 +17,7 @@ import numpy as np
 
 from moec.errors import InputError, UsageError
 from moec.ir.signature import DynamicDim, TensorSpec
-from moec.runtime.arrays import to_numpy, to_torch
+from moec.runtime.arrays import is_torch, to_numpy, to_torch
 from moec.runtime.manifest import Manifest
 
 __all__ = ["Runner", "check_feeds", "feed_layout"]
@@ -62,7 +62,7 @@ class Runner(abc.ABC):
         """Run on ``feeds`` (name -> array or tensor); returns every output by name."""
         if not self.is_active:
             raise UsageError(f"{type(self).__name__} is not active; use it in a with-block")
-        as_torch = any(_is_torch(v) for v in feeds.values())
+        as_torch = any(is_torch(v) for v in feeds.values())
         if self.decoding is not None:
             feeds = self.decoding.complete(feeds, self.manifest.inputs)
         arrays = self.checked_feeds(feeds)
@@ -123,10 +123,6 @@ class Runner(abc.ABC):
         """Free the backend session."""
 
 
-def _is_torch(value: Any) -> bool:
-    return type(value).__module__.startswith("torch")
-
-
 def check_feeds(specs: list[TensorSpec], feeds: dict[str, Any]) -> dict[str, np.ndarray]:
     """Numpy arrays for ``feeds`` after checking names, dtypes, ranks, sizes and value ranges."""
     expected = [s.name for s in specs]
@@ -140,7 +136,7 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, Any]) -> dict[str, np.
         if spec.name not in feeds:
             continue
         value = feeds[spec.name]
-        if _is_torch(value):
+        if is_torch(value):
             value = _torch_to_numpy(spec, value)
         if not isinstance(value, np.ndarray):
             raise InputError(
