@@ -14,6 +14,7 @@ import moec
 from moec.cli import main
 from moec.errors import InputError, UsageError
 from moec.models.zoo import build_zoo
+from moec.runtime.ort_decode_steps import BoundDecodeSteps
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,25 @@ def test_zoo_lm_generates_what_recomputing_every_token_gives(tmp_path, target):
         for _ in range(16):
             expected = torch.cat([expected, model(expected)[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(tokens, expected)
+
+
+def test_ort_steps_write_the_cache_into_two_buffers_allocated_once(tmp_path):
+    art = moec.compile("zoo:deepseek-lm", target="ort", output=tmp_path / "out").path
+    ids = np.random.default_rng(0).integers(0, 256, (2, 5))
+    with moec.load(art) as runner:
+        decoding, steps = runner.decoding, runner.decode_steps(2, 9)
+        assert isinstance(steps, BoundDecodeSteps)
+        feeds = decoding.complete({"input_ids": ids}, runner.manifest.inputs)
+        for step in range(4):
+            outputs, expected = steps(feeds), runner.infer(feeds)
+            for name in decoding.present_names:
+                assert np.shares_memory(outputs[name], steps.buffers[name][0][step % 2])
+                np.testing.assert_array_equal(outputs[name], expected[name])
+            np.testing.assert_array_equal(outputs["logits"], expected["logits"])
+            token = outputs["logits"][:, -1:].argmax(-1)
+            length = ids.shape[1] + step + 1
+            feeds = decoding.next_step(token, np.ones((2, length), np.int64),
+                                       np.full((2, 1), length - 1), outputs)  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "how"), [("expert-choice-lm", "by expert choice"),

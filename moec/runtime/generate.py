@@ -4,7 +4,8 @@ The prompt runs once with an empty past (prefill); then one token per step, the 
 returned by one step fed to the next. Greedy, or sampling with temperature, top-k and top-p
 (applied in that order, as transformers' logits warpers are). Batches are left-padded
 (``attention_mask`` 0 on padding), positions counted along the mask. The token and mask
-buffers are allocated once for the whole sequence.
+buffers are allocated once for the whole sequence, and so are the cache's where the runner
+keeps it (`Runner.decode_steps`; ONNX Runtime on the CPU does).
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def generate(
     pick = _sampler(do_sample, temperature, top_k, top_p, np.random.default_rng(seed))
 
     runner.activate()
+    run = runner.decode_steps(batch, total)
     tokens = np.empty((batch, total), dtype=np.int64)
+    fed_mask = np.empty(batch * total, dtype=np.int64)  # the mask so far, contiguous
     tokens[:, :length] = prompt
     feeds = {
         "input_ids": prompt,
@@ -91,7 +94,7 @@ def generate(
     finished = np.zeros(batch, dtype=bool)
     end = length
     for step in range(max_new_tokens):
-        outputs = runner.infer(feeds)
+        outputs = run(feeds)
         chosen = pick(outputs[decoding.logits][:, -1, :].astype(np.float32))
         if eos.size:
             chosen = np.where(finished, pad, chosen)
@@ -103,8 +106,10 @@ def generate(
         if finished.all() or step == max_new_tokens - 1:
             break
         positions = positions + 1
+        so_far = fed_mask[: batch * end].reshape(batch, end)
+        so_far[...] = mask[:, :end]
         feeds = decoding.next_step(
-            tokens[:, end - 1 : end].copy(), mask[:, :end], positions[:, None].copy(), outputs
+            tokens[:, end - 1 : end].copy(), so_far, positions[:, None].copy(), outputs
         )
     result = tokens[:, :end]
     if as_torch:

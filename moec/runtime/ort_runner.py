@@ -9,6 +9,7 @@ import numpy as np
 
 from moec.errors import ArtifactError
 from moec.runtime.manifest import Manifest
+from moec.runtime.ort_decode_steps import BoundDecodeSteps, can_bind
 from moec.runtime.runner import Runner
 
 __all__ = ["OrtRunner"]
@@ -56,6 +57,14 @@ class OrtRunner(Runner):
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, values, strict=True))
+
+    def decode_steps(self, batch: int, total: int):
+        """Steps whose cache ONNX Runtime writes into buffers allocated once
+        (`BoundDecodeSteps`), on the CPU provider; `infer` elsewhere."""
+        self.activate()
+        if not can_bind(self):
+            return self.infer
+        return BoundDecodeSteps(self, batch, total)
 
     def deactivate_impl(self) -> None:
         self.session = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,11 @@ class Runner(abc.ABC):
         from moec.runtime.generate import generate
 
         return generate(self, input_ids, max_new_tokens, **options)
+
+    def decode_steps(self, batch: int, total: int) -> Callable[[dict[str, Any]], dict]:
+        """What runs `generate`'s steps for sequences of ``batch`` x up to ``total`` tokens:
+        `infer` unless the backend keeps the cache in buffers of its own."""
+        return self.infer
 
     # -- backend hooks ------------------------------------------------------------------------
     @abc.abstractmethod
