@@ -15,6 +15,7 @@ from moec.cli import main
 from moec.errors import InputError, UsageError
 from moec.models.zoo import build_zoo
 from moec.runtime.ort_decode_steps import BoundDecodeSteps
+from moec.runtime.torch_decode_steps import TorchDecodeSteps
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def test_torch_artifact_generates_what_transformers_generates(tmp_path, family):
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert "past_key_values.0.key" in names and result.manifest.decoding["layers"]
     with moec.load(result.path) as runner:
+        assert runner.decode_steps(1, 4).in_place  # the cache appended to in its buffers
         assert_same_as_transformers(runner, build_tiny(family), *left_padded_prompt())
 
 
@@ -139,19 +141,26 @@ def test_zoo_lm_generates_what_recomputing_every_token_gives(tmp_path, target):
     assert torch.equal(tokens, expected)
 
 
-def test_ort_steps_write_the_cache_into_two_buffers_allocated_once(tmp_path):
-    art = moec.compile("zoo:deepseek-lm", target="ort", output=tmp_path / "out").path
+@pytest.mark.parametrize("target", ["ort", "torch"])
+def test_decode_steps_keep_the_cache_in_buffers_allocated_once(tmp_path, target):
+    art = moec.compile("zoo:deepseek-lm", target=target, output=tmp_path / "out").path
     ids = np.random.default_rng(0).integers(0, 256, (2, 5))
     with moec.load(art) as runner:
         decoding, steps = runner.decoding, runner.decode_steps(2, 9)
-        assert isinstance(steps, BoundDecodeSteps)
+        assert isinstance(steps, (BoundDecodeSteps, TorchDecodeSteps))
+        assert target == "ort" or steps.in_place
         feeds = decoding.complete({"input_ids": ids}, runner.manifest.inputs)
         for step in range(4):
-            outputs, expected = steps(feeds), runner.infer(feeds)
-            for name in decoding.present_names:
-                assert np.shares_memory(outputs[name], steps.buffers[name][0][step % 2])
-                np.testing.assert_array_equal(outputs[name], expected[name])
-            np.testing.assert_array_equal(outputs["logits"], expected["logits"])
+            expected = runner.infer(dict(feeds))
+            outputs = steps(feeds)
+            for past, name in zip(decoding.past_names, decoding.present_names, strict=True):
+                # ort: two buffers per present to alternate; torch: one per past, grown in place
+                buffer = (
+                    steps.buffers[name][0][step % 2] if target == "ort" else steps.buffers[past]
+                )
+                assert np.shares_memory(np.asarray(outputs[name]), np.asarray(buffer))
+                np.testing.assert_allclose(outputs[name], expected[name], atol=1e-6)
+            np.testing.assert_allclose(outputs["logits"], expected["logits"], atol=1e-5)
             token = outputs["logits"][:, -1:].argmax(-1)
             length = ids.shape[1] + step + 1
             feeds = decoding.next_step(token, np.ones((2, length), np.int64),

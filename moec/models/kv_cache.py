@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,9 +56,7 @@ class CausalLMWithCache(nn.Module):
         self.flags = {"use_cache": True} if "use_cache" in parameters else {}
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)))
+        cache = _filled_cache(past)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -69,6 +68,19 @@ class CausalLMWithCache(nn.Module):
         for layer in _returned_cache(out).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
+
+
+def _filled_cache(past) -> Any:
+    """A DynamicCache holding ``past`` (key, value, key, ...) as it is. DynamicCache's own
+    constructor concatenates each past onto an empty tensor: a copy of the whole cache in the
+    graph on every step."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=[(None, None)] * (len(past) // 2))
+    for layer, key, value in zip(cache.layers, past[0::2], past[1::2], strict=True):
+        layer.lazy_initialization(key, value)
+        layer.keys, layer.values = key, value
+    return cache
 
 
 def cache_keyword(model: nn.Module) -> str | None:

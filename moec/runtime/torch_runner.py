@@ -35,6 +35,7 @@ from moec.runtime.manifest import Manifest
 from moec.runtime.placement import Placement
 from moec.runtime.runner import Runner
 from moec.runtime.safe_pt2 import load_pt2
+from moec.runtime.torch_decode_steps import TorchDecodeSteps
 from moec.runtime.weight_packing import PackingReport, pack_weights
 
 __all__ = ["TorchRunner", "prepare_program"]
@@ -143,6 +144,12 @@ class TorchRunner(Runner):
             values = self.module.forward(*args)
         values = values if isinstance(values, (tuple, list)) else (values,)
         return {name: to_numpy(v.cpu()) for name, v in zip(self.output_names, values, strict=True)}
+
+    def decode_steps(self, batch: int, total: int):
+        """Steps that append to the cache in place, in buffers allocated once
+        (`TorchDecodeSteps`)."""
+        self.activate()
+        return TorchDecodeSteps(self, batch, total)
 
     def deactivate_impl(self) -> None:
         self.module = None
