@@ -276,13 +276,15 @@ def _load(model, example_inputs, trust: dict[str, bool], options: dict[str, Any]
         return load_source(model, **trust, **options)
     if not isinstance(model, nn.Module):
         raise MoecError(f"moec.compile takes an nn.Module or a SRC string, not {type(model)}")
-    if is_hf_model(model) and example_inputs is None:
-        return source_from_module(hf_model_source(model.eval()))
-    if example_inputs is None:
+    inputs = example_inputs
+    if inputs is not None and not isinstance(inputs, (tuple, list)):
+        inputs = (inputs,)
+    if is_hf_model(model):
+        given = None if inputs is None else tuple(inputs)
+        return source_from_module(hf_model_source(model.eval(), given))
+    if inputs is None:
         raise MoecError("moec.compile(model, example_inputs): example_inputs are required")
-    inputs = (
-        tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    )
+    inputs = tuple(inputs)
     return source_from_module(ModelSource(model.eval(), inputs, **options))
 
 

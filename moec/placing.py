@@ -181,7 +181,7 @@ def _feeds(manifest: Manifest, rows: np.ndarray) -> dict[str, np.ndarray]:
     cache = manifest.cache
     filled = set() if cache is None else {cache.mask, cache.positions, *cache.past_names}
     for spec in manifest.inputs[1:]:
-        if spec.name in filled:
+        if spec.name in filled or spec.role == "mask":  # the runner attends every token
             continue
         low_high = spec.value_range
         if low_high is not None and low_high[1] - low_high[0] == 1:

@@ -96,23 +96,61 @@ def verify(
     if len(routing) < len(routing_specs):
         notes.append("some blocks have no eager counterpart; their routing is not compared")
     report = VerifyReport(outputs, routing, notes=notes)
+    input_sets = [(feeds, None) for feeds in make_inputs(manifest.inputs, schedule, seed)]
+    padded = _padded_inputs(manifest, seed)
+    if padded is not None:
+        input_sets.append(padded)
+        notes.append(
+            f"the last input set is left-padded ({PADDING} tokens of row 1 masked); its "
+            "outputs are compared on the attended tokens"
+        )
     with load(path, trust_pickle=trust_pickle) as runner:
-        for feeds in make_inputs(manifest.inputs, schedule, seed):
+        for feeds, attended in input_sets:
             report.shapes.append({k: list(v.shape) for k, v in feeds.items()})
             ref_outputs, ref_routing = _run_eager(model, manifest, blocks, feeds)
             _mark_fragile_external_routing(model, manifest, blocks, feeds, ref_routing)
             outs = runner.infer(feeds)
             for stats, ref in zip(outputs, ref_outputs, strict=True):
-                stats.update(ref, outs[stats.name])
+                stats.update(_on(attended, ref), _on(attended, outs[stats.name]))
             for stats in routing:
                 chosen, margin = ref_routing[stats.block]
-                stats.update(chosen, outs[stats.output], margin)
+                stats.update(
+                    _on(attended, chosen), _on(attended, outs[stats.output]), _on(attended, margin)
+                )
         if runner.decoding is not None and isinstance(model, (CausalLMWithCache, TinyLMWithCache)):
             logits_tolerance = next(o.tolerance for o in outputs if o.name == "logits")
             report.decode = verify_decoding(
                 runner, model, blocks, routing_specs, logits_tolerance, least, loosest[2], seed
             )
     return report
+
+
+PADDED = (2, 8, 5)  # dims of the left-padded input set (batch, sequence, decoder tokens)
+PADDING = 3  # masked tokens at the start of its second row
+
+
+def _padded_inputs(manifest: Manifest, seed: int) -> tuple[dict, np.ndarray] | None:
+    """A left-padded batch for an artifact with an attention mask and no cache (whose
+    decoding `verify_decoding` checks padded), and the tokens it attends [batch, sequence]."""
+    masks = [s for s in manifest.inputs if s.role == "mask"]
+    if not masks or manifest.decoding:
+        return None
+    feeds = make_inputs(manifest.inputs, (PADDED,), seed + 1)[0]
+    for spec in masks:
+        feeds[spec.name][1, :PADDING] = 0
+    return feeds, feeds[masks[0].name].astype(bool)
+
+
+def _on(attended: np.ndarray | None, value: np.ndarray) -> np.ndarray:
+    """``value``'s entries for the attended tokens, where it has one per token ([batch,
+    sequence, ...] or [batch*sequence, ...]): a padded token's output is not defined."""
+    if attended is None or value.ndim == 0:
+        return value
+    if value.shape[:2] == attended.shape:
+        return value[attended]
+    if value.shape[0] == attended.size:
+        return value[attended.reshape(-1)]
+    return value
 
 
 def _tolerance(dtype: str) -> tuple[float, float, float]:

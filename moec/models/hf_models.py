@@ -77,6 +77,42 @@ class Seq2SeqLMLogits(nn.Module):
         return out.logits
 
 
+def _examples(model_name: str, given: tuple | None, seq2seq: bool) -> tuple:
+    """The user's example inputs for a transformers model, checked: int tensors [batch, seq]
+    of one shape (input_ids, attention_mask), then decoder_input_ids for an encoder-decoder."""
+    if given is None:
+        return ()
+    names = ["input_ids", "attention_mask"] + (["decoder_input_ids"] if seq2seq else [])
+    form = f"({', '.join(names)})"
+    if not 1 <= len(given) <= len(names):
+        raise SourceError(
+            f"{model_name} takes example inputs {form} (the mask and later ones optional); "
+            f"got {len(given)}"
+        )
+    for name, value in zip(names, given, strict=False):
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.ndim != 2
+            or value.dtype.is_floating_point
+            or value.dtype == torch.bool
+        ):
+            what = (
+                f"{value.dtype} {list(value.shape)}"
+                if isinstance(value, torch.Tensor)
+                else (type(value).__name__)
+            )
+            raise SourceError(
+                f"example {name} of {model_name} must be an integer tensor [batch, seq]; got "
+                f"{what}: pass {form}"
+            )
+    if len(given) > 1 and given[1].shape != given[0].shape:
+        raise SourceError(
+            f"example attention_mask {list(given[1].shape)} differs from input_ids "
+            f"{list(given[0].shape)}; they must have one shape"
+        )
+    return tuple(v.to(torch.int64) for v in given)
+
+
 def is_hf_model(model: object) -> bool:
     try:
         from transformers import PreTrainedModel
@@ -199,8 +235,10 @@ def _auto_class(config):
     return None
 
 
-def hf_model_source(model: nn.Module) -> ModelSource:
-    """A capturable source for a transformers model (see module docstring)."""
+def hf_model_source(model: nn.Module, example_inputs: tuple | None = None) -> ModelSource:
+    """A capturable source for a transformers model (see module docstring); ``example_inputs``
+    (the user's ``(input_ids[, attention_mask[, decoder_input_ids]])``) are checked, and
+    traced where each dim is at least 2 (export keeps a dim of 1 static)."""
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = int(text_config.vocab_size)
@@ -210,9 +248,16 @@ def hf_model_source(model: nn.Module) -> ModelSource:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=g)
     mask = torch.ones_like(ids)
-    if getattr(config, "is_encoder_decoder", False):
+    seq2seq = getattr(config, "is_encoder_decoder", False)
+    decoder_ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ - 2), generator=g)
+    given = _examples(type(model).__name__, example_inputs, seq2seq)
+    if given and min(given[0].shape) >= 2:
+        ids = given[0]
+        mask = given[1] if len(given) > 1 else torch.ones_like(ids)
+        if len(given) > 2 and min(given[2].shape) >= 2:
+            decoder_ids = given[2]
+    if seq2seq:
         decoder_seq = Dim("decoder_seq")
-        decoder_ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ - 2), generator=g)
         return ModelSource(
             model=Seq2SeqLMLogits(model).eval(),
             example_inputs=(ids, mask, decoder_ids),
@@ -225,9 +270,10 @@ def hf_model_source(model: nn.Module) -> ModelSource:
             output_names=["logits"],
             input_ranges={
                 "input_ids": (0, vocab),
-                "attention_mask": (1, 2),
+                "attention_mask": (0, 2),
                 "decoder_input_ids": (0, vocab),
             },
+            roles={"attention_mask": "mask"},
         )
     return ModelSource(
         model=CausalLMLogits(model).eval(),
@@ -235,5 +281,6 @@ def hf_model_source(model: nn.Module) -> ModelSource:
         input_names=["input_ids", "attention_mask"],
         dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
         output_names=["logits"],
-        input_ranges={"input_ids": (0, vocab), "attention_mask": (1, 2)},
+        input_ranges={"input_ids": (0, vocab), "attention_mask": (0, 2)},
+        roles={"attention_mask": "mask"},
     )

@@ -88,7 +88,9 @@ def model_inputs(source: ModelSource, rows: np.ndarray) -> tuple[torch.Tensor, .
     for i in range(1, len(source.example_inputs)):
         name = names[i] if i < len(names) else f"input {i}"
         low_high = source.input_ranges.get(name)
-        if low_high is not None and low_high[1] - low_high[0] == 1:  # e.g. an attention mask
+        if source.roles.get(name) == "mask":  # every token attended
+            inputs.append(torch.ones(first.shape[:2], dtype=torch.long))
+        elif low_high is not None and low_high[1] - low_high[0] == 1:  # one valid value
             inputs.append(torch.full(first.shape[:2], low_high[0], dtype=torch.long))
         elif name == "decoder_input_ids":
             inputs.append(first)

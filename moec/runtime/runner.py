@@ -37,6 +37,7 @@ class Runner(abc.ABC):
         self.input_names = [t.name for t in manifest.inputs]
         self.main_output_names = [t.name for t in manifest.main_outputs]
         self.ranged_inputs = [t for t in manifest.inputs if t.value_range is not None]
+        self.mask_inputs = [t for t in manifest.inputs if t.role == "mask"]
         self.valid_layouts: set[tuple] = set()  # of feeds `check_feeds` passed (`feed_layout`)
         self.decoding = manifest.cache  # the KV cache, if the artifact has one
 
@@ -66,6 +67,8 @@ class Runner(abc.ABC):
         as_torch = any(is_torch(v) for v in feeds.values())
         if self.decoding is not None:
             feeds = self.decoding.complete(feeds, self.manifest.inputs)
+        else:
+            feeds = self._with_default_masks(feeds)
         arrays = self.checked_feeds(feeds)
         start = time.perf_counter()
         outputs = self.infer_impl(arrays)
@@ -73,6 +76,19 @@ class Runner(abc.ABC):
         if as_torch:
             return {k: to_torch(np.ascontiguousarray(v)) for k, v in outputs.items()}
         return outputs
+
+    def _with_default_masks(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """``feeds`` with an omitted attention mask of the tokens' shape all ones, as
+        transformers takes a missing one."""
+        shape = getattr(feeds.get("input_ids"), "shape", None)
+        missing = [s for s in self.mask_inputs if s.name not in feeds]
+        if shape is None or not missing:
+            return feeds
+        done = dict(feeds)
+        for spec in missing:
+            if spec.rank == len(shape):
+                done[spec.name] = np.ones(tuple(shape), dtype=spec.dtype)
+        return done
 
     def checked_feeds(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         """`check_feeds`, whose checks of names, dtypes and shapes run once per layout of the
