@@ -241,9 +241,12 @@ def _print_compile_summary(result) -> None:
         stages.add_row(name, f"{seconds:.2f}")
     stages.add_row("[bold]total", f"[bold]{sum(result.stage_seconds.values()):.2f}")
     console.print(stages)
+    deployable = result.manifest.deployable_bytes
+    reference = result.size_bytes - deployable
+    extra = f" + {_human_bytes(reference)} that only verify reads" if reference else ""
     console.print(
         f"{len(result.blocks)} MoE block(s); artifact {result.path} "
-        f"({_human_bytes(result.size_bytes)}, target {result.manifest.target})"
+        f"({_human_bytes(deployable)} to run{extra}; target {result.manifest.target})"
     )
 
 
@@ -737,7 +740,8 @@ def _inspect_artifact(path: Path) -> None:
         console.print(settings)
     files = Table("file", "size", "sha256")
     for role, f in m.files.items():
-        files.add_row(f"{role}: {f.path}", _human_bytes(f.bytes), f.sha256[:16])
+        only = " (verify only)" if role in registry.REFERENCE_FILE_ROLES else ""
+        files.add_row(f"{role}: {f.path}{only}", _human_bytes(f.bytes), f.sha256[:16])
     console.print(files)
     unlisted = m.unlisted_files(path)
     if unlisted:

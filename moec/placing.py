@@ -204,6 +204,8 @@ def _write(path: Path, manifest: Manifest, placement: Placement) -> None:
         def files(directory: Path) -> dict[str, str]:
             roles = {}
             for role, entry in manifest.files.items():
+                if role in registry.REFERENCE_FILE_ROLES and not (path / entry.path).exists():
+                    continue  # left out of a deployment
                 if role != "placement":
                     _link_or_copy(path / entry.path, directory / entry.path)
                     roles[role] = entry.path

@@ -30,6 +30,7 @@ __all__ = [
     "BUILTIN_TARGETS",
     "CAPACITY",
     "DEFAULT_TARGET",
+    "REFERENCE_FILE_ROLES",
     "SHARED_FILE_ROLES",
     "Lowering",
     "Prefer",
@@ -50,6 +51,9 @@ __all__ = [
 Hook = Callable[..., Any] | str  # a callable, or "module:attribute" imported on first use
 # files any target's artifact may carry (the tokenizer: an hf: source's tokenizer.json)
 SHARED_FILE_ROLES = ("compressed", "placement", "tokenizer")
+# files only `moec verify` reads (to rebuild a lossy artifact's reference): a deployment may
+# leave them out, and the artifact still loads and runs
+REFERENCE_FILE_ROLES = ("compressed",)
 CAPACITY = "capacity"  # the lowering --capacity-factor and --capacity choose (`CapacityPass`)
 DEFAULT_TARGET = "ort"  # what moec compile builds without --target
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import moec
 from moec.cli import main
 from moec.compiler.moe_block import MoEBlock
-from moec.errors import MoecError
+from moec.errors import ArtifactError, MoecError
 from moec.ir import MoESpec, MoEWeights
 from moec.models import ModelSource
 from moec.models.dense_ffn import DenseFFN
@@ -182,6 +182,13 @@ def test_compressed_lm_verifies_against_its_passes(tmp_path, lm_calibration, tar
     report = moec.verify(result.path)
     assert report, report.to_dict()
     assert all(o.rel_l2 <= 1e-5 for o in report.outputs)
+    deployable = result.manifest.deployable_bytes  # verify's reference is not needed to run
+    assert deployable + result.manifest.files["compressed"].bytes == result.size_bytes
+    (result.path / "compressed.safetensors").unlink()
+    with moec.load(result.path) as runner:
+        runner(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ArtifactError, match="runs without it, but verify needs it"):
+        moec.verify(result.path)
 
 
 def test_text_calibration_uses_the_models_tokenizer(tmp_path):

@@ -158,3 +158,13 @@ def test_a_compile_out_of_memory_says_so_and_leaves_nothing(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: out of memory in the "), lines
     assert not out.exists() and leftovers(out) == []
+
+
+def test_an_artifact_has_the_modes_of_the_users_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        out = moec.compile("zoo:mixtral", output=tmp_path / "out").path
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o640}

@@ -99,12 +99,23 @@ def write_artifact(
         for role, name in roles.items()
     }
     (staging / MANIFEST_NAME).write_text(manifest.to_json())
+    _with_umask_modes(staging)
     check_destination(out, force)
     if not out.exists():
         staging.rename(out)
     elif not _exchange(staging, out):
         _replace_in_two_steps(staging, out)
     return out  # `claim` removes the staging path, which now holds the old artifact if any
+
+
+def _with_umask_modes(directory: Path) -> None:
+    """Give the artifact the modes the user's umask gives new files and directories
+    (mkdtemp made its directory 0700, and temporary files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -104,6 +104,12 @@ def _changed_parameters(state: CompressionState) -> dict[str, torch.Tensor]:
 
 def apply_compressed(model: nn.Module, section: dict[str, Any], directory: Path) -> nn.Module:
     """A copy of ``model`` with the blocks the passes produced put in place."""
+    if not (directory / COMPRESSED_FILE).exists():
+        raise ArtifactError(
+            f"{directory} has no {COMPRESSED_FILE}: a lossy artifact runs without it, but "
+            "verify needs it to rebuild the model its passes produced; verify the artifact "
+            "as compiled (before the file was left out), or compile it again"
+        )
     try:
         tensors = load_file(directory / COMPRESSED_FILE)
     except (OSError, RuntimeError, SafetensorError) as e:

@@ -66,6 +66,13 @@ class Manifest:
         return [o for o in self.outputs if o.role in ("main", "cache")]
 
     @property
+    def deployable_bytes(self) -> int:
+        """Bytes of the files a runner reads (all but the reference files verify reads)."""
+        return sum(
+            f.bytes for role, f in self.files.items() if role not in registry.REFERENCE_FILE_ROLES
+        )
+
+    @property
     def cache(self) -> Decoding | None:
         return Decoding.from_manifest(self.decoding, self.inputs, self.outputs, MANIFEST_NAME)
 
@@ -162,8 +169,12 @@ class Manifest:
         return sorted(p.name for p in Path(directory).iterdir() if p.name not in listed)
 
     def check_files(self, directory: Path) -> None:
+        """Every listed file is there as compiled (sizes and hashes); a reference file
+        (`registry.REFERENCE_FILE_ROLES`) may be left out."""
         for role, entry in self.files.items():
             path = directory / entry.path
+            if role in registry.REFERENCE_FILE_ROLES and not path.exists():
+                continue
             if not path.is_file():
                 raise ArtifactError(
                     f"{directory}: the {role} file {entry.path} named in {MANIFEST_NAME} is "
