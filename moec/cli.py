@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,15 +17,16 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from moec import registry
+from moec.cli_progress import StageProgress
 from moec.errors import MoecError
 from moec.settings import FLAGS, CompileSettings, Flag
 
 console = Console()
 err_console = Console(stderr=True)
+PIPE_WIDTH = 1000  # columns when not on a terminal: tables as wide as their content
 
 
 class KeepType(click.ParamType):
@@ -128,7 +130,11 @@ def _setting_options(command):
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
 def main(verbose: bool) -> None:
     """moec: compile Mixture-of-Experts models into verified artifacts (see moec targets)."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("moec").setLevel(logging.INFO if verbose else logging.WARNING)
+    for out in (console, err_console):  # a pipe's 80 columns would cut names short
+        if not out.is_terminal and "COLUMNS" not in os.environ:
+            out.width = PIPE_WIDTH
     # torch's own deprecation chatter during export says nothing about the user's model.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(copyreg|torch\.)")
 
@@ -158,18 +164,7 @@ def compile_command(
     from moec.pipeline import STAGES, compile_model
 
     options = {"example_inputs_file": example_inputs} if example_inputs else {}
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("starting", total=len(STAGES))
-
-        def on_stage(name: str) -> None:
-            done = STAGES.index(name)
-            progress.update(task, completed=done, description=f"[{done + 1}/{len(STAGES)}] {name}")
-
-        def on_step(step: int, steps: int) -> None:
-            done = STAGES.index("compress")
-            progress.update(task, description=f"[{done + 1}/{len(STAGES)}] distil {step}/{steps}")
-
+    with StageProgress(err_console, list(STAGES)) as progress:
         result = compile_model(
             src,
             settings=settings,
@@ -177,11 +172,10 @@ def compile_command(
             force=force,
             trust_pickle=trust_pickle,
             trust_remote_code=trust_remote_code,
-            on_stage=on_stage,
-            on_step=on_step,
+            on_stage=progress.stage,
+            on_step=progress.step,
             **options,
         )
-        progress.update(task, completed=len(STAGES), description="done")
     _print_compile_summary(result)
 
 
@@ -684,7 +678,9 @@ def _print_expert_load(source, target: str, calib: Path, samples: int | None, pl
     from moec.passes.calibration import load_calibration
     from moec.passes.expert_load import expert_load, plot_expert_load
 
-    loads = expert_load(source, load_calibration(calib, source, samples))
+    data = load_calibration(calib, source, samples)
+    loads = expert_load(source, data)
+    given = data.fit.size + data.held_out.size if data.fit.dtype.kind in "iu" else 0  # ids
     table = Table(
         "block",
         "tokens",
@@ -707,6 +703,11 @@ def _print_expert_load(source, target: str, calib: Path, samples: int | None, pl
             f"{mass.argmax()} ({mass.max():.3f})",
         )
     console.print(table)
+    if loads and 0 < loads[0].tokens < given:
+        console.print(
+            f"note: the load is counted on the first {loads[0].tokens} of the {given} tokens "
+            "given (--calib-samples N takes fewer rows)"
+        )
     if plot is not None:
         plot_expert_load(loads, plot, f"expert load of {target} on {calib.name}")
         console.print(f"plot written to {plot}")
@@ -717,11 +718,11 @@ def _inspect_artifact(path: Path) -> None:
 
     m = Manifest.read(path)
     console.print(f"artifact {path}: target {m.target}, source {m.source.get('spec')}")
-    io = Table("", "name", "dtype", "shape", title="signature")
-    for t in m.inputs:
-        io.add_row("in", t.name, t.dtype, escape(t.shape_str()))
-    for t in m.outputs:
-        io.add_row("out" if t.role == "main" else "routing", t.name, t.dtype, escape(t.shape_str()))
+    io = Table("", "name", "dtype", "shape", "role", title="signature")
+    for kind, specs in (("in", m.inputs), ("out", m.outputs)):
+        for t in specs:
+            role = "" if t.role == "main" else t.role
+            io.add_row(kind, t.name, t.dtype, escape(t.shape_str()), role)
     console.print(io)
     blocks = Table("block", "class", "routing and experts", "lowering", "why", title="MoE blocks")
     for b in m.blocks:

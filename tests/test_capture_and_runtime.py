@@ -29,7 +29,7 @@ def test_capture_makes_one_node_per_block_and_restores_the_model():
     assert not any(isinstance(m, MoEBlock) for m in source.model.modules())
     (ids,) = captured.inputs
     assert ids.name == "input_ids" and ids.value_range == (0, 256)
-    assert ids.shape == (DynamicDim("batch", 1, None), DynamicDim("seq", 1, 64))
+    assert ids.shape == (DynamicDim("batch", 1, None), DynamicDim("sequence_length", 1, 64))
     assert [o.name for o in captured.outputs] == ["logits", "routing.0", "routing.1"]
     assert captured.outputs[1].role == "routing" and captured.outputs[1].block == "layers.0.moe"
 

@@ -311,6 +311,8 @@ def _signature(program, input_names, output_names, matches, source, dynamic):
                 continue
             expr = size.node.expr
             key = str(expr)
+            if key not in symbols and input_index is None:
+                symbols[key] = _named_expression(expr, symbols, source.dim_sums)
             if key not in symbols:
                 symbols[key] = names.get(
                     (input_index, axis),
@@ -350,6 +352,22 @@ def _signature(program, input_names, output_names, matches, source, dynamic):
             TensorSpec(f"routing.{i}", "bool", shape_of(v), role="routing", block=match.name)
         )
     return inputs, outputs
+
+
+def _named_expression(expr, symbols: dict[str, str], sums: dict[str, tuple[str, ...]]) -> str:
+    """An output dim's expression in the inputs' dim names (``batch*seq``), or the name of
+    the declared sum it equals (``total_sequence_length``); as exported where a symbol has no
+    name."""
+    import sympy
+
+    free = expr.free_symbols
+    if not free or any(str(s) not in symbols for s in free):
+        return str(expr)
+    named = expr.xreplace({s: sympy.Symbol(symbols[str(s)]) for s in free})
+    for name, parts in sums.items():
+        if sympy.expand(named - sum(sympy.Symbol(p) for p in parts)) == 0:
+            return name
+    return str(named)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -243,7 +243,11 @@ def hf_model_source(model: nn.Module, example_inputs: tuple | None = None) -> Mo
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = int(text_config.vocab_size)
     max_seq = getattr(text_config, "max_position_embeddings", None)
-    seq = Dim("seq", max=max_seq) if isinstance(max_seq, int) and max_seq > 1 else Dim("seq")
+    seq = (
+        Dim("sequence_length", max=max_seq)
+        if isinstance(max_seq, int) and max_seq > 1
+        else Dim("sequence_length")
+    )
     batch = Dim("batch")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=g)
@@ -257,7 +261,7 @@ def hf_model_source(model: nn.Module, example_inputs: tuple | None = None) -> Mo
         if len(given) > 2 and min(given[2].shape) >= 2:
             decoder_ids = given[2]
     if seq2seq:
-        decoder_seq = Dim("decoder_seq")
+        decoder_seq = Dim("decoder_sequence_length")
         return ModelSource(
             model=Seq2SeqLMLogits(model).eval(),
             example_inputs=(ids, mask, decoder_ids),

@@ -65,7 +65,9 @@ def build_zoo(name: str, seed: int = 0, batch: int = 2, seq: int = 8, **sizes: A
                 model=model,
                 example_inputs=(ids,),
                 input_names=["input_ids"],
-                dynamic_shapes=({0: Dim("batch"), 1: Dim("seq", max=model.max_positions)},),
+                dynamic_shapes=(
+                    {0: Dim("batch"), 1: Dim("sequence_length", max=model.max_positions)},
+                ),
                 output_names=["logits"],
                 input_ranges={"input_ids": (0, model.vocab_size)},
                 tokenizer=utf8_bytes if model.vocab_size >= 256 else None,
@@ -76,7 +78,7 @@ def build_zoo(name: str, seed: int = 0, batch: int = 2, seq: int = 8, **sizes: A
         model=model,
         example_inputs=(x,),
         input_names=["x"],
-        dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},),
+        dynamic_shapes=({0: Dim("batch"), 1: Dim("sequence_length")},),
         output_names=["output"],
     )
 

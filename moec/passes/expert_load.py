@@ -62,7 +62,18 @@ def plot_expert_load(loads: list[ExpertLoad], path: str | Path, title: str) -> N
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(loads)), [load.block or "(model)" for load in loads])
         ax.set_title(what)
-        fig.colorbar(image, ax=ax)
+        bar = fig.colorbar(image, ax=ax)
+        if what == "fraction of tokens":  # an even load: each expert gets k/E of the tokens
+            for level in sorted({round(float(load.frequency.mean()), 6) for load in loads}):
+                bar.ax.axhline(level, color="white", lw=2)
+                bar.ax.text(
+                    1.6,
+                    level,
+                    "k/E",
+                    va="center",
+                    fontsize=8,
+                    transform=bar.ax.get_yaxis_transform(),
+                )
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

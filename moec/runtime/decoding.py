@@ -50,7 +50,14 @@ class Decoding:
         if not section:
             return None
         try:
+            names = [section[key] for key in ("mask", "positions", "logits")]
+            if not all(isinstance(name, str) for name in names):
+                raise TypeError(f"mask, positions and logits must be input names, not {names}")
             layers = tuple(CacheLayer(**layer) for layer in section["layers"])
+            for layer in layers:
+                tensors = (layer.past_key, layer.past_value, layer.present_key, layer.present_value)
+                if not all(isinstance(name, str) for name in tensors):
+                    raise TypeError(f"a layer's tensors must be named by strings: {tensors}")
             decoding = cls(
                 section["mask"],
                 section["positions"],
