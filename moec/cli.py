@@ -71,6 +71,42 @@ PARAM_TYPES = {
 REGISTERED_CHOICES = {"target": registry.target_names, "lowering": registry.lowering_names}
 
 
+class ShapesType(click.ParamType):
+    """DIMS: values of the artifact's dynamic dims in the order it declares them (moec inspect
+    shows them), comma-separated: 2,128 is batch 2, sequence 128."""
+
+    name = "DIMS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            dims = tuple(int(v) for v in value.split(","))
+        except ValueError:
+            dims = ()
+        if not dims or min(dims) < 0:
+            self.fail(f"{value!r} is not comma-separated dim sizes such as 2,128", param, ctx)
+        return dims
+
+
+SHAPES_HELP = (
+    "Values of the dynamic dims, in the order moec inspect lists them (2,128: batch 2, "
+    "sequence 128); repeat for several shapes."
+)
+
+
+def _read_npz(path: Path, flag: str) -> dict:
+    import numpy as np
+
+    from moec.errors import InputError
+
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"{flag} {path} is not a readable .npz ({e})") from e
+
+
 def _friendly_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -395,15 +431,41 @@ def _block_shape(block: dict) -> dict:
     help="Least routing agreement per block [0.999 in fp32, 0.99 in fp16 and bf16].",
 )
 @click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    help="Check every element: |out - ref| <= atol + rtol |ref| (instead of the relative L2).",
+)
+@click.option("--rtol", type=click.FloatRange(min=0), help="See --atol.")
+@click.option("--shapes", multiple=True, type=ShapesType(), help=SHAPES_HELP)
+@click.option(
+    "--inputs",
+    "inputs_path",
+    type=click.Path(path_type=Path),
+    help="Verify on these inputs (a .npz, one array per input name) instead of random ones.",
+)
+@click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Also write a JSON report."
 )
 @_friendly_errors
-def verify_command(out, source, seed, rel_l2, agreement, json_path, **trust):
+def verify_command(
+    out, source, seed, rel_l2, agreement, atol, rtol, shapes, inputs_path, json_path, **trust
+):
     """Run OUT and its eager source on the same random inputs; compare outputs and routing."""
-    from moec.verification import verify
+    from moec.verification import DEFAULT_DIM_SCHEDULE, verify
 
-    report = verify(out, source=source, seed=seed, rel_l2=rel_l2, agreement=agreement, **trust)
-    shapes = ", ".join(" ".join(f"{k}{v}" for k, v in s.items()) for s in report.shapes)
+    report = verify(
+        out,
+        source=source,
+        seed=seed,
+        rel_l2=rel_l2,
+        agreement=agreement,
+        atol=atol,
+        rtol=rtol,
+        schedule=tuple(shapes) or DEFAULT_DIM_SCHEDULE,
+        inputs=_read_npz(inputs_path, "--inputs") if inputs_path else None,
+        **trust,
+    )
+    shapes = "; ".join(" ".join(f"{k}={v}" for k, v in s.items()) for s in report.dims)
     outputs = Table(
         "output",
         "max abs",
@@ -421,7 +483,7 @@ def verify_command(out, source, seed, rel_l2, agreement, json_path, **trust):
             f"{o.mean_abs:.2e}",
             f"{o.max_rel:.2e}",
             f"{o.rel_l2:.2e}",
-            f"{o.tolerance:.0e}",
+            o.tolerance_str + (f" ({o.outside} outside)" if o.outside else ""),
             _status(o.passed),
         )
     console.print(outputs)
@@ -474,22 +536,52 @@ def verify_command(out, source, seed, rel_l2, agreement, json_path, **trust):
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--source", help="Use this SRC as the eager model instead of the recorded one.")
 @_trust_options("trust_pickle", "trust_remote_code", "trust_source")
-@click.option("--repeat", type=click.IntRange(min=1), default=7, show_default=True)
+@click.option(
+    "--repeat", type=click.IntRange(min=1), default=7, show_default=True, help="Calls per round."
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Paired rounds (eager, then the artifact) per shape.",
+)
+@click.option("--shapes", multiple=True, type=ShapesType(), help=SHAPES_HELP)
 @_friendly_errors
-def bench_command(out, source, repeat, **trust):
-    """Time OUT against its eager source on a few input shapes (median ms)."""
-    from moec.benchmark import bench_artifact
+def bench_command(out, source, repeat, rounds, shapes, **trust):
+    """Time OUT against its eager source on a few input shapes, in paired rounds."""
+    import statistics
 
-    rows = bench_artifact(out, source=source, repeat=repeat, **trust)
-    table = Table(
-        "inputs", "eager ms", "artifact ms", "speed-up", title=f"{out} (median of {repeat})"
+    from moec.benchmark import BENCH_SCHEDULE, bench_artifact
+
+    report = bench_artifact(
+        out,
+        source=source,
+        repeat=repeat,
+        rounds=rounds,
+        schedule=tuple(shapes) or BENCH_SCHEDULE,
+        **trust,
     )
-    for r in rows:
-        shapes = " ".join(f"{k}{v}" for k, v in r.shapes.items())
+    console.print(", ".join(f"{k}: {v}" for k, v in report.host.items()), highlight=False)
+    table = Table(
+        "dims",
+        "eager ms",
+        "artifact ms",
+        "speed-up",
+        "min - max",
+        title=escape(f"{out}: median of {rounds} rounds of {repeat} calls"),
+    )
+    for r in report.rows:
         table.add_row(
-            escape(shapes), f"{r.eager_ms:.3f}", f"{r.artifact_ms:.3f}", f"{r.speedup:.2f}x"
+            escape(r.dims_str),
+            f"{statistics.median(r.eager_ms):.3f}",
+            f"{statistics.median(r.artifact_ms):.3f}",
+            f"{r.speedup:.2f}x",
+            f"{min(r.speedups):.2f}x - {max(r.speedups):.2f}x",
         )
     console.print(table)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 @main.command("run")
@@ -516,14 +608,9 @@ def run_command(out, input_path, output_path, trust_pickle):
 
     import numpy as np
 
-    from moec.errors import InputError
     from moec.runtime.load import load
 
-    try:
-        with np.load(input_path) as data:
-            feeds = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"--input {input_path} is not a readable .npz ({e})") from e
+    feeds = _read_npz(input_path, "--input")
     rank = 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from moec.runtime.expert_parallel import distributed_world, init_from_env, leave

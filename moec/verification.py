@@ -26,9 +26,10 @@ from moec.models.kv_cache import CausalLMWithCache, TinyLMWithCache, cache_model
 from moec.passes.compress import apply_compressed
 from moec.runtime.arrays import to_numpy, to_torch
 from moec.runtime.compare import OutputStats, RoutingStats, VerifyReport
-from moec.runtime.inputs import make_inputs
+from moec.runtime.inputs import dim_values, make_inputs
 from moec.runtime.load import load
 from moec.runtime.manifest import Manifest
+from moec.runtime.runner import check_feeds
 
 __all__ = [
     "DEFAULT_DIM_SCHEDULE",
@@ -63,13 +64,19 @@ def verify(
     trust_source: bool = False,
     rel_l2: float | None = None,
     agreement: float | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    inputs: dict[str, np.ndarray] | None = None,
 ) -> VerifyReport:
     """Compare the artifact at ``path`` with its eager source; truthy when within tolerance.
 
     ``source`` overrides the recorded source: a SRC string, or the nn.Module for artifacts
     compiled from an in-memory model. The ``trust_*`` flags are the user's consent to code
     the source or artifact would run (`eager_model`); the manifest cannot give it. Tolerances
-    are `TOLERANCES` by each output's dtype, or ``rel_l2`` and ``agreement`` when given.
+    are `TOLERANCES` by each output's dtype, or ``rel_l2`` and ``agreement`` when given;
+    ``atol``/``rtol`` check every element instead (``|out - ref| <= atol + rtol * |ref|``).
+    ``inputs`` (name -> array): verify on these feeds instead of seeded random ones of the
+    ``schedule``'s shapes.
     """
     manifest = Manifest.read(path)
     trust = {"trust_pickle": trust_pickle, "trust_remote_code": trust_remote_code}
@@ -78,7 +85,7 @@ def verify(
         model = apply_compressed(model, manifest.compression, Path(path))
     blocks = {m.name: m for m in find_moe_blocks(model)}
     outputs = [
-        OutputStats(o.name, rel_l2 if rel_l2 is not None else _tolerance(o.dtype)[0])
+        OutputStats(o.name, rel_l2 if rel_l2 is not None else _tolerance(o.dtype)[0], atol, rtol)
         for o in manifest.model_outputs
     ]
     loosest = max((_tolerance(o.dtype) for o in manifest.main_outputs), key=lambda t: t[0])
@@ -96,8 +103,12 @@ def verify(
     if len(routing) < len(routing_specs):
         notes.append("some blocks have no eager counterpart; their routing is not compared")
     report = VerifyReport(outputs, routing, notes=notes)
-    input_sets = [(feeds, None) for feeds in make_inputs(manifest.inputs, schedule, seed)]
-    padded = _padded_inputs(manifest, seed)
+    if inputs is not None:
+        notes.append("verified on the given inputs only (no random shapes, no padded batch)")
+        input_sets = []  # filled in and checked by the runner below
+    else:
+        input_sets = [(feeds, None) for feeds in make_inputs(manifest.inputs, schedule, seed)]
+    padded = None if inputs is not None else _padded_inputs(manifest, seed)
     if padded is not None:
         input_sets.append(padded)
         notes.append(
@@ -105,8 +116,11 @@ def verify(
             "outputs are compared on the attended tokens"
         )
     with load(path, trust_pickle=trust_pickle) as runner:
+        if inputs is not None:
+            input_sets = [(check_feeds(manifest.inputs, runner.completed(dict(inputs))), None)]
         for feeds, attended in input_sets:
             report.shapes.append({k: list(v.shape) for k, v in feeds.items()})
+            report.dims.append(dim_values(manifest.inputs, feeds))
             ref_outputs, ref_routing = _run_eager(model, manifest, blocks, feeds)
             _mark_fragile_external_routing(model, manifest, blocks, feeds, ref_routing)
             outs = runner.infer(feeds)
@@ -183,8 +197,10 @@ def eager_model(
         )
         model, digest = loaded.model_source.model, loaded.sha256
     if digest != manifest.source.get("sha256"):
+        named = source if isinstance(source, str) else manifest.source.get("spec")
+        named = "the model given" if isinstance(source, nn.Module) else f"the source {named}"
         raise VerificationError(
-            f"the source {manifest.source.get('spec')} is not the model this artifact was "
+            f"{named} is not the model this artifact was "
             "compiled from (the sha256 of its weights differs): recompile the artifact, or pass "
             "the original model as the source"
         )

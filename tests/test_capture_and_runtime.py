@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import moec
+from moec.benchmark import BenchReport, BenchRow
 from moec.cli import main
 from moec.compiler.capture import capture
 from moec.compiler.moe_block import MoEBlock
@@ -118,9 +119,39 @@ def test_list_passes():
     assert result.exit_code == 0 and "capacity" in result.output
 
 
-def test_cli_bench(zoo_artifact):
-    result = CliRunner().invoke(
-        main, ["bench", str(zoo_artifact("mixtral", "ort").path), "--repeat", "2"]
-    )
+def test_cli_bench(zoo_artifact, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)  # rows whole: a pipe's width fits the content
+    art = str(zoo_artifact("mixtral", "ort").path)
+    result = CliRunner().invoke(main, ["bench", art, "--repeat", "2", "--rounds", "2"])
     assert result.exit_code == 0, result.output
-    assert "speed-up" in result.output and result.output.count("x[1, ") == 3
+    assert "provider: CPUExecutionProvider, artifact threads: " in result.output
+    assert "speed-up" in result.output and result.output.count("│ batch=1 sequence_length=") == 3
+    result = CliRunner().invoke(main, ["bench", art, "--repeat", "1", "--shapes", "3,5"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("│ batch=3 sequence_length=5 ") == 1
+
+
+def test_bench_warns_when_its_rounds_disagree():
+    steady = BenchRow({"batch": 1}, eager_ms=[2.0, 2.1, 1.9], artifact_ms=[1.0, 1.0, 1.0])
+    noisy = BenchRow({"batch": 4}, eager_ms=[2.0, 9.0, 2.0], artifact_ms=[1.0, 1.0, 1.0])
+    assert steady.speedup == 2.0 and not steady.unreliable and noisy.unreliable
+    [warning] = BenchReport([steady, noisy]).warnings
+    assert warning.startswith("batch=4: the rounds disagree (speed-up 2.00x to 9.00x)")
+
+
+def test_verify_takes_inputs_shapes_and_elementwise_tolerances(tmp_path, zoo_artifact, monkeypatch):
+    art = str(zoo_artifact("mixtral", "ort").path)
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((3, 5, 32), np.float32))
+    report = moec.verify(art, inputs=dict(np.load(tmp_path / "x.npz")), atol=1e-5, rtol=1e-4)
+    assert report and report.dims == [{"batch": 3, "sequence_length": 5}]
+    assert report.outputs[0].outside == 0
+    assert "verified on the given inputs only" in report.notes[-1]
+    runner = CliRunner()
+    exact = runner.invoke(main, ["verify", art, "--inputs", str(tmp_path / "x.npz"), "--atol", "0"])
+    assert exact.exit_code == 1 and "outside)" in exact.output  # float rounding is not 0
+    monkeypatch.delenv("COLUMNS", raising=False)
+    shaped = runner.invoke(main, ["verify", art, "--shapes", "1,1", "--shapes", "2,3"])
+    assert shaped.exit_code == 0
+    assert "(2 shapes: batch=1 sequence_length=1; batch=2" in shaped.output
+    other = runner.invoke(main, ["verify", art, "--source", "zoo:qwen-moe"])
+    assert other.exit_code == 2 and "the source zoo:qwen-moe is not the model" in other.output

@@ -21,8 +21,15 @@ REL_FLOOR = 1e-6
 
 @dataclass
 class OutputStats:
+    """An output's errors over the runs. Within tolerance: relative L2 at most ``tolerance``,
+    or, where ``atol``/``rtol`` are given, every element within ``atol + rtol * |ref|`` (as
+    numpy's allclose and Polygraphy's checks)."""
+
     name: str
     tolerance: float  # on relative L2
+    atol: float | None = None
+    rtol: float | None = None
+    outside: int = 0  # elements beyond atol + rtol * |ref| (when either is given)
     max_abs: float = 0.0
     max_rel: float = 0.0
     rel_l2: float = 0.0
@@ -35,8 +42,20 @@ class OutputStats:
         return self.abs_sum / max(self.count, 1)
 
     @property
+    def elementwise(self) -> bool:
+        return self.atol is not None or self.rtol is not None
+
+    @property
     def passed(self) -> bool:
-        return self.count > 0 and self.rel_l2 <= self.tolerance
+        if self.count == 0 or not np.isfinite(self.rel_l2):
+            return False
+        return self.outside == 0 if self.elementwise else self.rel_l2 <= self.tolerance
+
+    @property
+    def tolerance_str(self) -> str:
+        if self.elementwise:
+            return f"atol {self.atol or 0:.0e} rtol {self.rtol or 0:.0e}"
+        return f"{self.tolerance:.0e}"
 
     def update(self, ref: np.ndarray, out: np.ndarray) -> None:
         ref64, out64 = np.asarray(ref, np.float64), np.asarray(out, np.float64)
@@ -56,6 +75,9 @@ class OutputStats:
         self.per_run.append(rel_l2)
         self.abs_sum += float(diff.sum())
         self.count += diff.size
+        if self.elementwise:
+            bound = (self.atol or 0.0) + (self.rtol or 0.0) * np.abs(ref64)
+            self.outside += int((~(diff <= bound)).sum())
 
 
 @dataclass
@@ -100,6 +122,7 @@ class VerifyReport:
     outputs: list[OutputStats]
     routing: list[RoutingStats]
     shapes: list[dict[str, list[int]]] = field(default_factory=list)
+    dims: list[dict[str, int]] = field(default_factory=list)  # the dynamic dims of each shape
     notes: list[str] = field(default_factory=list)
     decode: list = field(default_factory=list)  # `DecodeStep`s of a cache artifact
 
@@ -123,6 +146,11 @@ class VerifyReport:
                     "rel_l2": o.rel_l2,
                     "rel_l2_per_shape": o.per_run,
                     "tolerance": o.tolerance,
+                    **(
+                        {"atol": o.atol, "rtol": o.rtol, "outside": o.outside}
+                        if o.elementwise
+                        else {}
+                    ),
                     "passed": o.passed,
                 }
                 for o in self.outputs

@@ -10,7 +10,7 @@ from moec.errors import ArtifactError
 from moec.ir.signature import DynamicDim, TensorSpec
 from moec.runtime.arrays import numpy_dtype
 
-__all__ = ["MAX_ELEMENTS", "make_inputs"]
+__all__ = ["MAX_ELEMENTS", "dim_values", "make_inputs"]
 
 MAX_ELEMENTS = 1 << 28  # of one generated input: 1 GiB of float32
 
@@ -49,6 +49,19 @@ def make_inputs(
             feeds[spec.name] = _random(spec, shape, rng)
         sets.append(feeds)
     return sets
+
+
+def dim_values(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """The size each named dynamic dim has in ``feeds`` (``{"batch": 2, ...}``), in the
+    order the inputs declare them."""
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        if spec.name not in feeds:
+            continue
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, DynamicDim) and not dim.sum_of:
+                sizes.setdefault(dim.name, int(feeds[spec.name].shape[axis]))
+    return sizes
 
 
 def _random(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

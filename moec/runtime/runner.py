@@ -65,10 +65,7 @@ class Runner(abc.ABC):
         if not self.is_active:
             raise UsageError(f"{type(self).__name__} is not active; use it in a with-block")
         as_torch = any(is_torch(v) for v in feeds.values())
-        if self.decoding is not None:
-            feeds = self.decoding.complete(feeds, self.manifest.inputs)
-        else:
-            feeds = self._with_default_masks(feeds)
+        feeds = self.completed(feeds)
         arrays = self.checked_feeds(feeds)
         start = time.perf_counter()
         outputs = self.infer_impl(arrays)
@@ -76,6 +73,13 @@ class Runner(abc.ABC):
         if as_torch:
             return {k: to_torch(np.ascontiguousarray(v)) for k, v in outputs.items()}
         return outputs
+
+    def completed(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """``feeds`` with the inputs a caller may leave out filled in: a cache artifact's mask,
+        positions and past (`Decoding.complete`), another's attention mask."""
+        if self.decoding is not None:
+            return self.decoding.complete(feeds, self.manifest.inputs)
+        return self._with_default_masks(feeds)
 
     def _with_default_masks(self, feeds: dict[str, Any]) -> dict[str, Any]:
         """``feeds`` with an omitted attention mask of the tokens' shape all ones, as
