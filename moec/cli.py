@@ -166,7 +166,9 @@ def _setting_options(command):
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
 def main(verbose: bool) -> None:
     """moec: compile Mixture-of-Experts models into verified artifacts (see moec targets)."""
-    logging.basicConfig(level=logging.WARNING)
+    logging.addLevelName(logging.WARNING, "warning")
+    logging.addLevelName(logging.INFO, "info")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("moec").setLevel(logging.INFO if verbose else logging.WARNING)
     for out in (console, err_console):  # a pipe's 80 columns would cut names short
         if not out.is_terminal and "COLUMNS" not in os.environ:
@@ -216,19 +218,30 @@ def compile_command(
 
 
 def _print_passes(settings: CompileSettings) -> None:
+    from moec import passes as p
     from moec.passes import default_passes, lossy_passes
 
-    passes = lossy_passes(settings) + default_passes(settings, calibration=[{}])
+    chosen = {x.name for x in lossy_passes(settings) + default_passes(settings, [{}])}
+    lowerings = ", ".join(registry.lowerings_for(settings.target))
+    rows = [  # every pass, in the order they run, and what turns it on
+        (p.MergeExpertsPass, "--merge-experts KEEP --calib FILE"),
+        (p.PruneExpertsPass, "--prune-experts KEEP --calib FILE"),
+        (p.DistillDensePass, "--distill-dense --calib FILE"),
+        (p.GroupedGemmPass, "default (--autotune times the candidates)"),
+        (p.SelectLoweringPass, f"--lowering NAME, instead of grouped-gemm ({lowerings})"),
+        (p.CapacityPass, "--capacity-factor F or --capacity auto, instead of grouped-gemm"),
+    ]
     table = Table(
-        "#", "pass", "lossy", "what it does", title=f"passes for --target {settings.target}"
-    )
-    for i, p in enumerate(passes, 1):
-        table.add_row(str(i), p.name, "yes" if p.lossy else "no", p.description)
+        "#", "pass", "lossy", "runs", "turned on by", "what it does",
+        title=f"passes for --target {settings.target} with these flags",
+    )  # fmt: skip
+    for i, (kind, how) in enumerate(rows, 1):
+        lossy = "yes" if kind.lossy else "no"
+        runs = "[green]yes" if kind.name in chosen else "no"
+        table.add_row(str(i), kind.name, lossy, runs, escape(how), kind.description)
     console.print(table)
     console.print(
-        "--lowering NAME runs select-lowering instead; --capacity-factor F or --capacity auto "
-        "run the capacity pass instead (drops past capacity, reports the drop rate); lossy "
-        "passes (--merge-experts, --prune-experts, --distill-dense) run first, on the eager model"
+        "lossy passes run first, on the eager model; the others after capture, on the program"
     )
 
 
@@ -255,7 +268,8 @@ def _print_compile_summary(result) -> None:
     blocks = Table("block", "class", "routing and experts", "lowering", "why", title="MoE blocks")
     for b in result.blocks:
         blocks.add_row(b.name or "(model)", b.class_name, b.summary, b.lowering or "-", b.reason)
-    console.print(blocks)
+    if result.blocks:
+        console.print(blocks)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     if result.manifest.compression:

@@ -25,7 +25,7 @@ from torch import nn
 import moec
 from moec import registry
 from moec.compiler.artifact_writer import claim, write_artifact
-from moec.compiler.capture import capture
+from moec.compiler.capture import NO_BLOCK_NOTE, capture
 from moec.compiler.sources import LoadedSource, load_source, source_from_module
 from moec.errors import CaptureError, LoweringError, MoecError, OutOfMemoryError
 from moec.ir.program import BlockRecord, CapturedProgram
@@ -159,6 +159,11 @@ def compile_model(
             dtype = getattr(torch, settings.dtype_name)
             source = compression.source if compression else loaded.model_source
             captured, decoding = _capture(source, dtype, settings.kv_cache)
+            if compression is not None and not captured.blocks:
+                captured.notes = [n for n in captured.notes if n != NO_BLOCK_NOTE]
+                captured.notes.append(
+                    "the lossy passes left no MoE block: each was replaced by a dense FFN"
+                )
         with stage("passes"):
             if passes is None:
                 if calibration is None and settings.wants_capacity:

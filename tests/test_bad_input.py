@@ -4,6 +4,7 @@ half-written artifact is left behind."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -122,6 +123,22 @@ def test_factory_that_does_not_exist(tmp_path):
         run_cli("compile", "factories:nothing", "-o", tmp_path / "o"), "no callable"
     )
     assert_clean_failure(run_cli("compile", "no_such_mod:f", "-o", tmp_path / "o"), "cannot import")
+
+
+def test_a_factory_in_the_current_directory_is_found_as_python_m_finds_it(tmp_path, monkeypatch):
+    (tmp_path / "my_factory.py").write_text(
+        "from moec.models import build_zoo\n\n"
+        "def make():\n    s = build_zoo('mixtral')\n    return s.model, s.example_inputs\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    result = run_cli("compile", "my_factory:make", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert str(tmp_path) not in sys.path  # looked there for this import only
+    monkeypatch.chdir(tmp_path.parent)
+    monkeypatch.delitem(sys.modules, "my_factory")
+    missing = run_cli("compile", "my_factory:make", "-o", tmp_path / "out2")
+    assert_clean_failure(missing, "and in the current directory")
 
 
 def test_model_without_moe_compiles_and_says_so(tmp_path):

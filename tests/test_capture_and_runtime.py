@@ -112,9 +112,13 @@ def test_verify_fails_with_exit_1_when_out_of_tolerance(tmp_path, zoo_artifact):
     assert result.exit_code == 1 and "FAIL" in result.output
 
 
-def test_list_passes():
+def test_list_passes(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
     result = CliRunner().invoke(main, ["compile", "--list-passes", "-t", "onnx"])
     assert result.exit_code == 0 and "grouped-gemm" in result.output
+    for name in ("merge-experts", "prune-experts", "distill-dense", "select-lowering"):
+        assert f"│ {name} " in result.output  # every pass, marked as running or not
+    assert "(gather, capacity, dense)" in result.output  # the target's lowerings
     result = CliRunner().invoke(main, ["compile", "--list-passes", "--capacity", "auto"])
     assert result.exit_code == 0 and "capacity" in result.output
 

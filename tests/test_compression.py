@@ -394,7 +394,12 @@ def test_distilled_models_lower_and_verify_with_the_shared_expert_folded_or_kept
         notes[name] = {b["shared"] for b in record["report"]["blocks"]}
         # every weight trained: the artifact keeps the changed ones beside the dense FFNs
         assert "embed.weight" in result.manifest.compression["parameters"]
-        assert not result.blocks  # no MoE block left to capture
+        assert not result.blocks  # no MoE block left to capture, and the notes say why
+        assert (
+            result.notes[-1]
+            == "the lossy passes left no MoE block: each was replaced by a dense FFN"
+        )
+        assert not any("no MoE block found" in note for note in result.notes)
         assert moec.verify(result.path)
     assert notes == {
         "deepseek-lm": {"folded in"},

@@ -45,3 +45,10 @@ def test_compile_takes_a_transformers_model_with_its_example_inputs(tmp_path):
         moec.compile(model, (ids, mask[:, :2]), output=tmp_path / "bad")
     with pytest.raises(MoecError, match="example input_ids of MixtralForCausalLM must be an int"):
         moec.compile(model, (ids.float(),), output=tmp_path / "bad")
+
+
+def test_a_bf16_checkpoint_says_it_is_built_in_float32(tmp_path, caplog):
+    build_tiny("mixtral").to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    with caplog.at_level("WARNING"):
+        moec.compile(f"hf:{tmp_path / 'model'}", target="torch", output=tmp_path / "out")
+    assert "stores its weights in bfloat16; moec builds the model in float32" in caplog.text

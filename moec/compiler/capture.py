@@ -25,7 +25,9 @@ from moec.ir.signature import DynamicDim, TensorSpec
 from moec.models import BlockMatch, ModelSource, find_moe_blocks
 from moec.models.hf_patches import export_patches
 
-__all__ = ["SUBGRAPH", "capture", "swap_blocks", "unconverted_moe_modules"]
+__all__ = ["NO_BLOCK_NOTE", "SUBGRAPH", "capture", "swap_blocks", "unconverted_moe_modules"]
+
+NO_BLOCK_NOTE = "no MoE block found; compiled as a plain export"
 
 # the path of blocks whose experts are modules: no moec::moe node, so no registered lowering
 SUBGRAPH = "subgraph"
@@ -133,7 +135,7 @@ def capture(source: ModelSource, dtype: torch.dtype = torch.float32) -> Captured
         )
     specs = _signature(program, input_names, output_names, matches, source, dynamic)
     blocks = _blocks(program, matches)
-    notes = [] if blocks else ["no MoE block found; compiled as a plain export"]
+    notes = [] if blocks else [NO_BLOCK_NOTE]
     notes += export_notes
     notes += [
         f"{m.name} ({type(m.module).__name__}) did not run on the example inputs and is not in "

@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import os
 import re
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,13 +157,33 @@ def _read_npz(path: str) -> tuple[torch.Tensor, ...]:
 def _load_factory(src: str) -> ModelSource:
     module_name, _, attr = src.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_here_too(module_name)
     except ImportError as e:
-        raise SourceError(f"SRC {src}: cannot import {module_name} ({e})") from e
+        raise SourceError(
+            f"SRC {src}: cannot import {module_name} ({e}), looked for on sys.path and in the "
+            f"current directory {Path.cwd()}; run moec where {module_name.split('.')[0]} is, "
+            "or add its directory to PYTHONPATH"
+        ) from e
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SourceError(f"SRC {src}: {module_name} has no callable {attr}")
     return _as_model_source(factory(), f"SRC {src}")
+
+
+def _import_here_too(module_name: str):
+    """Import ``module_name``, looking in the current directory too when sys.path lacks it
+    (as ``python -m`` does; a console script's sys.path does not hold it)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        here = str(Path.cwd())
+        if e.name != module_name.split(".")[0] or here in sys.path:
+            raise
+    sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(here)
 
 
 def _as_model_source(obj: Any, where: str) -> ModelSource:

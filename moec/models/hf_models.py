@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +38,8 @@ __all__ = [
     "is_hf_model",
     "load_hf_dir",
 ]
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -185,6 +188,16 @@ def load_hf_dir(directory: str, trust_remote_code: bool = False) -> nn.Module:
             f"hf:{directory}: cannot load its weights into a {model_type} model built from "
             f"config.json ({first}); the safetensors must match the config"
         ) from e
+    stored = config_json.get("dtype") or config_json.get("torch_dtype")
+    if stored in ("bfloat16", "float16"):
+        log.warning(
+            "hf:%s stores its weights in %s; moec builds the model in float32 (the same "
+            "values, exactly); --dtype %s compiles it in %s",
+            directory,
+            stored,
+            {"bfloat16": "bf16", "float16": "fp16"}[stored],
+            stored,
+        )
     return model.eval()
 
 
