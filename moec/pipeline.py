@@ -26,6 +26,7 @@ import moec
 from moec import registry
 from moec.compiler.artifact_writer import claim, write_artifact
 from moec.compiler.capture import NO_BLOCK_NOTE, capture
+from moec.compiler.drop_routing import drop_routing_outputs
 from moec.compiler.sources import LoadedSource, load_source, source_from_module
 from moec.errors import CaptureError, LoweringError, MoecError, OutOfMemoryError
 from moec.ir.program import BlockRecord, CapturedProgram
@@ -173,6 +174,8 @@ def compile_model(
                     calibration = [cache.complete(feeds, captured.inputs) for feeds in calibration]
                 passes = default_passes(settings, calibration)
             captured, pass_records = PassManager(passes).run(captured)
+            if not settings.routing_outputs:
+                captured = drop_routing_outputs(captured)
             _check_lowerings(captured, target)
         with stage("emit"):
             manifest = Manifest(

@@ -79,6 +79,11 @@ def expert_load(path: Path, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Per block, (token, expert) pairs routed to each expert by the artifact at ``path``."""
     manifest = Manifest.read(path)
     routing = [o for o in manifest.outputs if o.role == "routing"]
+    if not routing:
+        raise CalibrationError(
+            f"{path} has no routing outputs to count expert load from (compiled with "
+            "--no-routing-outputs); compile it again without that flag to place its experts"
+        )
     counts = {o.block: np.zeros(o.shape[-1], dtype=np.int64) for o in routing}
     with load(path) as runner:
         for start in range(0, len(rows), BATCH_ROWS):

@@ -133,6 +133,8 @@ FLAGS: tuple[Flag, ...] = (
          "calibration inputs.", "choice", choices=("auto",)),
     Flag("no_kv_cache", "--no-kv-cache", "Compile causal LMs without KV cache inputs and "
          "outputs (one full pass per call).", "flag"),
+    Flag("no_routing_outputs", "--no-routing-outputs", "Leave the per-block routing masks out "
+         "of the outputs (verify then checks the model's outputs only).", "flag"),
     Flag("autotune", "--autotune", "Choose each block's lowering by timing the target's "
          "candidates on this host (cached).", "flag"),
     Flag("calib", "--calib", "Calibration data for lossy passes: token ids .npy [N, S], or "
@@ -196,7 +198,8 @@ class CompileSettings:
       target's runtime must run it); ``capacity``: a capacity factor F > 0 or ``"auto"``,
       which chooses the ``capacity`` lowering; ``autotune``: time the target's candidate
       lowerings on this host instead of its default rule; ``kv_cache``: causal LMs take and
-      return their KV cache (`moec.models.kv_cache`).
+      return their KV cache (`moec.models.kv_cache`); ``routing_outputs``: the artifact outputs
+      each block's routing mask (`moec.compiler.drop_routing` leaves them out).
     - ``calib``: calibration data for the lossy passes (``calib_samples`` rows at most);
       ``merge``, ``prune``, ``distill``: the lossy passes asked for (they run in that order).
     """
@@ -207,6 +210,7 @@ class CompileSettings:
     capacity: float | str | None = None
     autotune: bool = False
     kv_cache: bool = True
+    routing_outputs: bool = True
     calib: str | None = None
     calib_samples: int | None = None
     merge: MergeOptions | None = None
@@ -333,6 +337,7 @@ class CompileSettings:
             capacity=given.get("capacity_factor", given.get("capacity")),
             autotune=bool(given.get("autotune", False)),
             kv_cache=not given.get("no_kv_cache", False),
+            routing_outputs=not given.get("no_routing_outputs", False),
             calib=None if "calib" not in given else os.fspath(given["calib"]),
             calib_samples=given.get("calib_samples"),
             merge=merge,
@@ -381,6 +386,8 @@ class CompileSettings:
             rows.append(("--autotune", "yes"))
         if not self.kv_cache:
             rows.append(("--no-kv-cache", "yes"))
+        if not self.routing_outputs:
+            rows.append(("--no-routing-outputs", "yes"))
         for flag, options in (
             ("--merge-experts", self.merge),
             ("--prune-experts", self.prune),

@@ -100,6 +100,11 @@ def verify(
     unlisted = manifest.unlisted_files(Path(path))
     if unlisted:
         notes.append(f"files the manifest does not list (never checked nor read): {unlisted}")
+    if blocks and not routing_specs:
+        notes.append(
+            "the artifact has no routing outputs (--no-routing-outputs): its routing is not "
+            "compared, only its outputs"
+        )
     if len(routing) < len(routing_specs):
         notes.append("some blocks have no eager counterpart; their routing is not compared")
     report = VerifyReport(outputs, routing, notes=notes)

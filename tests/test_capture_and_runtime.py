@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -13,9 +14,11 @@ from moec.benchmark import BenchReport, BenchRow
 from moec.cli import main
 from moec.compiler.capture import capture
 from moec.compiler.moe_block import MoEBlock
+from moec.errors import MoecError
 from moec.ir.program import moe_nodes
 from moec.ir.signature import DynamicDim
 from moec.models import build_zoo
+from moec.placing import place
 
 
 def test_capture_makes_one_node_per_block_and_restores_the_model():
@@ -159,3 +162,19 @@ def test_verify_takes_inputs_shapes_and_elementwise_tolerances(tmp_path, zoo_art
     assert "(2 shapes: batch=1 sequence_length=1; batch=2" in shaped.output
     other = runner.invoke(main, ["verify", art, "--source", "zoo:qwen-moe"])
     assert other.exit_code == 2 and "the source zoo:qwen-moe is not the model" in other.output
+
+
+@pytest.mark.parametrize("target", ["ort", "torch"])
+def test_an_artifact_without_routing_outputs_runs_and_verifies_its_outputs(tmp_path, target):
+    result = moec.compile("zoo:mixtral-lm", target=target, output=tmp_path / "out",
+                          no_routing_outputs=True)  # fmt: skip
+    names = [spec.name for spec in result.manifest.outputs]
+    assert names[0] == "logits" and not any(name.startswith("routing") for name in names)
+    with moec.load(result.path) as runner:
+        assert set(runner.infer({"input_ids": np.zeros((1, 3), np.int64)})) == set(names)
+    report = moec.verify(result.path)
+    assert report and not report.routing and "no routing outputs" in report.notes[0]
+    np.save(tmp_path / "calib.npy", np.zeros((8, 8), np.int64))
+    if target == "torch":  # the target whose runtime places experts
+        with pytest.raises(MoecError, match="no routing outputs to count expert load from"):
+            place(result.path, devices=2, calib=tmp_path / "calib.npy")
