@@ -161,7 +161,7 @@ def _setting_options(command):
     return command
 
 
-@click.group()
+@click.group(context_settings={"max_content_width": 120})  # command summaries whole
 @click.version_option(package_name="moec")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
 def main(verbose: bool) -> None:
