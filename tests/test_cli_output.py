@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from click.testing import CliRunner
 from hf_families import save_tiny
 
@@ -28,3 +29,11 @@ def test_an_error_is_one_line_with_nothing_before_it(tmp_path):
     lines = result.output.splitlines()
     assert lines[0].startswith("[1/5] load (")
     assert lines[1].startswith("error: zoo:nope is not a zoo model") and len(lines) == 2
+
+
+def test_an_input_error_names_the_whole_expected_shape(tmp_path, zoo_artifact):
+    np.savez(tmp_path / "x.npz", input_ids=np.zeros(3, np.int64))
+    art = str(zoo_artifact("mixtral-lm", "ort").path)
+    result = CliRunner().invoke(main, ["run", art, "--input", str(tmp_path / "x.npz")])
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("expected rank 2: [batch, sequence_length]")
