@@ -18,6 +18,7 @@ import torch
 
 from moec import registry
 from moec.compiler.onnx_ops import register_ort_schemas
+from moec.compiler.slice_scatter_to_cat import slice_scatters_as_cats
 from moec.errors import LoweringError
 from moec.ir.moe_op import MoEOpArgs
 from moec.ir.program import CapturedProgram
@@ -54,9 +55,11 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool) -> ir.Mode
     register_ort_schemas()
     _quiet_exporter_logs()
     table = {torch.ops.moec.moe.default: translate_moe}
+    program = captured.program.run_decompositions({})  # functional: slice writes are scatters
+    slice_scatters_as_cats(program)
     try:
         exported = torch.onnx.export(
-            captured.program,
+            program,
             (),
             dynamo=True,
             custom_translation_table=table,
