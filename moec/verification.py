@@ -108,22 +108,8 @@ def verify(
     if len(routing) < len(routing_specs):
         notes.append("some blocks have no eager counterpart; their routing is not compared")
     report = VerifyReport(outputs, routing, notes=notes)
-    if inputs is not None:
-        notes.append("verified on the given inputs only (no random shapes, no padded batch)")
-        input_sets = []  # filled in and checked by the runner below
-    else:
-        input_sets = [(feeds, None) for feeds in make_inputs(manifest.inputs, schedule, seed)]
-    padded = None if inputs is not None else _padded_inputs(manifest, seed)
-    if padded is not None:
-        input_sets.append(padded)
-        notes.append(
-            f"the last input set is left-padded ({PADDING} tokens of row 1 masked); its "
-            "outputs are compared on the attended tokens"
-        )
     with load(path, trust_pickle=trust_pickle) as runner:
-        if inputs is not None:
-            input_sets = [(check_feeds(manifest.inputs, runner.completed(dict(inputs))), None)]
-        for feeds, attended in input_sets:
+        for feeds, attended in _input_sets(runner, inputs, schedule, seed, notes):
             report.shapes.append({k: list(v.shape) for k, v in feeds.items()})
             report.dims.append(dim_values(manifest.inputs, feeds))
             ref_outputs, ref_routing = _run_eager(model, manifest, blocks, feeds)
@@ -142,6 +128,24 @@ def verify(
                 runner, model, blocks, routing_specs, logits_tolerance, least, loosest[2], seed
             )
     return report
+
+
+def _input_sets(runner, inputs, schedule, seed: int, notes: list[str]) -> list[tuple]:
+    """(feeds, attended tokens or None) to verify on: the user's ``inputs`` (completed and
+    checked by the runner), else seeded random ones of the ``schedule`` and a padded batch."""
+    specs = runner.manifest.inputs
+    if inputs is not None:
+        notes.append("verified on the given inputs only (no random shapes, no padded batch)")
+        return [(check_feeds(specs, runner.completed(dict(inputs))), None)]
+    sets = [(feeds, None) for feeds in make_inputs(specs, schedule, seed)]
+    padded = _padded_inputs(runner.manifest, seed)
+    if padded is not None:
+        sets.append(padded)
+        notes.append(
+            f"the last input set is left-padded ({PADDING} tokens of row 1 masked); its "
+            "outputs are compared on the attended tokens"
+        )
+    return sets
 
 
 PADDED = (2, 8, 5)  # dims of the left-padded input set (batch, sequence, decoder tokens)
