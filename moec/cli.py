@@ -460,9 +460,26 @@ def _block_shape(block: dict) -> dict:
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Also write a JSON report."
 )
+@click.option(
+    "--by-layers/--whole",
+    default=None,
+    help="Run an ONNX artifact a layer (or a few) at a time, its weights never all in memory "
+    "(default: when they would take over half the memory left), or as one session.",
+)
 @_friendly_errors
 def verify_command(
-    out, source, seed, rel_l2, agreement, atol, rtol, shapes, inputs_path, json_path, **trust
+    out,
+    source,
+    seed,
+    rel_l2,
+    agreement,
+    atol,
+    rtol,
+    shapes,
+    inputs_path,
+    json_path,
+    by_layers,
+    **trust,
 ):
     """Run OUT and its eager source on the same random inputs; compare outputs and routing."""
     from moec.verification import DEFAULT_DIM_SCHEDULE, verify
@@ -477,6 +494,7 @@ def verify_command(
         rtol=rtol,
         schedule=tuple(shapes) or DEFAULT_DIM_SCHEDULE,
         inputs=_read_npz(inputs_path, "--inputs") if inputs_path else None,
+        by_layers=by_layers,
         **trust,
     )
     shapes = "; ".join(" ".join(f"{k}={v}" for k, v in s.items()) for s in report.dims)

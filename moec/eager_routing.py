@@ -11,6 +11,7 @@ import torch
 from moec.compiler.moe_block import experts_call_args
 from moec.ir import map_experts, near_tie_margin, route, router_logits
 from moec.models import BlockMatch
+from moec.models.lazy_weights import real
 
 __all__ = ["eager_routing_hooks"]
 
@@ -53,6 +54,7 @@ def _eager_routing(match: BlockMatch, args: tuple, kwargs: dict) -> tuple[np.nda
         chosen.scatter_(-1, ids, True)
         _, chosen = map_experts(spec, chosen.float(), chosen)
         return chosen.numpy(), np.full(ids.shape[:-1], np.inf)
-    logits = router_logits(x, w.router_weight, w.router_bias)
-    _, chosen = map_experts(spec, *route(spec, logits, w.selection_bias))
-    return chosen.numpy(), near_tie_margin(spec, logits, w.selection_bias).numpy()
+    selection_bias = real(w.selection_bias)  # a model streamed by layers: built for the call
+    logits = router_logits(x, real(w.router_weight), real(w.router_bias))
+    _, chosen = map_experts(spec, *route(spec, logits, selection_bias))
+    return chosen.numpy(), near_tie_margin(spec, logits, selection_bias).numpy()

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from torch import nn
 import moec
 from moec import registry
 from moec.compiler.artifact_writer import claim, write_artifact
-from moec.compiler.capture import NO_BLOCK_NOTE, capture
+from moec.compiler.capture import NO_BLOCK_NOTE, capture, fake_probe
 from moec.compiler.drop_routing import drop_routing_outputs
 from moec.compiler.sources import LoadedSource, load_source, source_from_module
 from moec.errors import CaptureError, LoweringError, MoecError, OutOfMemoryError
@@ -33,12 +33,14 @@ from moec.ir.program import BlockRecord, CapturedProgram
 from moec.models import ModelSource
 from moec.models.hf_models import hf_model_source, is_hf_model
 from moec.models.kv_cache import with_kv_cache
+from moec.models.lazy_weights import Checkpoint, has_lazy_weights, has_safetensors
 from moec.passes import CALIBRATION_SCHEDULE, Pass, PassManager, default_passes, lossy_passes
 from moec.passes.calibration import load_calibration
 from moec.passes.compress import CompressionResult, compress_model
 from moec.runtime.decoding import Decoding
 from moec.runtime.inputs import make_inputs
 from moec.runtime.manifest import Manifest
+from moec.runtime.memory import available_memory
 from moec.settings import FLAGS, CompileSettings
 
 __all__ = ["STAGES", "CompileResult", "compile_model"]
@@ -144,11 +146,14 @@ def compile_model(
         timings[name] = time.perf_counter() - start
 
     with claim(out, force) as held:
+        lossy = lossy_passes(settings)
+        stream = _streams_weights(model, settings, target, bool(lossy) or passes is not None)
+        if not stream:
+            _check_fits_in_memory(model, settings, target, lossy, passes is not None)
         with stage("load"):
             trust = {"trust_pickle": trust_pickle, "trust_remote_code": trust_remote_code}
-            loaded = _load(model, example_inputs, trust, source_options)
+            loaded = _load(model, example_inputs, trust, source_options, stream)
         compression = None
-        lossy = lossy_passes(settings)
         if lossy:
             with stage("compress"):
                 for p in lossy:
@@ -160,6 +165,10 @@ def compile_model(
             dtype = getattr(torch, settings.dtype_name)
             source = compression.source if compression else loaded.model_source
             captured, decoding = _capture(source, dtype, settings.kv_cache)
+            if captured.lazy_weights:
+                captured.notes.append(
+                    "weights streamed from the checkpoint into the artifact, one tensor at a time"
+                )
             if compression is not None and not captured.blocks:
                 captured.notes = [n for n in captured.notes if n != NO_BLOCK_NOTE]
                 captured.notes.append(
@@ -220,7 +229,8 @@ def _capture(
     saying why in the notes."""
     why = None
     if kv_cache:
-        cached, decoding, why = with_kv_cache(source)
+        probe = fake_probe if has_lazy_weights(source.model) else nullcontext
+        cached, decoding, why = with_kv_cache(source, probe)
         if cached is not None:
             try:
                 return capture(cached, dtype), decoding
@@ -279,9 +289,57 @@ def _tokenizer_file(loaded: LoadedSource, decoding: dict) -> Path | None:
     return found if found.is_file() else None
 
 
-def _load(model, example_inputs, trust: dict[str, bool], options: dict[str, Any]) -> LoadedSource:
+def _streams_weights(
+    model, settings: CompileSettings, target: registry.Target, custom_passes: bool
+) -> bool:
+    """Whether the compile leaves an ``hf:`` model's weights on disk until it writes them: the
+    target's writer can take them so, and no pass reads them (lossy passes, the capacity
+    pass's calibration, autotuning, or a caller's own passes)."""
+    return (
+        isinstance(model, str)
+        and model.startswith("hf:")
+        and target.options.get("streams_weights", False)
+        and not (custom_passes or settings.wants_capacity or settings.autotune)
+    )
+
+
+IN_MEMORY = 2.3  # bytes of memory per byte of float32 weights, compiling in memory
+IN_MEMORY_BASE = 1 << 30  # and the rest of the compile
+
+
+def _check_fits_in_memory(
+    model, settings: CompileSettings, target: registry.Target, lossy: list, custom_passes: bool
+) -> None:
+    """Refuse, before loading anything, an ``hf:`` checkpoint that must be built in memory and
+    clearly will not fit: say what builds it there, how much it needs and how much there is."""
+    if not (isinstance(model, str) and model.startswith("hf:")):
+        return
+    directory = Path(model.removeprefix("hf:"))
+    if not has_safetensors(directory):
+        return
+    need = IN_MEMORY * Checkpoint(directory).float32_bytes + IN_MEMORY_BASE
+    have = available_memory()
+    if need <= have:
+        return
+    why = [f"--{p.name}" for p in lossy]
+    why += ["--capacity"] if settings.wants_capacity else []
+    why += ["--autotune"] if settings.autotune else []
+    why += ["passes given in code"] if custom_passes else []
+    if not target.options.get("streams_weights", False):
+        why.append(f"--target {target.name}")
+    raise OutOfMemoryError(
+        f"{' and '.join(why)} build{'s' if len(why) == 1 else ''} {model} in memory: that "
+        f"needs about {need / 1e9:.1f} GB ({IN_MEMORY} times its float32 weights and 1 GB), "
+        f"and this process may use {have / 1e9:.1f} GB. Compile for --target ort or onnx "
+        "without them (the weights then stream from disk), or on a machine with more memory"
+    )
+
+
+def _load(
+    model, example_inputs, trust: dict[str, bool], options: dict[str, Any], stream: bool
+) -> LoadedSource:
     if isinstance(model, str):
-        return load_source(model, **trust, **options)
+        return load_source(model, **trust, **options, lazy_weights=stream)
     if not isinstance(model, nn.Module):
         raise MoecError(f"moec.compile takes an nn.Module or a SRC string, not {type(model)}")
     inputs = example_inputs

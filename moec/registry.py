@@ -180,7 +180,7 @@ BUILTIN_TARGETS = (
         _ONNX_FILES,
         (Prefer("fused", 65536, "ORT's fused MoE op, measured faster up to this size"), _GATHER),
         autotune=("fused", "gather"),
-        options={"standard_ops_only": False},
+        options={"standard_ops_only": False, "streams_weights": True},
         **_ON_ONNX_RUNTIME,
     ),
     Target(
@@ -188,7 +188,7 @@ BUILTIN_TARGETS = (
         "model.onnx with standard ops only, for TensorRT and other ONNX runtimes",
         _ONNX_FILES,
         (_GATHER,),
-        options={"standard_ops_only": True},
+        options={"standard_ops_only": True, "streams_weights": True},
         **_ON_ONNX_RUNTIME,
     ),
     Target(

@@ -19,17 +19,20 @@ from torch import nn
 from moec.compiler.sources import reload_source, weights_sha256
 from moec.decode_verification import verify_decoding
 from moec.eager_routing import eager_routing_hooks
-from moec.errors import VerificationError
+from moec.errors import UsageError, VerificationError
 from moec.models import BlockMatch, find_moe_blocks
 from moec.models.hf_models import hf_model_source, is_hf_model
 from moec.models.kv_cache import CausalLMWithCache, TinyLMWithCache, cache_model
+from moec.models.lazy_weights import has_lazy_weights, recording, stream_layers
 from moec.passes.compress import apply_compressed
 from moec.runtime.arrays import to_numpy, to_torch
 from moec.runtime.compare import OutputStats, RoutingStats, VerifyReport
 from moec.runtime.inputs import dim_values, make_inputs
 from moec.runtime.load import load
 from moec.runtime.manifest import Manifest
+from moec.runtime.memory import available_memory
 from moec.runtime.runner import check_feeds
+from moec.runtime.staged_ort_runner import StagedOrtRunner
 
 __all__ = [
     "DEFAULT_DIM_SCHEDULE",
@@ -67,6 +70,7 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     inputs: dict[str, np.ndarray] | None = None,
+    by_layers: bool | None = None,
 ) -> VerifyReport:
     """Compare the artifact at ``path`` with its eager source; truthy when within tolerance.
 
@@ -76,14 +80,17 @@ def verify(
     are `TOLERANCES` by each output's dtype, or ``rel_l2`` and ``agreement`` when given;
     ``atol``/``rtol`` check every element instead (``|out - ref| <= atol + rtol * |ref|``).
     ``inputs`` (name -> array): verify on these feeds instead of seeded random ones of the
-    ``schedule``'s shapes.
+    ``schedule``'s shapes. ``by_layers``: run an ONNX artifact a stage at a time
+    (`StagedOrtRunner`), its weights never all in memory; None: when they would not fit
+    beside the eager model's largest layer (`available_memory`).
     """
     manifest = Manifest.read(path)
     trust = {"trust_pickle": trust_pickle, "trust_remote_code": trust_remote_code}
     model = eager_model(manifest, source, **trust, trust_source=trust_source)
     if manifest.compression:  # a lossy artifact is checked against its passes' output
         model = apply_compressed(model, manifest.compression, Path(path))
-    blocks = {m.name: m for m in find_moe_blocks(model)}
+    with recording():  # a streamed model's blocks: their weights as recipes
+        blocks = {m.name: m for m in find_moe_blocks(model)}
     outputs = [
         OutputStats(o.name, rel_l2 if rel_l2 is not None else _tolerance(o.dtype)[0], atol, rtol)
         for o in manifest.model_outputs
@@ -108,7 +115,7 @@ def verify(
     if len(routing) < len(routing_specs):
         notes.append("some blocks have no eager counterpart; their routing is not compared")
     report = VerifyReport(outputs, routing, notes=notes)
-    with load(path, trust_pickle=trust_pickle) as runner:
+    with _runner(manifest, Path(path), by_layers, trust_pickle, notes) as runner:
         for feeds, attended in _input_sets(runner, inputs, schedule, seed, notes):
             report.shapes.append({k: list(v.shape) for k, v in feeds.items()})
             report.dims.append(dim_values(manifest.inputs, feeds))
@@ -128,6 +135,25 @@ def verify(
                 runner, model, blocks, routing_specs, logits_tolerance, least, loosest[2], seed
             )
     return report
+
+
+def _runner(manifest: Manifest, path: Path, by_layers, trust_pickle: bool, notes: list[str]):
+    """The artifact's runner: by layers when asked, or when its weights take more than half
+    of the memory this process may still use."""
+    onnx = manifest.files["model"].path.endswith(".onnx")
+    if by_layers and not onnx:
+        raise UsageError(f"--by-layers runs ONNX artifacts; {path} is a {manifest.target} one")
+    if by_layers is None:
+        by_layers = onnx and manifest.deployable_bytes > available_memory() // 2
+    if not by_layers:
+        return load(path, trust_pickle=trust_pickle)
+    runner = StagedOrtRunner(manifest, path).activate()
+    notes.append(
+        f"the artifact ran by layers ({len(runner.stages)} stage(s) of at most "
+        f"{max(s.weight_bytes for s in runner.stages) / 1e9:.2f} GB of weights): its weights "
+        "were never all in memory"
+    )
+    return runner
 
 
 def _input_sets(runner, inputs, schedule, seed: int, notes: list[str]) -> list[tuple]:
@@ -191,7 +217,9 @@ def eager_model(
 ) -> nn.Module:
     """The eager model an artifact was compiled from (its weights' sha256 checked): ``source``
     (the user's), or the one its manifest records, rebuilt only as far as the user's trust
-    flags allow (`reload_source`)."""
+    flags allow (`reload_source`). A transformers checkpoint stays on disk: each layer reads
+    its weights when it runs (`stream_layers`), unless lossy passes made the artifact (their
+    reference is rebuilt in memory)."""
     if isinstance(source, nn.Module):
         if is_hf_model(source):
             source = hf_model_source(source.eval()).model
@@ -203,8 +231,11 @@ def eager_model(
             trust_remote_code=trust_remote_code,
             trust_source=trust_source,
             override=source,
+            lazy_weights=not manifest.compression,
         )
         model, digest = loaded.model_source.model, loaded.sha256
+        if has_lazy_weights(model):
+            stream_layers(model)
     if digest != manifest.source.get("sha256"):
         named = source if isinstance(source, str) else manifest.source.get("spec")
         named = "the model given" if isinstance(source, nn.Module) else f"the source {named}"

@@ -93,12 +93,23 @@ def write_artifact(
     """Create ``held.out``: ``write_files(dir)`` writes the files and returns role -> name."""
     out, staging = held.out, held.staging
     shutil.rmtree(held.scratch, ignore_errors=True)
-    roles = write_files(staging)
-    manifest.files = {
-        role: FileEntry(name, (staging / name).stat().st_size, file_sha256(staging / name))
-        for role, name in roles.items()
-    }
-    (staging / MANIFEST_NAME).write_text(manifest.to_json())
+    try:
+        roles = write_files(staging)
+        manifest.files = {
+            role: FileEntry(name, (staging / name).stat().st_size, file_sha256(staging / name))
+            for role, name in roles.items()
+        }
+        (staging / MANIFEST_NAME).write_text(manifest.to_json())
+    except Exception as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        written = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+        raise ArtifactError(
+            f"the disk filled while writing the artifact for {out} ({full}, after "
+            f"{written / 1e9:.2f} GB); nothing was left behind: free space in {out.parent}, or "
+            "give -o a directory on a larger disk"
+        ) from e
     _with_umask_modes(staging)
     check_destination(out, force)
     if not out.exists():
@@ -106,6 +117,25 @@ def write_artifact(
     elif not _exchange(staging, out):
         _replace_in_two_steps(staging, out)
     return out  # `claim` removes the staging path, which now holds the old artifact if any
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """What the OS said when the disk (or the user's quota or file-size limit) was full, if
+    that is what ``error`` comes from (writers wrap it in their own errors; numpy's ``tofile``
+    says "problem writing element" and gives no errno)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            if error.errno in DISK_FULL:
+                return error.strerror
+            if error.errno is None and str(error).startswith("problem writing"):
+                return str(error)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _with_umask_modes(directory: Path) -> None:

@@ -12,7 +12,7 @@ import inspect
 import logging
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -24,8 +24,16 @@ from moec.ir.program import CapturedBlock, CapturedProgram, moe_nodes, node_spec
 from moec.ir.signature import DynamicDim, TensorSpec
 from moec.models import BlockMatch, ModelSource, find_moe_blocks
 from moec.models.hf_patches import export_patches
+from moec.models.lazy_weights import fake_lazy_weights, has_lazy_weights, recording
 
-__all__ = ["NO_BLOCK_NOTE", "SUBGRAPH", "capture", "swap_blocks", "unconverted_moe_modules"]
+__all__ = [
+    "NO_BLOCK_NOTE",
+    "SUBGRAPH",
+    "capture",
+    "fake_probe",
+    "swap_blocks",
+    "unconverted_moe_modules",
+]
 
 NO_BLOCK_NOTE = "no MoE block found; compiled as a plain export"
 
@@ -101,17 +109,42 @@ def _swapped(model: nn.Module, matches: list[BlockMatch]) -> Iterator[nn.Module]
             setattr(parent, attr, original)
 
 
+@contextmanager
+def fake_probe(model: nn.Module) -> Iterator[None]:
+    """``model``, whose weights are on disk, callable on fake tensors meanwhile: its MoE
+    blocks swapped for moec's op (whose fake kernel needs no data: the families' expert loops
+    do), its weights fake, in fake mode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    with recording():
+        matches = find_moe_blocks(model)
+    with ExitStack() as scope:
+        with recording():
+            swapped = scope.enter_context(_swapped(model, matches))
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+        scope.enter_context(fake_lazy_weights(swapped, fake_mode))
+        scope.enter_context(fake_mode)
+        yield
+
+
 def capture(source: ModelSource, dtype: torch.dtype = torch.float32) -> CapturedProgram:
     """Export ``source.model`` with its MoE blocks as ``moec::moe`` nodes; with another
     ``dtype``, a copy of it in that precision (routers in float32: `cast_keeping_routers`)."""
-    model = source.model if dtype == torch.float32 else copy.deepcopy(source.model)
-    matches = find_moe_blocks(model)
+    lazy = has_lazy_weights(source.model)
+    record = recording if lazy else nullcontext
+    with record():
+        model = source.model if dtype == torch.float32 else copy.deepcopy(source.model)
+        matches = find_moe_blocks(model)
     unconverted = unconverted_moe_modules(model, matches)
     inputs = tuple(_cast(x, dtype) for x in source.example_inputs)
     input_names = source.input_names or _forward_parameter_names(model, len(inputs))
-    with _swapped(model, matches) as swapped, export_patches(model) as patches:
-        if dtype != torch.float32:
-            swapped = cast_keeping_routers(swapped, dtype)
+    with ExitStack() as scope:
+        with record():
+            swapped = scope.enter_context(_swapped(model, matches))
+            patches = scope.enter_context(export_patches(model))
+            if dtype != torch.float32:
+                swapped = cast_keeping_routers(swapped, dtype)
         op_blocks = (
             [swapped]
             if matches and matches[0].name == ""
@@ -120,6 +153,7 @@ def capture(source: ModelSource, dtype: torch.dtype = torch.float32) -> Captured
         ran: list[int] = []
         tap = _RoutingTap(swapped, op_blocks, ran)
         dynamic = _dynamic_shapes(source, inputs)
+        lazy_weights = scope.enter_context(fake_lazy_weights(tap)) if lazy else {}
         try:
             program, export_notes = _export(tap, inputs, dynamic, input_names, source.dim_sums)
         except Exception as e:  # torch.export raises many types; all mean "cannot trace"
@@ -148,7 +182,7 @@ def capture(source: ModelSource, dtype: torch.dtype = torch.float32) -> Captured
         "model's own ops"
         for name, cls in unconverted
     ]
-    return CapturedProgram(program, blocks, specs[0], specs[1], notes)
+    return CapturedProgram(program, blocks, specs[0], specs[1], notes, lazy_weights)
 
 
 def _cast(value, dtype: torch.dtype):

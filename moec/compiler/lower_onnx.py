@@ -17,6 +17,7 @@ import onnxscript.optimizer
 import torch
 
 from moec import registry
+from moec.compiler.lazy_initializers import bind_lazy_initializers, fold_lazily
 from moec.compiler.onnx_ops import register_ort_schemas
 from moec.compiler.slice_scatter_to_cat import slice_scatters_as_cats
 from moec.errors import LoweringError
@@ -73,6 +74,12 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool) -> ir.Mode
         value.name = spec.name
     for value, spec in zip(model.graph.outputs, captured.outputs, strict=True):
         value.name = spec.name
+    if captured.lazy_weights:
+        bind_lazy_initializers(model, captured.lazy_weights)
+        onnxscript.optimizer.fold_constants(
+            model
+        )  # the small constants, as lazy folding reads them
+        fold_lazily(model)
     onnxscript.optimizer.optimize(
         model, input_size_limit=NO_SIZE_LIMIT, output_size_limit=NO_SIZE_LIMIT
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnx_ir as ir
@@ -11,19 +12,26 @@ from moec.ir.program import CapturedProgram
 from moec.ir.signature import TensorSpec
 from moec.registry import Target
 
-__all__ = ["write_onnx"]
+__all__ = ["SHARD_BYTES", "write_onnx"]
+
+SHARD_BYTES = 4 << 30  # external data is cut into files of at most this (bar one huge tensor)
 
 
 def write_onnx(program: CapturedProgram, directory: Path, target: Target) -> dict[str, str]:
-    """Lower ``program`` and save it as ``target.files``' model and weights (role -> file).
-    ``target.options["standard_ops_only"]``: refuse contrib ops (portable ONNX)."""
+    """Lower ``program`` and save it as ``target.files``' model and weights (role -> file;
+    weights over `SHARD_BYTES` in several files). ``target.options["standard_ops_only"]``:
+    refuse contrib ops (portable ONNX)."""
     model = lower_to_onnx(program, target.options.get("standard_ops_only", False))
     _name_dims(model, program.inputs + program.outputs)
     model_file, weights_file = target.files["model"], target.files["weights"]
-    ir.save(model, directory / model_file, external_data=weights_file)
+    before = set(os.listdir(directory))
+    ir.save(
+        model, directory / model_file, external_data=weights_file, max_shard_size_bytes=SHARD_BYTES
+    )
+    written = sorted(set(os.listdir(directory)) - before - {model_file})
     files = {"model": model_file}
-    if (directory / weights_file).exists():
-        files["weights"] = weights_file
+    for i, name in enumerate(written):  # one file, or shards: weights, weights.2, ...
+        files["weights" if i == 0 else f"weights.{i + 1}"] = name
     return files
 
 

@@ -24,7 +24,9 @@ from torch import nn
 
 from moec.errors import SourceError
 from moec.models import ModelSource, build_zoo
+from moec.models.hf_lazy import load_hf_dir_lazily
 from moec.models.hf_models import hf_model_source, hf_tokenizer, load_hf_dir
+from moec.models.lazy_weights import Checkpoint, checkpoint_sha256, has_safetensors
 from moec.runtime.safe_pt2 import load_pt2
 
 __all__ = ["LoadedSource", "load_source", "reload_source", "source_from_module", "weights_sha256"]
@@ -69,18 +71,25 @@ def load_source(
     trust_pickle: bool = False,
     trust_remote_code: bool = False,
     example_inputs_file: str | None = None,
+    lazy_weights: bool = False,
 ) -> LoadedSource:
     """Load SRC (see module docstring); ``example_inputs_file``: .npz for a pickled bare module.
     ``trust_pickle``: a pickle or a .pt2 that needs unpickling may run its code;
-    ``trust_remote_code``: an ``hf:`` directory may run the Python code it ships."""
+    ``trust_remote_code``: an ``hf:`` directory may run the Python code it ships;
+    ``lazy_weights``: an ``hf:`` model's weights stay on disk (`load_hf_dir_lazily`)."""
     if src.startswith("zoo:"):
         loaded = build_zoo(src.removeprefix("zoo:"))
         record = {"spec": src, "kind": "zoo"}
     elif src.startswith("hf:"):
         directory = Path(src.removeprefix("hf:")).resolve()
-        loaded = hf_model_source(load_hf_dir(str(directory), trust_remote_code))
+        if has_safetensors(directory):
+            Checkpoint(directory)  # names a missing or cut shard before anything reads it
+        streams = lazy_weights and has_safetensors(directory)
+        build = load_hf_dir_lazily if streams else load_hf_dir
+        loaded = hf_model_source(build(str(directory), trust_remote_code))
         loaded.tokenizer = hf_tokenizer(directory, trust_remote_code)
         record = {"spec": src, "kind": "hf", "path": f"hf:{directory}"}
+        record["sha256"] = checkpoint_sha256(directory)  # the same whether streamed or not
     elif os.path.exists(src):
         path = Path(src).resolve()
         if not os.access(path, os.R_OK) or path.is_dir():
@@ -98,7 +107,8 @@ def load_source(
         record = {"spec": src, "kind": "factory"}
     else:
         raise SourceError(f"SRC {src} not found; expected {SRC_FORMS}")
-    record["sha256"] = weights_sha256(loaded.model)
+    if "sha256" not in record:
+        record["sha256"] = weights_sha256(loaded.model)
     return LoadedSource(loaded, record)
 
 
@@ -213,10 +223,11 @@ def reload_source(
     trust_remote_code: bool = False,
     trust_source: bool = False,
     override: str | None = None,
+    lazy_weights: bool = False,
 ) -> LoadedSource:
     """Load the source a manifest recorded again (or ``override``, the user's own SRC, in its
     place). A manifest is an artifact's word, not the user's: a recorded ``pkg.module:factory``
-    is imported and called only with ``trust_source``."""
+    is imported and called only with ``trust_source``. ``lazy_weights``: as `load_source`."""
     kind = record.get("kind")
     spec = str(record.get("spec", ""))
     if override is not None:
@@ -243,4 +254,5 @@ def reload_source(
         trust_pickle=trust_pickle,
         trust_remote_code=trust_remote_code,
         example_inputs_file=record.get("example_inputs_file"),
+        lazy_weights=lazy_weights,
     )

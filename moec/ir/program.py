@@ -127,6 +127,8 @@ class CapturedProgram:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     notes: list[str] = field(default_factory=list)
+    # state-dict name -> recipe of a weight left on disk (`moec.models.lazy_weights`)
+    lazy_weights: dict[str, Any] = field(default_factory=dict)
 
     def moe_nodes(self) -> list[fx.Node]:
         return moe_nodes(self.program)

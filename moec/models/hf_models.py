@@ -22,6 +22,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,6 +134,27 @@ REMOTE_CODE_HINT = (
 def load_hf_dir(directory: str, trust_remote_code: bool = False) -> nn.Module:
     """Build the model saved in ``directory`` (config.json + safetensors), float32, eval mode.
     Python code the directory ships (``auto_map``) runs only with ``trust_remote_code``."""
+    _, auto, config_json = hf_config(directory, trust_remote_code)
+    try:
+        model = auto.from_pretrained(
+            Path(directory),
+            local_files_only=True,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+        )
+    except (RuntimeError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(
+            f"hf:{directory}: cannot load its weights into a {config_json.get('model_type')} "
+            f"model built from config.json ({first}); the safetensors must match the config"
+        ) from e
+    warn_if_upcast(directory, config_json)
+    return model.eval()
+
+
+def hf_config(directory: str, trust_remote_code: bool = False) -> tuple[Any, Any, dict]:
+    """(config, the Auto class that builds it, config.json) of a ``save_pretrained``
+    directory; refused with the reason when transformers cannot build it."""
     path = Path(directory)
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -178,16 +200,11 @@ def load_hf_dir(directory: str, trust_remote_code: bool = False) -> nn.Module:
             "that transformers' Auto classes cannot build on its own; save the whole model "
             "(...ForCausalLM or ...ForConditionalGeneration)"
         )
-    try:
-        model = auto.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
-    except (RuntimeError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SourceError(
-            f"hf:{directory}: cannot load its weights into a {model_type} model built from "
-            f"config.json ({first}); the safetensors must match the config"
-        ) from e
+    return config, auto, config_json
+
+
+def warn_if_upcast(directory: str, config_json: dict) -> None:
+    """Say that a half-precision checkpoint is built in float32 unless --dtype says otherwise."""
     stored = config_json.get("dtype") or config_json.get("torch_dtype")
     if stored in ("bfloat16", "float16"):
         log.warning(
@@ -198,7 +215,6 @@ def load_hf_dir(directory: str, trust_remote_code: bool = False) -> nn.Module:
             {"bfloat16": "bf16", "float16": "fp16"}[stored],
             stored,
         )
-    return model.eval()
 
 
 def hf_tokenizer(

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -30,6 +32,8 @@ from moec.models.adapters import find_moe_blocks
 from moec.models.hf_models import CausalLMLogits, Seq2SeqLMLogits
 from moec.models.model_source import ModelSource
 from moec.models.zoo_lm import TinyMoELM
+
+Probe = Callable[[nn.Module], AbstractContextManager]
 
 __all__ = [
     "CausalLMWithCache",
@@ -115,10 +119,13 @@ def cache_model(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def with_kv_cache(source: ModelSource) -> tuple[ModelSource | None, dict | None, str | None]:
+def with_kv_cache(
+    source: ModelSource, probe: Probe = nullcontext
+) -> tuple[ModelSource | None, dict | None, str | None]:
     """(the source with its cache, the manifest's ``decoding`` section, None), or (None, None,
     why not) for a causal LM whose cache moec does not capture; (None, None, None) for a model
-    that is not a causal LM moec knows."""
+    that is not a causal LM moec knows. ``probe(model)``: the context the call that shows the
+    cache's layout runs in (a model whose weights are on disk runs it on fake tensors)."""
     model = source.model
     if isinstance(model, Seq2SeqLMLogits):
         return None, None, "an encoder-decoder: moec does not capture its decoder's cache yet"
@@ -139,7 +146,7 @@ def with_kv_cache(source: ModelSource) -> tuple[ModelSource | None, dict | None,
     if cache_keyword(model.model) is None:
         return None, None, f"{type(model.model).__name__}.forward takes no KV cache"
     ids, mask = source.example_inputs
-    layers, why = _cache_layout(model.model, ids, mask)
+    layers, why = _cache_layout(model.model, ids, mask, probe)
     if layers is None:
         return None, None, why
     max_positions = source.dynamic_shapes[0][1].max
@@ -234,7 +241,9 @@ def _eos_ids(model: nn.Module) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _cache_layout(model: nn.Module, ids, mask) -> tuple[list[dict] | None, str | None]:
+def _cache_layout(
+    model: nn.Module, ids, mask, probe: Probe
+) -> tuple[list[dict] | None, str | None]:
     """Per layer: kv_heads, key_dim, value_dim, kind (and the window of a sliding layer), from
     the cache the model builds on one call; or None and why."""
     from transformers import DynamicCache
@@ -247,7 +256,8 @@ def _cache_layout(model: nn.Module, ids, mask) -> tuple[list[dict] | None, str |
             else {}
         )
         try:
-            out = model(input_ids=ids, attention_mask=mask, **flags)
+            with probe(model):
+                out = model(input_ids=ids, attention_mask=mask, **flags)
         except Exception as e:  # a family's forward may reject anything; say which
             return None, f"{type(model).__name__} fails a call with use_cache=True ({e})"[:300]
     cache = _returned_cache(out)

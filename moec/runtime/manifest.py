@@ -130,7 +130,9 @@ class Manifest:
         files = {}
         for role, entry in data["files"].items():
             kind = data["target"]
-            require(role in declared, where, f"files.{role}: a {kind} artifact has no such file")
+            base, _, shard = role.partition(".")  # weights.2, ...: a shard of the weights
+            known = role in declared or (base in declared and shard.isdigit())
+            require(known, where, f"files.{role}: a {kind} artifact has no such file")
             files[role] = FileEntry(entry["path"], entry["bytes"], entry["sha256"])
         paths = [f.path for f in files.values()]
         require(len(paths) == len(set(paths)), where, "files name one file twice")

@@ -1,0 +1,139 @@
+"""An exported ONNX graph whose weights stay on disk until it is saved.
+
+torch.onnx exports a program traced on fake weights (`moec.models.lazy_weights`); here its
+initializers become `onnx_ir.LazyTensor`s that build each weight from the checkpoint when the
+external data is written, one at a time. The lowerings change weight layouts with ops on
+initializers (transposes, gate/up interleaving), which the optimizer folds by computing them;
+`fold_lazily` folds those nodes into lazy tensors first, so nothing is computed before saving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
+
+from moec.errors import LoweringError
+from moec.models.lazy_weights import Recipe, materialize
+
+__all__ = ["bind_lazy_initializers", "fold_lazily"]
+
+
+def bind_lazy_initializers(model: ir.Model, recipes: dict[str, Recipe]) -> None:
+    """Give each initializer that is a lazily loaded weight a tensor built from its recipe."""
+    for name, value in model.graph.initializers.items():
+        recipe = recipes.get(name)
+        if recipe is None:
+            continue
+        value.const_value = ir.LazyTensor(
+            _materializer(recipe), dtype=value.dtype, shape=value.shape, name=name
+        )
+    unbound = [
+        name
+        for name, value in model.graph.initializers.items()
+        if name not in recipes and _is_fake(value.const_value)
+    ]
+    if unbound:
+        raise LoweringError(
+            f"initializers {unbound[:3]} have no data and no recipe; this is a bug in moec's "
+            "streaming of weights"
+        )
+
+
+def _materializer(recipe: Recipe) -> Callable[[], ir.TensorProtocol]:
+    return lambda: ir.Tensor(materialize(recipe).contiguous().numpy(force=True))
+
+
+def _is_fake(tensor) -> bool:
+    raw = getattr(tensor, "raw", None)
+    return type(raw).__name__ in ("FakeTensor", "FunctionalTensor") or getattr(
+        raw, "is_meta", False
+    )
+
+
+def fold_lazily(model: ir.Model) -> int:
+    """Replace every standard-domain node whose inputs are all constants, one of them a lazy
+    weight, by lazy initializers that compute it when saved; returns how many."""
+    opset = model.opset_imports.get("", 18)
+    folded = 0
+    for node in list(model.graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type == "Constant":
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        if not inputs or not any(isinstance(v.const_value, ir.LazyTensor) for v in inputs):
+            continue
+        constants = [ir.convenience.get_const_tensor(v) for v in inputs]
+        if any(c is None for c in constants):
+            continue
+        types = _output_types(node, opset, constants)
+        if types is None:
+            continue
+        evaluate = _node_evaluator(node, opset)
+        for i, (out, (dtype, shape)) in enumerate(zip(node.outputs, types, strict=True)):
+            name = f"{out.name}_folded"
+            initializer = ir.Value(name=name, shape=shape, type=ir.TensorType(dtype))
+            initializer.const_value = ir.LazyTensor(
+                _output_of(evaluate, constants, i), dtype=dtype, shape=shape, name=name
+            )
+            model.graph.register_initializer(initializer)
+            ir.convenience.replace_all_uses_with(out, initializer)
+            if out.is_graph_output():
+                raise LoweringError(f"graph output {out.name} is a constant weight")
+        model.graph.remove(node, safe=True)
+        folded += 1
+    return folded
+
+
+SMALL = 1024  # elements of a constant whose values shape inference is given
+
+
+def _output_types(
+    node: ir.Node, opset: int, constants: list[ir.TensorProtocol]
+) -> list[tuple[ir.DataType, ir.Shape]] | None:
+    """Each output's dtype and static shape, by ONNX shape inference on the node alone (given
+    the small constants' values, as Reshape's shape); None where it cannot tell."""
+    proto = ir.serde.serialize_node(node)
+    names = [v.name for v in node.inputs if v is not None]
+    types, data = {}, {}
+    for name, constant in zip(names, constants, strict=True):
+        shape = list(constant.shape.numpy())
+        types[name] = onnx.helper.make_tensor_type_proto(int(constant.dtype), shape)
+        if constant.size <= SMALL:
+            data[name] = ir.serde.serialize_tensor(constant)
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+        inferred = onnx.shape_inference.infer_node_outputs(
+            schema, proto, types, data, opset_imports=[onnx.helper.make_opsetid("", opset)]
+        )
+    except Exception:  # onnx raises several types: this node is left to the optimizer
+        return None
+    found = []
+    for out in node.outputs:
+        tensor = inferred.get(out.name)
+        if tensor is None or not tensor.tensor_type.HasField("shape"):
+            return None
+        dims = tensor.tensor_type.shape.dim
+        if not all(d.HasField("dim_value") for d in dims):
+            return None
+        found.append(
+            (ir.DataType(tensor.tensor_type.elem_type), ir.Shape([d.dim_value for d in dims]))
+        )
+    return found
+
+
+def _node_evaluator(node: ir.Node, opset: int) -> Callable[[list[np.ndarray]], list]:
+    proto = ir.serde.serialize_node(node)
+    names = [v.name for v in node.inputs if v is not None]
+
+    def run(arrays: list[np.ndarray]) -> list:
+        evaluator = ReferenceEvaluator(proto, opsets={"": opset})
+        return evaluator.run(None, dict(zip(names, arrays, strict=True)))
+
+    return run
+
+
+def _output_of(evaluate, constants, index: int) -> Callable[[], ir.TensorProtocol]:
+    return lambda: ir.Tensor(np.ascontiguousarray(evaluate([c.numpy() for c in constants])[index]))
