@@ -51,6 +51,7 @@ if name == "mixtral-like":
         intermediate_size=3584, num_local_experts=8, num_experts_per_tok=2)
     cls = transformers.MixtralForCausalLM
 else:
+    common["num_key_value_heads"] = common["num_attention_heads"]  # MLA: one per head
     config = transformers.DeepseekV3Config(**common, num_hidden_layers=layers,
         intermediate_size=2816, moe_intermediate_size=512, n_routed_experts=64,
         num_experts_per_tok=6, n_shared_experts=1, n_group=8, topk_group=4,
@@ -213,8 +214,16 @@ def main() -> None:
             Console(width=160).print(table(rows[-1:]))
     from moec.timing import cpu_model
 
+    command = "python bench/compile_scale.py " + " ".join(sys.argv[1:])
+    path = RESULTS / "compile_scale.json"
+    kept, commands = [], [command]
+    if path.exists():  # the other models' rows of an earlier run stay
+        earlier = json.loads(path.read_text())
+        kept = [r for r in earlier["rows"] if r["model"] not in args.models]
+        commands = [c for c in earlier.get("commands", []) if kept] + commands
+    rows = kept + rows
     report = {
-        "command": "python bench/compile_scale.py " + " ".join(sys.argv[1:]),
+        "commands": commands,
         "host": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "rows": rows,
         "targets": judge(rows),
@@ -222,7 +231,7 @@ def main() -> None:
     Console(width=160).print(table(rows))
     Console().print_json(json.dumps(report["targets"]))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compile_scale.json").write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, RESULTS / "compile_scale.png")
 
 

@@ -11,7 +11,7 @@ import torch
 from moec.compiler.moe_block import experts_call_args
 from moec.ir import map_experts, near_tie_margin, route, router_logits
 from moec.models import BlockMatch
-from moec.models.lazy_weights import real
+from moec.models.layer_streaming import real
 
 __all__ = ["eager_routing_hooks"]
 

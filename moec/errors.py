@@ -33,6 +33,11 @@ class SourceError(MoecError):
     """The model source (SRC) is missing, unreadable, or of a form moec refuses to load."""
 
 
+class NotStreamableError(SourceError):
+    """A checkpoint's weights cannot be left on disk for this model (a weight the checkpoint
+    lacks, or one the model computes itself); the compile builds it in memory instead."""
+
+
 class SpecError(MoecError):
     """An MoE block's configuration (MoESpec) or its weights are inconsistent."""
 

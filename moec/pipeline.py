@@ -31,9 +31,10 @@ from moec.compiler.sources import LoadedSource, load_source, source_from_module
 from moec.errors import CaptureError, LoweringError, MoecError, OutOfMemoryError
 from moec.ir.program import BlockRecord, CapturedProgram
 from moec.models import ModelSource
+from moec.models.checkpoint import Checkpoint, has_safetensors
 from moec.models.hf_models import hf_model_source, is_hf_model
 from moec.models.kv_cache import with_kv_cache
-from moec.models.lazy_weights import Checkpoint, has_lazy_weights, has_safetensors
+from moec.models.lazy_weights import has_lazy_weights
 from moec.passes import CALIBRATION_SCHEDULE, Pass, PassManager, default_passes, lossy_passes
 from moec.passes.calibration import load_calibration
 from moec.passes.compress import CompressionResult, compress_model
@@ -152,7 +153,9 @@ def compile_model(
             _check_fits_in_memory(model, settings, target, lossy, passes is not None)
         with stage("load"):
             trust = {"trust_pickle": trust_pickle, "trust_remote_code": trust_remote_code}
-            loaded = _load(model, example_inputs, trust, source_options, stream)
+            dtype = getattr(torch, settings.dtype_name)
+            as_stored = torch.float32 if lossy else dtype  # lossy passes work in float32
+            loaded = _load(model, example_inputs, trust, source_options, stream, as_stored)
         compression = None
         if lossy:
             with stage("compress"):
@@ -162,7 +165,6 @@ def compile_model(
                 data = load_calibration(settings.calib, loaded.model_source, settings.calib_samples)
                 compression = compress_model(loaded.model_source, lossy, data)
         with stage("capture"):
-            dtype = getattr(torch, settings.dtype_name)
             source = compression.source if compression else loaded.model_source
             captured, decoding = _capture(source, dtype, settings.kv_cache)
             if captured.lazy_weights:
@@ -336,10 +338,15 @@ def _check_fits_in_memory(
 
 
 def _load(
-    model, example_inputs, trust: dict[str, bool], options: dict[str, Any], stream: bool
+    model,
+    example_inputs,
+    trust: dict[str, bool],
+    options: dict[str, Any],
+    stream: bool,
+    dtype: torch.dtype,
 ) -> LoadedSource:
     if isinstance(model, str):
-        return load_source(model, **trust, **options, lazy_weights=stream)
+        return load_source(model, **trust, **options, lazy_weights=stream, dtype=dtype)
     if not isinstance(model, nn.Module):
         raise MoecError(f"moec.compile takes an nn.Module or a SRC string, not {type(model)}")
     inputs = example_inputs

@@ -23,7 +23,8 @@ from moec.errors import UsageError, VerificationError
 from moec.models import BlockMatch, find_moe_blocks
 from moec.models.hf_models import hf_model_source, is_hf_model
 from moec.models.kv_cache import CausalLMWithCache, TinyLMWithCache, cache_model
-from moec.models.lazy_weights import has_lazy_weights, recording, stream_layers
+from moec.models.layer_streaming import stream_layers
+from moec.models.lazy_weights import has_lazy_weights, recording
 from moec.passes.compress import apply_compressed
 from moec.runtime.arrays import to_numpy, to_torch
 from moec.runtime.compare import OutputStats, RoutingStats, VerifyReport

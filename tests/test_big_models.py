@@ -22,6 +22,8 @@ import moec
 from moec.cli import main
 from moec.errors import SourceError
 from moec.models import lazy_weights
+from moec.models.checkpoint import Checkpoint
+from moec.models.hf_models import load_hf_dir
 from moec.runtime.manifest import Manifest
 from moec.runtime.staged_ort_runner import StagedOrtRunner
 
@@ -43,8 +45,10 @@ def test_a_checkpoint_is_compiled_without_reading_its_weights_before_writing(
     checkpoint, tmp_path, monkeypatch
 ):
     reads, seen = [], {}
-    read = lazy_weights._read
-    monkeypatch.setattr(lazy_weights, "_read", lambda stored: reads.append(stored) or read(stored))
+    read = lazy_weights.read_stored
+    monkeypatch.setattr(
+        lazy_weights, "read_stored", lambda stored: reads.append(stored) or read(stored)
+    )
     result = moec.compile(
         f"hf:{checkpoint}",
         target="onnx",
@@ -52,6 +56,8 @@ def test_a_checkpoint_is_compiled_without_reading_its_weights_before_writing(
         on_stage=lambda name: seen.setdefault(name, len(reads)),
     )
     assert seen["emit"] == 0 and reads, seen  # nothing read before the weights are written
+    stored = len(Checkpoint(checkpoint).tensors)
+    assert len(reads) <= 2 * stored, (len(reads), stored)  # an expert's slice reads that expert
     assert any("streamed from the checkpoint" in note for note in result.notes)
     assert result.manifest.decoding  # the cache's layout was read on fake tensors
     model = build_tiny("mixtral")
@@ -187,3 +193,29 @@ def test_a_compile_in_memory_that_will_not_fit_says_so_before_loading(checkpoint
     message = str(caught.value)
     assert f"--target torch builds hf:{checkpoint} in memory: that needs about 1.1 GB" in message
     assert "this process may use 0.0 GB. Compile for --target ort or onnx" in message
+
+
+def test_a_bf16_checkpoint_compiled_to_bf16_is_never_upcast(tmp_path, caplog):
+    build_tiny("mixtral").to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    model = load_hf_dir(str(tmp_path / "model"), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with caplog.at_level("WARNING"):
+        out = moec.compile(
+            f"hf:{tmp_path / 'model'}", target="torch", dtype="bf16", output=tmp_path / "out"
+        ).path
+    assert "builds the model in float32" not in caplog.text
+    assert moec.verify(out)
+
+
+def test_a_checkpoint_missing_a_weight_is_built_in_memory_as_transformers_does(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    directory = save_tiny("mixtral", tmp_path / "model")
+    weights = load_file(directory / "model.safetensors")
+    del weights["model.norm.weight"]  # transformers initialises it (and warns)
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        result = moec.compile(f"hf:{directory}", target="ort", output=tmp_path / "out")
+    assert "no tensor for 1 weight(s) of the model (model.norm.weight" in caplog.text
+    assert "building the model in memory" in caplog.text
+    assert not any("streamed" in note for note in result.notes)

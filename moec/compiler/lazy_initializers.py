@@ -14,10 +14,11 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
 from onnx.reference import ReferenceEvaluator
 
 from moec.errors import LoweringError
-from moec.models.lazy_weights import Recipe, materialize
+from moec.models.lazy_weights import Call, Recipe, materialize
 
 __all__ = ["bind_lazy_initializers", "fold_lazily"]
 
@@ -54,10 +55,13 @@ def _is_fake(tensor) -> bool:
     )
 
 
-def fold_lazily(model: ir.Model) -> int:
+def fold_lazily(model: ir.Model, recipes: dict[str, Recipe]) -> int:
     """Replace every standard-domain node whose inputs are all constants, one of them a lazy
-    weight, by lazy initializers that compute it when saved; returns how many."""
+    weight, by lazy initializers that compute it when saved; returns how many. An expert's
+    slice of a stacked weight (``Gather`` of one index on axis 0) becomes a recipe of its own
+    (`_selected`), so that writing it reads that expert's tensors only, not the whole stack."""
     opset = model.opset_imports.get("", 18)
+    recipes = dict(recipes)  # by value name, grown with the selections made here
     folded = 0
     for node in list(model.graph):
         if node.domain not in ("", "ai.onnx") or node.op_type == "Constant":
@@ -71,13 +75,15 @@ def fold_lazily(model: ir.Model) -> int:
         types = _output_types(node, opset, constants)
         if types is None:
             continue
+        selected = _selected(node, recipes, constants)
         evaluate = _node_evaluator(node, opset)
         for i, (out, (dtype, shape)) in enumerate(zip(node.outputs, types, strict=True)):
             name = f"{out.name}_folded"
             initializer = ir.Value(name=name, shape=shape, type=ir.TensorType(dtype))
-            initializer.const_value = ir.LazyTensor(
-                _output_of(evaluate, constants, i), dtype=dtype, shape=shape, name=name
-            )
+            build = _output_of(evaluate, constants, i) if selected is None else None
+            if selected is not None:
+                recipes[name], build = selected, _materializer(selected)
+            initializer.const_value = ir.LazyTensor(build, dtype=dtype, shape=shape, name=name)
             model.graph.register_initializer(initializer)
             ir.convenience.replace_all_uses_with(out, initializer)
             if out.is_graph_output():
@@ -85,6 +91,22 @@ def fold_lazily(model: ir.Model) -> int:
         model.graph.remove(node, safe=True)
         folded += 1
     return folded
+
+
+def _selected(node: ir.Node, recipes: dict[str, Recipe], constants) -> Recipe | None:
+    """The recipe of ``Gather(weight, i, axis=0)`` with a scalar ``i``: one entry of a stacked
+    weight (`materialize` builds just that entry of a stack); None for any other node."""
+    if node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0:
+        return None
+    base = recipes.get(node.inputs[0].name)
+    index = constants[1]
+    if (
+        base is None
+        or index.shape.dims != ()
+        or index.dtype not in (ir.DataType.INT64, ir.DataType.INT32)
+    ):
+        return None
+    return Call(torch.ops.aten.select.int, (base, 0, int(index.numpy())), {}, None)
 
 
 SMALL = 1024  # elements of a constant whose values shape inference is given

@@ -79,7 +79,7 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool) -> ir.Mode
         onnxscript.optimizer.fold_constants(
             model
         )  # the small constants, as lazy folding reads them
-        fold_lazily(model)
+        fold_lazily(model, captured.lazy_weights)
     onnxscript.optimizer.optimize(
         model, input_size_limit=NO_SIZE_LIMIT, output_size_limit=NO_SIZE_LIMIT
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import os
 import re
 import sys
@@ -22,14 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from moec.errors import SourceError
+from moec.errors import NotStreamableError, SourceError
 from moec.models import ModelSource, build_zoo
+from moec.models.checkpoint import Checkpoint, checkpoint_sha256, has_safetensors
 from moec.models.hf_lazy import load_hf_dir_lazily
 from moec.models.hf_models import hf_model_source, hf_tokenizer, load_hf_dir
-from moec.models.lazy_weights import Checkpoint, checkpoint_sha256, has_safetensors
 from moec.runtime.safe_pt2 import load_pt2
 
 __all__ = ["LoadedSource", "load_source", "reload_source", "source_from_module", "weights_sha256"]
+
+log = logging.getLogger(__name__)
 
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 SRC_FORMS = (
@@ -72,11 +75,13 @@ def load_source(
     trust_remote_code: bool = False,
     example_inputs_file: str | None = None,
     lazy_weights: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> LoadedSource:
     """Load SRC (see module docstring); ``example_inputs_file``: .npz for a pickled bare module.
     ``trust_pickle``: a pickle or a .pt2 that needs unpickling may run its code;
     ``trust_remote_code``: an ``hf:`` directory may run the Python code it ships;
-    ``lazy_weights``: an ``hf:`` model's weights stay on disk (`load_hf_dir_lazily`)."""
+    ``lazy_weights``: an ``hf:`` model's weights stay on disk (`load_hf_dir_lazily`); else it
+    is built in ``dtype`` if its checkpoint is stored so (`load_hf_dir`)."""
     if src.startswith("zoo:"):
         loaded = build_zoo(src.removeprefix("zoo:"))
         record = {"spec": src, "kind": "zoo"}
@@ -84,9 +89,15 @@ def load_source(
         directory = Path(src.removeprefix("hf:")).resolve()
         if has_safetensors(directory):
             Checkpoint(directory)  # names a missing or cut shard before anything reads it
-        streams = lazy_weights and has_safetensors(directory)
-        build = load_hf_dir_lazily if streams else load_hf_dir
-        loaded = hf_model_source(build(str(directory), trust_remote_code))
+        model = None
+        if lazy_weights and has_safetensors(directory):
+            try:
+                model = load_hf_dir_lazily(str(directory), trust_remote_code)
+            except NotStreamableError as e:
+                log.warning("hf:%s: %s; building the model in memory", directory, e)
+        if model is None:
+            model = load_hf_dir(str(directory), trust_remote_code, dtype)
+        loaded = hf_model_source(model)
         loaded.tokenizer = hf_tokenizer(directory, trust_remote_code)
         record = {"spec": src, "kind": "hf", "path": f"hf:{directory}"}
         record["sha256"] = checkpoint_sha256(directory)  # the same whether streamed or not

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from moec.errors import SourceError
+from moec.errors import NotStreamableError, SourceError
+from moec.models.checkpoint import Checkpoint
 from moec.models.hf_models import hf_config, warn_if_upcast
-from moec.models.lazy_weights import Checkpoint, recipe_of, recording
+from moec.models.lazy_weights import checkpoint_meta, recipe_of, recording
 
 __all__ = ["load_hf_dir_lazily"]
 
@@ -27,9 +28,12 @@ __all__ = ["load_hf_dir_lazily"]
 def load_hf_dir_lazily(directory: str, trust_remote_code: bool = False) -> nn.Module:
     """The model in ``directory`` with every weight on the meta device and recorded (buffers
     the model computes itself, such as rotary frequencies, are real), float32, eval mode."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model
-    from transformers.modeling_utils import LoadStateDictConfig
+    try:  # transformers 5's loader; moec records what it does
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError as e:
+        raise NotStreamableError(f"this transformers has no loader moec can record ({e})") from e
 
     config, auto, config_json = hf_config(directory, trust_remote_code)
     checkpoint = Checkpoint(Path(directory))
@@ -57,11 +61,12 @@ def load_hf_dir_lazily(directory: str, trust_remote_code: bool = False) -> nn.Mo
     missing = [n for n, p in model.named_parameters() if recipe_of(p) is None]
     missing += [n for n, b in model.named_buffers() if b.is_meta and recipe_of(b) is None]
     if missing:
-        raise SourceError(
-            f"hf:{directory}: the checkpoint has no tensor for {len(missing)} weight(s) of the "
-            f"model ({', '.join(missing[:3])}); the checkpoint is incomplete or of another model"
+        raise NotStreamableError(
+            f"the checkpoint has no tensor for {len(missing)} weight(s) of the model "
+            f"({', '.join(missing[:3])})"
         )
     warn_if_upcast(directory, config_json)
+    model.moec_checkpoint = checkpoint  # its recipes live as long as the model
     return model.eval()
 
 
@@ -77,7 +82,7 @@ class _StoredSlice:
         self.checkpoint, self.key = checkpoint, key
 
     def __getitem__(self, index) -> torch.Tensor:
-        return self.checkpoint.meta(self.key)[index]
+        return checkpoint_meta(self.checkpoint, self.key)[index]
 
     def get_shape(self) -> list[int]:
         return list(self.checkpoint.tensors[self.key].shape)

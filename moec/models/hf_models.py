@@ -131,15 +131,21 @@ REMOTE_CODE_HINT = (
 )
 
 
-def load_hf_dir(directory: str, trust_remote_code: bool = False) -> nn.Module:
-    """Build the model saved in ``directory`` (config.json + safetensors), float32, eval mode.
-    Python code the directory ships (``auto_map``) runs only with ``trust_remote_code``."""
+def load_hf_dir(
+    directory: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Build the model saved in ``directory`` (config.json + safetensors) in eval mode: in
+    ``dtype`` when the checkpoint is stored in it (a bf16 checkpoint compiled to bf16 is never
+    upcast), else in float32. Python code the directory ships (``auto_map``) runs only with
+    ``trust_remote_code``."""
     _, auto, config_json = hf_config(directory, trust_remote_code)
+    stored = config_json.get("dtype") or config_json.get("torch_dtype")
+    dtype = dtype if str(dtype).removeprefix("torch.") == stored else torch.float32
     try:
         model = auto.from_pretrained(
             Path(directory),
             local_files_only=True,
-            dtype=torch.float32,
+            dtype=dtype,
             trust_remote_code=trust_remote_code,
         )
     except (RuntimeError, ValueError, OSError) as e:
@@ -148,7 +154,8 @@ def load_hf_dir(directory: str, trust_remote_code: bool = False) -> nn.Module:
             f"hf:{directory}: cannot load its weights into a {config_json.get('model_type')} "
             f"model built from config.json ({first}); the safetensors must match the config"
         ) from e
-    warn_if_upcast(directory, config_json)
+    if dtype == torch.float32:
+        warn_if_upcast(directory, config_json)
     return model.eval()
 
 

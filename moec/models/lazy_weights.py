@@ -10,13 +10,10 @@ so a compile can write a model's weights one tensor at a time with none of them 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import struct
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,160 +23,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from moec.errors import SourceError
+from moec.models.checkpoint import Checkpoint, StoredTensor, read_stored
 
 __all__ = [
-    "Checkpoint",
+    "Call",
     "Recipe",
-    "checkpoint_sha256",
+    "checkpoint_meta",
     "fake_lazy_weights",
     "has_lazy_weights",
-    "has_safetensors",
     "lazy_parameters",
     "materialize",
-    "real",
     "recipe_of",
     "recording",
-    "stream_layers",
 ]
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-INDEX_FILE = "model.safetensors.index.json"
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where a checkpoint tensor lies: its file, key, dtype and shape (from the file header)."""
-
-    file: Path
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int  # of its bytes in the file
-
-
-class Checkpoint:
-    """The safetensors files of a ``save_pretrained`` directory, read by header only until a
-    tensor is materialised. Missing shards and files shorter than their header says are
-    refused here, naming the file and a tensor it should hold."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.tensors: dict[str, StoredTensor] = {}
-        for file, keys in self._files().items():
-            header = _read_header(file, keys)
-            for key in keys if keys is not None else header:
-                if key not in header:
-                    raise SourceError(
-                        f"hf:{directory}: {INDEX_FILE} puts tensor {key} in {file.name}, which "
-                        "does not hold it; the checkpoint is incomplete: download it again"
-                    )
-                self.tensors[key] = header[key]
-
-    def _files(self) -> dict[Path, list[str] | None]:
-        index = self.directory / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise SourceError(f"hf:{self.directory}: {INDEX_FILE} is not valid ({e})") from e
-            files: dict[Path, list[str] | None] = {}
-            for key, name in weight_map.items():
-                path = self.directory / name
-                if not path.is_file():
-                    raise SourceError(
-                        f"hf:{self.directory}: shard {name} is missing (it holds {key}, among "
-                        "others); the checkpoint is incomplete: download it again"
-                    )
-                files.setdefault(path, []).append(key)  # type: ignore[union-attr]
-            return files
-        found = sorted(self.directory.glob("*.safetensors"))
-        if not found:
-            raise SourceError(f"hf:{self.directory} has no .safetensors weights")
-        return {path: None for path in found}
-
-    @property
-    def float32_bytes(self) -> int:
-        """The weights' size built in float32, as a compile in memory builds them."""
-        return sum(_nbytes(t) // t.dtype.itemsize * 4 for t in self.tensors.values())
-
-    def meta(self, key: str) -> torch.Tensor:
-        """A meta tensor with the stored tensor's dtype and shape and a `Load` recipe."""
-        stored = self.tensors[key]
-        tensor = torch.empty(stored.shape, dtype=stored.dtype, device="meta")
-        _BOOK.add(tensor, Load(stored))
-        return tensor
-
-    def files(self) -> list[Path]:
-        return sorted({t.file for t in self.tensors.values()})
-
-
-def _nbytes(stored: StoredTensor) -> int:
-    count = 1
-    for size in stored.shape:
-        count *= size
-    return count * stored.dtype.itemsize
-
-
-def _read_header(file: Path, expected: list[str] | None) -> dict[str, StoredTensor]:
-    """The tensors a safetensors file declares; refuses a file cut short of its data."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        prefix = f.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size
-        if length > size - 8:
-            raise SourceError(f"{file} is not a safetensors file, or is truncated (no header)")
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SourceError(f"{file} has a damaged safetensors header ({e})") from e
-    header.pop("__metadata__", None)
-    tensors = {}
-    for key, entry in header.items():
-        begin, end = (8 + length + o for o in entry["data_offsets"])
-        if end > size:
-            raise SourceError(
-                f"{file} is truncated: tensor {key} ends at byte {end} of a {size}-byte file; "
-                "download the checkpoint again"
-            )
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise SourceError(
-                f"{file}: tensor {key} has dtype {entry['dtype']}, which moec reads not"
-            )
-        stored = StoredTensor(file, key, dtype, tuple(entry["shape"]), begin)
-        if end - begin != _nbytes(stored):
-            raise SourceError(
-                f"{file}: tensor {key} has {end - begin} bytes for its shape's {_nbytes(stored)}"
-            )
-        tensors[key] = stored
-    return tensors
-
-
-def has_safetensors(directory: Path) -> bool:
-    return (directory / INDEX_FILE).is_file() or any(directory.glob("*.safetensors"))
-
-
-def checkpoint_sha256(directory: Path) -> str:
-    """Content hash of a checkpoint's weight files (names and bytes), read in chunks."""
-    digest = hashlib.sha256()
-    files = [*directory.glob("*.safetensors"), *directory.glob("*.bin")]
-    for file in sorted(files):
-        digest.update(f"{file.name};".encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Recipe:
@@ -207,12 +63,16 @@ class View(Recipe):
     offset: int
 
 
-@dataclass
+@dataclass(eq=False)
 class _RecipeBook:
     """Storage -> the recipe of the tensor that owns it (kept alive, so storages are not
-    reused while their recipes are known)."""
+    reused while their recipes are known). A checkpoint has one (`checkpoint_meta`); it lives
+    as long as the model loaded from it holds the checkpoint."""
 
     entries: dict[StorageWeakRef, tuple[Recipe, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _BOOKS.add(self)
 
     def add(self, tensor: torch.Tensor, recipe: Recipe) -> None:
         self.entries[StorageWeakRef(tensor.untyped_storage())] = (recipe, tensor)
@@ -230,12 +90,33 @@ class _RecipeBook:
         return View(recipe, *geometry)
 
 
-_BOOK = _RecipeBook()
+_BOOKS: weakref.WeakSet[_RecipeBook] = weakref.WeakSet()  # of the checkpoints still in use
+_BOOK_OF: weakref.WeakKeyDictionary[Checkpoint, _RecipeBook] = weakref.WeakKeyDictionary()
+
+
+def checkpoint_meta(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+    """A meta tensor with a stored tensor's dtype and shape, and a `Load` recipe."""
+    stored = checkpoint.tensors[key]
+    tensor = torch.empty(stored.shape, dtype=stored.dtype, device="meta")
+    book = _BOOK_OF.setdefault(checkpoint, _RecipeBook())
+    book.add(tensor, Load(stored))
+    return tensor
+
+
+def _find(tensor: torch.Tensor) -> tuple[_RecipeBook, Recipe] | None:
+    if tensor.device.type != "meta":
+        return None
+    for book in list(_BOOKS):
+        recipe = book.get(tensor)
+        if recipe is not None:
+            return book, recipe
+    return None
 
 
 def recipe_of(tensor: torch.Tensor) -> Recipe | None:
     """The recipe of a recorded meta tensor (None for any other tensor)."""
-    return _BOOK.get(tensor)
+    found = _find(tensor)
+    return None if found is None else found[1]
 
 
 class _Recorder(TorchDispatchMode):
@@ -243,8 +124,10 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        if not any(_BOOK.get(a) is not None for a in inputs):
+        found = next((f for a in inputs if (f := _find(a)) is not None), None)
+        if found is None:
             return out
+        book = found[0]  # the outputs' recipes go where their inputs' are
         if func._schema.is_mutable:
             raise SourceError(
                 f"{func} writes into a weight read lazily from the checkpoint; moec cannot "
@@ -256,14 +139,14 @@ class _Recorder(TorchDispatchMode):
         for i, o in enumerate(outputs):
             new = isinstance(o, torch.Tensor) and o.device.type == "meta"
             if new and StorageWeakRef(o.untyped_storage()) not in aliased:
-                _BOOK.add(o, Call(func, args_r, kwargs_r, i if len(outputs) > 1 else None))
+                book.add(o, Call(func, args_r, kwargs_r, i if len(outputs) > 1 else None))
         return out
 
 
 def _as_recipe_arg(value):
     if not isinstance(value, torch.Tensor):
         return value
-    recipe = _BOOK.get(value)
+    recipe = recipe_of(value)
     if recipe is not None:
         return recipe
     if value.device.type == "meta":
@@ -284,7 +167,7 @@ def recording() -> Iterator[None]:
 def materialize(recipe: Recipe) -> torch.Tensor:
     """The real tensor a recipe builds (on the CPU), reading only what it needs from disk."""
     if isinstance(recipe, Load):
-        return _read(recipe.stored)
+        return read_stored(recipe.stored)
     if isinstance(recipe, View):
         part = _whole_part(recipe)
         if part is not None:
@@ -292,6 +175,9 @@ def materialize(recipe: Recipe) -> torch.Tensor:
         base = materialize(recipe.base)
         return base.as_strided(recipe.size, recipe.stride, recipe.offset)
     assert isinstance(recipe, Call)
+    entry = _stacked_entry(recipe)
+    if entry is not None:
+        return materialize(entry)
     if recipe.func in JOINS and recipe.output is None:
         joined = _joined(recipe)
         if joined is not None:
@@ -326,6 +212,21 @@ def _joined(recipe: Call) -> torch.Tensor | None:
         start += tensor.shape[dim]
         del tensor
     return out
+
+
+def _stacked_entry(recipe: Call) -> Recipe | None:
+    """What ``select(stack(entries), 0, i)`` is: ``entries[i]`` (also through a view that is
+    exactly one part of a cat, as an expert of a fused gate/up weight is)."""
+    if recipe.func is not torch.ops.aten.select.int or recipe.args[1] != 0:
+        return None
+    base = recipe.args[0]
+    if isinstance(base, View):
+        base = _whole_part(base)
+    stacked = isinstance(base, Call) and base.func is torch.ops.aten.stack.default
+    if not (stacked and _dim(base) == 0 and isinstance(recipe.args[2], int)):
+        return None
+    entries = base.args[0]
+    return entries[recipe.args[2]] if -len(entries) <= recipe.args[2] < len(entries) else None
 
 
 def _dim(recipe: Call) -> int:
@@ -380,25 +281,6 @@ def _shape(recipe) -> tuple[int, ...] | None:
     return (*first[:dim], sum(i[dim] for i in items), *first[dim + 1 :])
 
 
-def _read(stored: StoredTensor) -> torch.Tensor:
-    """The tensor's bytes, read from its file (no mapping of the whole file)."""
-    data = bytearray(_nbytes(stored))
-    try:
-        with open(stored.file, "rb") as f:
-            f.seek(stored.offset)
-            got = f.readinto(data)
-    except OSError as e:
-        raise SourceError(f"{stored.file}: cannot read tensor {stored.key} ({e})") from e
-    if got != len(data):
-        raise SourceError(
-            f"{stored.file} is truncated: tensor {stored.key} has {got} of its {len(data)} bytes; "
-            "download the checkpoint again"
-        )
-    if not data:
-        return torch.empty(stored.shape, dtype=stored.dtype)
-    return torch.frombuffer(data, dtype=stored.dtype).reshape(stored.shape)
-
-
 def has_lazy_weights(module: nn.Module) -> bool:
     return any(recipe_of(p) is not None for p in module.parameters())
 
@@ -439,65 +321,3 @@ def fake_lazy_weights(module: nn.Module, fake_mode=None) -> Iterator[dict[str, R
     finally:
         for table, name, tensor in reversed(replaced):
             table[name] = tensor
-
-
-def real(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """``tensor`` with data: built from its recipe when it is a recorded meta tensor."""
-    recipe = None if tensor is None else recipe_of(tensor)
-    return tensor if recipe is None else materialize(recipe)
-
-
-def stream_layers(model: nn.Module) -> None:
-    """Hooks on ``model`` (its weights on disk) by which each layer holds real weights only
-    while it runs: a layer is an entry of a ModuleList (a decoder layer, with all it holds),
-    or any other module for the weights it holds itself (the embedding, a norm, the head)."""
-    for unit, whole in _units(model):
-        tensors = _recorded(unit, whole)
-        if tensors:
-            unit.register_forward_pre_hook(_materialize_hook(tensors))
-            unit.register_forward_hook(_release_hook(tensors))
-
-
-def _units(module: nn.Module) -> Iterator[tuple[nn.Module, bool]]:
-    if isinstance(module, nn.ModuleList):
-        for child in module:
-            yield child, True
-        return
-    yield module, False
-    for child in module.children():
-        yield from _units(child)
-
-
-Slot = tuple[dict, str, torch.Tensor]  # a module's _parameters or _buffers, a name, its tensor
-
-
-def _recorded(unit: nn.Module, whole: bool) -> list[Slot]:
-    owners = unit.modules() if whole else [unit]
-    return [
-        (table, name, t)
-        for owner in owners
-        for table in (owner._parameters, owner._buffers)
-        for name, t in table.items()
-        if t is not None and recipe_of(t) is not None
-    ]
-
-
-def _materialize_hook(slots: list[Slot]):
-    def hook(module, args):
-        built: dict[int, torch.Tensor] = {}  # a tied weight is built once
-        for table, name, meta in slots:
-            if id(meta) not in built:
-                data = materialize(recipe_of(meta))
-                is_param = isinstance(meta, nn.Parameter)
-                built[id(meta)] = nn.Parameter(data, requires_grad=False) if is_param else data
-            table[name] = built[id(meta)]
-
-    return hook
-
-
-def _release_hook(slots: list[Slot]):
-    def hook(module, args, output):
-        for table, name, meta in slots:
-            table[name] = meta
-
-    return hook

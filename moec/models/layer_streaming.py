@@ -1,0 +1,76 @@
+"""A model whose weights are on disk (`moec.models.lazy_weights`), run a layer at a time: each
+layer reads its weights when it runs and drops them after, so the eager reference of a model
+bigger than memory holds one decoder layer at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from moec.models.lazy_weights import materialize, recipe_of
+
+__all__ = ["real", "stream_layers"]
+
+
+def real(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` with data: built from its recipe when it is a recorded meta tensor."""
+    recipe = None if tensor is None else recipe_of(tensor)
+    return tensor if recipe is None else materialize(recipe)
+
+
+def stream_layers(model: nn.Module) -> None:
+    """Hooks on ``model`` (its weights on disk) by which each layer holds real weights only
+    while it runs: a layer is an entry of a ModuleList (a decoder layer, with all it holds),
+    or any other module for the weights it holds itself (the embedding, a norm, the head)."""
+    for unit, whole in _units(model):
+        tensors = _recorded(unit, whole)
+        if tensors:
+            unit.register_forward_pre_hook(_materialize_hook(tensors))
+            unit.register_forward_hook(_release_hook(tensors))
+
+
+def _units(module: nn.Module) -> Iterator[tuple[nn.Module, bool]]:
+    if isinstance(module, nn.ModuleList):
+        for child in module:
+            yield child, True
+        return
+    yield module, False
+    for child in module.children():
+        yield from _units(child)
+
+
+Slot = tuple[dict, str, torch.Tensor]  # a module's _parameters or _buffers, a name, its tensor
+
+
+def _recorded(unit: nn.Module, whole: bool) -> list[Slot]:
+    owners = unit.modules() if whole else [unit]
+    return [
+        (table, name, t)
+        for owner in owners
+        for table in (owner._parameters, owner._buffers)
+        for name, t in table.items()
+        if t is not None and recipe_of(t) is not None
+    ]
+
+
+def _materialize_hook(slots: list[Slot]):
+    def hook(module, args):
+        built: dict[int, torch.Tensor] = {}  # a tied weight is built once
+        for table, name, meta in slots:
+            if id(meta) not in built:
+                data = materialize(recipe_of(meta))
+                is_param = isinstance(meta, nn.Parameter)
+                built[id(meta)] = nn.Parameter(data, requires_grad=False) if is_param else data
+            table[name] = built[id(meta)]
+
+    return hook
+
+
+def _release_hook(slots: list[Slot]):
+    def hook(module, args, output):
+        for table, name, meta in slots:
+            table[name] = meta
+
+    return hook
