@@ -82,8 +82,8 @@ def verify(
     ``atol``/``rtol`` check every element instead (``|out - ref| <= atol + rtol * |ref|``).
     ``inputs`` (name -> array): verify on these feeds instead of seeded random ones of the
     ``schedule``'s shapes. ``by_layers``: run an ONNX artifact a stage at a time
-    (`StagedOrtRunner`), its weights never all in memory; None: when they would not fit
-    beside the eager model's largest layer (`available_memory`).
+    (`StagedOrtRunner`), its weights never all in memory; None: when they would take more
+    than half of the memory this process may still use (`available_memory`).
     """
     manifest = Manifest.read(path)
     trust = {"trust_pickle": trust_pickle, "trust_remote_code": trust_remote_code}
@@ -235,6 +235,8 @@ def eager_model(
             lazy_weights=not manifest.compression,
         )
         model, digest = loaded.model_source.model, loaded.sha256
+        if digest != manifest.source.get("sha256") and manifest.source.get("kind") == "hf":
+            model, digest = _hashed_as_before(manifest, trust_remote_code, source, model, digest)
         if has_lazy_weights(model):
             stream_layers(model)
     if digest != manifest.source.get("sha256"):
@@ -247,6 +249,16 @@ def eager_model(
         )
     cached = cache_model(model) if manifest.decoding else None
     return model if cached is None else cached
+
+
+def _hashed_as_before(manifest: Manifest, trust_remote_code: bool, source, model, digest):
+    """An ``hf:`` artifact compiled before moec hashed checkpoint files recorded the sha256 of
+    the model it built: rebuild it in memory and compare that instead."""
+    loaded = reload_source(manifest.source, trust_remote_code=trust_remote_code, override=source)
+    built = loaded.model_source.model
+    if weights_sha256(built) == manifest.source.get("sha256"):
+        return built, manifest.source["sha256"]
+    return model, digest
 
 
 PERTURBATION = 1e-5  # relative noise that marks an external routing decision as a near-tie

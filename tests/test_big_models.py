@@ -219,3 +219,21 @@ def test_a_checkpoint_missing_a_weight_is_built_in_memory_as_transformers_does(t
     assert "no tensor for 1 weight(s) of the model (model.norm.weight" in caplog.text
     assert "building the model in memory" in caplog.text
     assert not any("streamed" in note for note in result.notes)
+
+
+def test_an_artifact_that_hashed_the_built_model_still_verifies(checkpoint, tmp_path):
+    """Artifacts compiled before moec hashed the checkpoint's files recorded the sha256 of the
+    model it built; verify compares that instead."""
+    from moec.compiler.sources import weights_sha256
+    from moec.models.hf_models import hf_model_source
+
+    out = moec.compile(f"hf:{checkpoint}", target="ort", output=tmp_path / "out").path
+    manifest = json.loads((out / "manifest.json").read_text())
+    built = hf_model_source(load_hf_dir(str(checkpoint))).model
+    manifest["source"]["sha256"] = weights_sha256(built)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert moec.verify(out)
+    manifest["source"]["sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(moec.MoecError, match="not the model this artifact was compiled from"):
+        moec.verify(out)
