@@ -215,15 +215,14 @@ def main() -> None:
     from moec.timing import cpu_model
 
     command = "python bench/compile_scale.py " + " ".join(sys.argv[1:])
+    for row in rows:
+        row["command"] = command
     path = RESULTS / "compile_scale.json"
-    kept, commands = [], [command]
     if path.exists():  # the other models' rows of an earlier run stay
         earlier = json.loads(path.read_text())
-        kept = [r for r in earlier["rows"] if r["model"] not in args.models]
-        commands = [c for c in earlier.get("commands", []) if kept] + commands
-    rows = kept + rows
+        rows = [r for r in earlier["rows"] if r["model"] not in args.models] + rows
     report = {
-        "commands": commands,
+        "commands": sorted({r["command"] for r in rows}),
         "host": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "rows": rows,
         "targets": judge(rows),
