@@ -222,7 +222,7 @@ def main() -> None:
         earlier = json.loads(path.read_text())
         rows = [r for r in earlier["rows"] if r["model"] not in args.models] + rows
     report = {
-        "commands": sorted({r["command"] for r in rows}),
+        "commands": sorted({r.get("command", "?") for r in rows}),
         "host": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "rows": rows,
         "targets": judge(rows),
