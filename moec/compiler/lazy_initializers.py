@@ -72,16 +72,19 @@ def fold_lazily(model: ir.Model, recipes: dict[str, Recipe]) -> int:
         constants = [ir.convenience.get_const_tensor(v) for v in inputs]
         if any(c is None for c in constants):
             continue
-        types = _output_types(node, opset, constants)
+        proto = ir.serde.serialize_node(node)
+        names = [v.name for v in inputs]
+        types = _output_types(proto, names, node, opset, constants)
         if types is None:
             continue
         selected = _selected(node, recipes, constants)
-        evaluate = _node_evaluator(node, opset)
+        evaluate = _node_evaluator(proto, names, opset) if selected is None else None
         for i, (out, (dtype, shape)) in enumerate(zip(node.outputs, types, strict=True)):
             name = f"{out.name}_folded"
             initializer = ir.Value(name=name, shape=shape, type=ir.TensorType(dtype))
-            build = _output_of(evaluate, constants, i) if selected is None else None
-            if selected is not None:
+            if selected is None:
+                build = _output_of(evaluate, constants, i)
+            else:
                 recipes[name], build = selected, _materializer(selected)
             initializer.const_value = ir.LazyTensor(build, dtype=dtype, shape=shape, name=name)
             model.graph.register_initializer(initializer)
@@ -113,12 +116,11 @@ SMALL = 1024  # elements of a constant whose values shape inference is given
 
 
 def _output_types(
-    node: ir.Node, opset: int, constants: list[ir.TensorProtocol]
+    proto, names: list[str], node: ir.Node, opset: int, constants: list[ir.TensorProtocol]
 ) -> list[tuple[ir.DataType, ir.Shape]] | None:
-    """Each output's dtype and static shape, by ONNX shape inference on the node alone (given
-    the small constants' values, as Reshape's shape); None where it cannot tell."""
-    proto = ir.serde.serialize_node(node)
-    names = [v.name for v in node.inputs if v is not None]
+    """Each output's dtype and static shape, by ONNX shape inference on the node (``proto``,
+    reading ``names``) alone, given the small constants' values (as Reshape's shape); None
+    where it cannot tell."""
     types, data = {}, {}
     for name, constant in zip(names, constants, strict=True):
         shape = list(constant.shape.numpy())
@@ -146,10 +148,7 @@ def _output_types(
     return found
 
 
-def _node_evaluator(node: ir.Node, opset: int) -> Callable[[list[np.ndarray]], list]:
-    proto = ir.serde.serialize_node(node)
-    names = [v.name for v in node.inputs if v is not None]
-
+def _node_evaluator(proto, names: list[str], opset: int) -> Callable[[list[np.ndarray]], list]:
     def run(arrays: list[np.ndarray]) -> list:
         evaluator = ReferenceEvaluator(proto, opsets={"": opset})
         return evaluator.run(None, dict(zip(names, arrays, strict=True)))

@@ -25,9 +25,10 @@ from torch import nn
 
 from moec.errors import NotStreamableError, SourceError
 from moec.models import ModelSource, build_zoo
-from moec.models.checkpoint import Checkpoint, checkpoint_sha256, has_safetensors
+from moec.models.checkpoint import Checkpoint, has_safetensors
 from moec.models.hf_lazy import load_hf_dir_lazily
 from moec.models.hf_models import hf_model_source, hf_tokenizer, load_hf_dir
+from moec.runtime.manifest import file_sha256
 from moec.runtime.safe_pt2 import load_pt2
 
 __all__ = ["LoadedSource", "load_source", "reload_source", "source_from_module", "weights_sha256"]
@@ -59,6 +60,13 @@ def weights_sha256(model: nn.Module) -> str:
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def checkpoint_sha256(directory: Path) -> str:
+    """Content hash of a checkpoint's weight files: their names and each one's sha256."""
+    files = sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")])
+    text = "".join(f"{file.name}:{file_sha256(file)};" for file in files)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def source_from_module(source: ModelSource) -> LoadedSource:

@@ -5,7 +5,6 @@ do not fit their shape are refused before anything reads them; `read_stored` rea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from moec.errors import SourceError
 __all__ = [
     "Checkpoint",
     "StoredTensor",
-    "checkpoint_sha256",
     "has_safetensors",
     "read_stored",
 ]
@@ -142,18 +140,6 @@ def _read_header(file: Path, expected: list[str] | None) -> dict[str, StoredTens
 
 def has_safetensors(directory: Path) -> bool:
     return (directory / INDEX_FILE).is_file() or any(directory.glob("*.safetensors"))
-
-
-def checkpoint_sha256(directory: Path) -> str:
-    """Content hash of a checkpoint's weight files (names and bytes), read in chunks."""
-    digest = hashlib.sha256()
-    files = [*directory.glob("*.safetensors"), *directory.glob("*.bin")]
-    for file in sorted(files):
-        digest.update(f"{file.name};".encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_stored(stored: StoredTensor) -> torch.Tensor:

@@ -8,10 +8,12 @@ meta tensors under `recording()`, so that what it does is recorded instead of do
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -47,7 +49,8 @@ def load_hf_dir_lazily(directory: str, trust_remote_code: bool = False) -> nn.Mo
         weight_mapping=get_model_conversion_mapping(model),
     )
     state = {key: _StoredSlice(checkpoint, key) for key in checkpoint.tensors}
-    with recording(), _sync_loading():
+    # transformers loads in a thread pool unless told not to; recording sees one thread
+    with recording(), mock.patch.dict(os.environ, {"HF_DEACTIVATE_ASYNC_LOAD": "1"}):
         info, _ = convert_and_load_state_dict_in_model(model, state, load_config)
         model.tie_weights()
     errors = [_mismatch(*m) for m in sorted(info.mismatched_keys)]
@@ -122,27 +125,9 @@ class _LargeOnMeta(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in FACTORIES and kwargs.get("device") is None:
-            size = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-            if func is torch.full:
-                size = args[0]
-            count = 1
-            for d in size if all(isinstance(d, int) for d in size) else ():
-                count *= d
-            dtype = kwargs.get("dtype") or torch.get_default_dtype()
-            if count * dtype.itemsize >= LARGE:
+            whole = func is torch.full or (len(args) == 1 and isinstance(args[0], (tuple, list)))
+            size = args[0] if whole else args  # full(size, value), empty(size), empty(*size)
+            itemsize = (kwargs.get("dtype") or torch.get_default_dtype()).itemsize
+            if all(isinstance(d, int) for d in size) and math.prod(size) * itemsize >= LARGE:
                 kwargs = {**kwargs, "device": "meta"}
         return func(*args, **kwargs)
-
-
-@contextmanager
-def _sync_loading() -> Iterator[None]:
-    """transformers loads in a thread pool unless told not to; recording sees one thread."""
-    before = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
-    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
-        else:
-            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = before

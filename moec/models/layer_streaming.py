@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from moec.models.lazy_weights import materialize, recipe_of
+from moec.models.lazy_weights import Slot, materialize, recipe_of, recorded_slots
 
 __all__ = ["real", "stream_layers"]
 
@@ -25,7 +25,7 @@ def stream_layers(model: nn.Module) -> None:
     while it runs: a layer is an entry of a ModuleList (a decoder layer, with all it holds),
     or any other module for the weights it holds itself (the embedding, a norm, the head)."""
     for unit, whole in _units(model):
-        tensors = _recorded(unit, whole)
+        tensors = recorded_slots(unit.modules() if whole else [unit])
         if tensors:
             unit.register_forward_pre_hook(_materialize_hook(tensors))
             unit.register_forward_hook(_release_hook(tensors))
@@ -39,20 +39,6 @@ def _units(module: nn.Module) -> Iterator[tuple[nn.Module, bool]]:
     yield module, False
     for child in module.children():
         yield from _units(child)
-
-
-Slot = tuple[dict, str, torch.Tensor]  # a module's _parameters or _buffers, a name, its tensor
-
-
-def _recorded(unit: nn.Module, whole: bool) -> list[Slot]:
-    owners = unit.modules() if whole else [unit]
-    return [
-        (table, name, t)
-        for owner in owners
-        for table in (owner._parameters, owner._buffers)
-        for name, t in table.items()
-        if t is not None and recipe_of(t) is not None
-    ]
 
 
 def _materialize_hook(slots: list[Slot]):

@@ -28,12 +28,14 @@ from moec.models.checkpoint import Checkpoint, StoredTensor, read_stored
 __all__ = [
     "Call",
     "Recipe",
+    "Slot",
     "checkpoint_meta",
     "fake_lazy_weights",
     "has_lazy_weights",
     "lazy_parameters",
     "materialize",
     "recipe_of",
+    "recorded_slots",
     "recording",
 ]
 
@@ -71,9 +73,6 @@ class _RecipeBook:
 
     entries: dict[StorageWeakRef, tuple[Recipe, torch.Tensor]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        _BOOKS.add(self)
-
     def add(self, tensor: torch.Tensor, recipe: Recipe) -> None:
         self.entries[StorageWeakRef(tensor.untyped_storage())] = (recipe, tensor)
 
@@ -90,7 +89,7 @@ class _RecipeBook:
         return View(recipe, *geometry)
 
 
-_BOOKS: weakref.WeakSet[_RecipeBook] = weakref.WeakSet()  # of the checkpoints still in use
+# of the checkpoints still in use
 _BOOK_OF: weakref.WeakKeyDictionary[Checkpoint, _RecipeBook] = weakref.WeakKeyDictionary()
 
 
@@ -106,7 +105,7 @@ def checkpoint_meta(checkpoint: Checkpoint, key: str) -> torch.Tensor:
 def _find(tensor: torch.Tensor) -> tuple[_RecipeBook, Recipe] | None:
     if tensor.device.type != "meta":
         return None
-    for book in list(_BOOKS):
+    for book in list(_BOOK_OF.values()):
         recipe = book.get(tensor)
         if recipe is not None:
             return book, recipe
@@ -246,9 +245,7 @@ def _whole_part(view: View) -> Recipe | None:
     out_shape = list(shapes[0])
     dim = dim % len(out_shape)
     out_shape[dim] = sum(s[dim] for s in shapes)
-    strides = [1] * len(out_shape)
-    for i in range(len(out_shape) - 2, -1, -1):
-        strides[i] = strides[i + 1] * out_shape[i + 1]
+    strides = torch.empty(out_shape, device="meta").stride()  # the cat's output is contiguous
     offset = 0
     for part, shape in zip(parts, shapes, strict=True):
         if (view.size, view.stride, view.offset) == (tuple(shape), tuple(strides), offset):
@@ -281,6 +278,20 @@ def _shape(recipe) -> tuple[int, ...] | None:
     return (*first[:dim], sum(i[dim] for i in items), *first[dim + 1 :])
 
 
+Slot = tuple[dict, str, torch.Tensor]  # a module's _parameters or _buffers, a name, its tensor
+
+
+def recorded_slots(owners) -> list[Slot]:
+    """Where the ``owners`` (modules) hold recorded tensors, as their own weights."""
+    return [
+        (table, name, t)
+        for owner in owners
+        for table in (owner._parameters, owner._buffers)
+        for name, t in table.items()
+        if t is not None and recipe_of(t) is not None
+    ]
+
+
 def has_lazy_weights(module: nn.Module) -> bool:
     return any(recipe_of(p) is not None for p in module.parameters())
 
@@ -300,24 +311,16 @@ def fake_lazy_weights(module: nn.Module, fake_mode=None) -> Iterator[dict[str, R
 
     fake_mode = fake_mode or FakeTensorMode(allow_non_fake_inputs=True)
     recipes = lazy_parameters(module)
-    replaced = []
+    slots = recorded_slots(module.modules())
     fakes: dict[int, torch.Tensor] = {}  # a tied weight stays one tensor
-    for owner in module.modules():
-        for table in (owner._parameters, owner._buffers):
-            for name, tensor in table.items():
-                recipe = None if tensor is None else recipe_of(tensor)
-                if recipe is None:
-                    continue
-                fake = fakes.get(id(tensor))
-                if fake is None:
-                    fake = FakeTensor(fake_mode, tensor.data, torch.device("cpu"))
-                    if isinstance(tensor, nn.Parameter):
-                        fake = nn.Parameter(fake, requires_grad=False)
-                    fakes[id(tensor)] = fake
-                replaced.append((table, name, tensor))
-                table[name] = fake
+    for table, name, tensor in slots:
+        if id(tensor) not in fakes:
+            fake = FakeTensor(fake_mode, tensor.data, torch.device("cpu"))
+            is_param = isinstance(tensor, nn.Parameter)
+            fakes[id(tensor)] = nn.Parameter(fake, requires_grad=False) if is_param else fake
+        table[name] = fakes[id(tensor)]
     try:
         yield recipes
     finally:
-        for table, name, tensor in reversed(replaced):
+        for table, name, tensor in slots:
             table[name] = tensor

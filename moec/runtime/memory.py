@@ -12,28 +12,21 @@ __all__ = ["available_memory"]
 
 def available_memory() -> int:
     """Bytes this process may still allocate, as far as the OS tells (Linux: MemAvailable)."""
-    found = [_machine_available()]
+    machine = _proc_bytes("/proc/meminfo", "MemAvailable")
+    if machine is None:
+        machine = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    found = [machine]
     for limit, usage in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
         soft, _ = resource.getrlimit(limit)
         if soft != resource.RLIM_INFINITY:
-            found.append(max(0, soft - _status_bytes(usage)))
+            found.append(max(0, soft - (_proc_bytes("/proc/self/status", usage) or 0)))
     return min(found)
 
 
-def _machine_available() -> int:
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _status_bytes(field: str) -> int:
-    """A ``/proc/self/status`` size (VmSize, VmData) in bytes; 0 where there is none."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A size ``/proc`` gives in kB (MemAvailable, VmSize, VmData), in bytes; None if absent."""
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    return 0
+    return None
