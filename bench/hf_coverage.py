@@ -1,13 +1,17 @@
-"""Coverage of transformers' MoE families: compile a tiny random model of each for `ort` and
-`onnx` from ``hf:DIR``, verify its logits against eager transformers, and tabulate.
+"""Coverage of transformers' MoE families: compile a tiny random model of each for `ort`, `onnx`
+and `trt` from ``hf:DIR``, verify its logits against eager transformers, and tabulate. (A `trt`
+compile passes moec's TensorRT check; with no TensorRT here, verify runs its ONNX on ONNX
+Runtime.)
 
 Every family of the installed transformers whose modeling code mentions experts is listed; one
 without a tiny configuration in tests/hf_families.json says so. Each (family, target) runs in its
 own process. Writes bench/results/hf_coverage.json and, with --write-docs, the table between the
 coverage markers in docs/coverage.md. With --families, only those are re-run and their rows replace
-the ones in the existing results (each row records the commit it ran on); the table covers them all.
+the ones in the existing results (each row records the commit it ran on), and likewise with
+--targets; the table covers them all.
 
-    python bench/hf_coverage.py [--families mixtral qwen2_moe] [--jobs 2] [--write-docs]
+    python bench/hf_coverage.py [--families mixtral qwen2_moe] [--targets trt] [--jobs 2]
+        [--write-docs]
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from hf_families import FAMILIES, NOT_MOE, build_tiny, save_tiny  # noqa: E402
 
-TARGETS = ("ort", "onnx")
+TARGETS = ("ort", "onnx", "trt")
+DECODED = ("ort", "onnx")  # targets whose generate runs here (a trt one needs its engine)
 MOE_CODE = re.compile(
     r"use_experts_implementation|num_local_experts|n_routed_experts|num_experts_per_tok"
     r"|moe_num_experts|num_experts\b"
@@ -34,6 +39,7 @@ MOE_CODE = re.compile(
 COVERAGE_PAGE = ROOT / "docs" / "coverage.md"  # the page --write-docs rewrites between the markers
 COVERAGE_START, COVERAGE_END = "<!-- hf-coverage:start -->", "<!-- hf-coverage:end -->"
 TIMEOUT_S = 900
+NO_ENGINE = "no TensorRT engine yet"  # every trt row's note here: not a property of the family
 
 
 def installed_moe_families() -> list[str]:
@@ -80,7 +86,7 @@ def check_one(family: str, target: str) -> dict:
             ]
             row["agreement"] = min((r.agreement for r in report.routing), default=None)
             row["passed"] = bool(report)
-            row["decode"] = decode_check(family, result, report)
+            row["decode"] = decode_check(family, result, report) if target in DECODED else None
         except Exception as e:  # every failure is a row in the table, with its reason
             row["passed"] = False
             row["error"] = f"{type(e).__name__}: {e}"
@@ -155,7 +161,7 @@ def reason_of(rows: list[dict]) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in r.get("failing_shapes", []))
         where = f" for input_ids {shapes}" if shapes else " (routing agreement)"
         return f"logits differ from eager{where}: rel L2 {r.get('rel_l2'):.1e}"
-    notes = sorted({n for r in rows for n in r.get("notes", [])})
+    notes = sorted({n for r in rows for n in r.get("notes", []) if not n.startswith(NO_ENGINE)})
     notes += sorted({r["not_fused"] for r in rows if r.get("not_fused")})
     return _clean("; ".join(notes), limit=400)
 
@@ -171,27 +177,27 @@ def cell(row: dict | None) -> str:
 
 def table(families: list[str], results: dict) -> str:
     lines = [
-        "| family | model class | ort (rel L2) | onnx (rel L2) | decode (ort / onnx) "
-        "| lowering (ort / onnx) | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| family | model class | ort (rel L2) | onnx (rel L2) | trt (rel L2) "
+        "| decode (ort / onnx) | lowering (ort / onnx / trt) | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for family in families:
         if family in NOT_MOE:
-            lines.append(f"| {family} | - | - | - | - | - | not MoE: {NOT_MOE[family]} |")
+            lines.append(f"| {family} | - | - | - | - | - | - | not MoE: {NOT_MOE[family]} |")
             continue
         if family not in FAMILIES:
             lines.append(
-                f"| {family} | - | - | - | - | - | no tiny config in tests/hf_families.json |"
+                f"| {family} | - | - | - | - | - | - | no tiny config in tests/hf_families.json |"
             )
             continue
         rows = [results.get((family, t)) for t in TARGETS]
         lowering = " / ".join(",".join(r.get("lowerings", [])) or "-" for r in rows if r)
-        decode = " / ".join((r or {}).get("decode") or "-" for r in rows)
+        decode = " / ".join((r or {}).get("decode") or "-" for r in rows[: len(DECODED)])
         reason = reason_of([r for r in rows if r])
         model = FAMILIES[family]["model"]
         lines.append(
-            f"| {family} | {model} | {cell(rows[0])} | {cell(rows[1])} | {decode} | {lowering} "
-            f"| {reason} |"
+            f"| {family} | {model} | {cell(rows[0])} | {cell(rows[1])} | {cell(rows[2])} "
+            f"| {decode} | {lowering} | {reason} |"
         )
     return "\n".join(lines)
 
@@ -207,6 +213,7 @@ def write_docs(text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+")
+    parser.add_argument("--targets", nargs="+", choices=TARGETS)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/hf_coverage.json")
@@ -216,7 +223,8 @@ def main() -> None:
         print(json.dumps(check_one(*args.one)))
         return
     families = args.families or sorted(set(installed_moe_families()) | set(FAMILIES))
-    jobs = [(f, t) for f in families if f in FAMILIES and f not in NOT_MOE for t in TARGETS]
+    targets = args.targets or TARGETS
+    jobs = [(f, t) for f in families if f in FAMILIES and f not in NOT_MOE for t in targets]
     commit = current_commit()
 
     def run(job: tuple[str, str]) -> dict:
@@ -226,9 +234,10 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(run, jobs))
-    if args.families and args.json.exists():  # a partial run: merge into the full results
+    if (args.families or args.targets) and args.json.exists():  # partial: merge into the rest
         previous = json.loads(args.json.read_text())
-        rows += [r for r in previous["rows"] if r["family"] not in args.families]
+        done = {(r["family"], r["target"]) for r in rows}
+        rows += [r for r in previous["rows"] if (r["family"], r["target"]) not in done]
         families = sorted(set(previous["families"]) | set(families))
         rows.sort(key=lambda r: (r["family"], TARGETS.index(r["target"])))
     results = {(r["family"], r["target"]): r for r in rows}

@@ -6,7 +6,6 @@ is out of tolerance.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -15,17 +14,15 @@ import warnings
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from moec import registry
+from moec.cli_common import console, err_console, friendly_errors, human_bytes
 from moec.cli_progress import StageProgress
-from moec.errors import MoecError
+from moec.cli_tensorrt import build_engine_command, check_trt_command
 from moec.settings import FLAGS, CompileSettings, Flag
 
-console = Console()
-err_console = Console(stderr=True)
 PIPE_WIDTH = 1000  # columns when not on a terminal: tables as wide as their content
 
 
@@ -107,20 +104,6 @@ def _read_npz(path: Path, flag: str) -> dict:
         raise InputError(f"{flag} {path} is not a readable .npz ({e})") from e
 
 
-def _friendly_errors(command):
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except MoecError as e:
-            err_console.print(
-                f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True
-            )
-            sys.exit(2)
-
-    return wrapper
-
-
 TRUST_FLAGS = {
     "trust_pickle": "Allow loading by unpickling (a torch.save pickle, or a .pt2 that needs it): "
     "it runs the file's code.",
@@ -152,6 +135,8 @@ def _setting_option(flag: Flag):
         registered = REGISTERED_CHOICES.get(flag.name)
         choice = RegisteredChoice(registered) if registered else click.Choice(flag.choices)
         return click.option(*names, type=choice, help=help_text)
+    if flag.kind == "profile":
+        return click.option(*names, multiple=True, metavar="NAME:MIN,OPT,MAX", help=help_text)
     return click.option(*names, type=PARAM_TYPES[flag.kind], help=help_text)
 
 
@@ -187,7 +172,7 @@ def main(verbose: bool) -> None:
 )
 @click.option("--list-passes", is_flag=True, help="Print the pass pipeline and exit.")
 @_setting_options
-@_friendly_errors
+@friendly_errors
 def compile_command(
     src, out, force, trust_pickle, trust_remote_code, example_inputs, list_passes, **flags
 ):
@@ -260,7 +245,7 @@ def _print_quality(quality: dict, title: str) -> None:
         size = quality[key]
         console.print(
             f"{what}: {size['before']:,} -> {size['after']:,} parameters "
-            f"({size['reduction']:.1%} fewer; {_human_bytes(size['bytes_after'])})"
+            f"({size['reduction']:.1%} fewer; {human_bytes(size['bytes_after'])})"
         )
 
 
@@ -271,7 +256,7 @@ def _print_compile_summary(result) -> None:
     if result.blocks:
         console.print(blocks)
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     if result.manifest.compression:
         _print_quality(result.manifest.compression["quality"], "quality after the lossy passes")
     for record in result.manifest.passes:
@@ -287,10 +272,10 @@ def _print_compile_summary(result) -> None:
     console.print(stages)
     deployable = result.manifest.deployable_bytes
     reference = result.size_bytes - deployable
-    extra = f" + {_human_bytes(reference)} that only verify reads" if reference else ""
+    extra = f" + {human_bytes(reference)} that only verify reads" if reference else ""
     console.print(
         f"{len(result.blocks)} MoE block(s); artifact {result.path} "
-        f"({_human_bytes(deployable)} to run{extra}; target {result.manifest.target})"
+        f"({human_bytes(deployable)} to run{extra}; target {result.manifest.target})"
     )
 
 
@@ -350,7 +335,7 @@ def targets_command() -> None:
 )
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of load per device.")
 @click.option("--simulate", is_flag=True, help="Also print a step's cost on 8 to 256 GPUs.")
-@_friendly_errors
+@friendly_errors
 def place_command(out, devices, nodes, redundant, policy, calib, calib_samples, max_moves, plot,
                   simulate):  # fmt: skip
     """Plan where each MoE block's experts live over DEVICES, write it into OUT."""
@@ -392,7 +377,7 @@ def _print_placement(report, out: Path) -> None:
     console.print(table)
     per_device = sum(report.slots * size for size in report.expert_bytes.values())
     console.print(
-        f"expert weights per device: {_human_bytes(per_device)} "
+        f"expert weights per device: {human_bytes(per_device)} "
         f"({report.slots} slots per block); placement written to {out}"
     )
 
@@ -466,7 +451,7 @@ def _block_shape(block: dict) -> dict:
     help="Run an ONNX artifact a layer (or a few) at a time, its weights never all in memory "
     "(default: when they would take over half the memory left), or as one session.",
 )
-@_friendly_errors
+@friendly_errors
 def verify_command(
     out,
     source,
@@ -551,7 +536,7 @@ def verify_command(
                           _status(d.passed))  # fmt: skip
         console.print(steps)
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     from moec.runtime.manifest import Manifest
 
     compression = Manifest.read(out).compression
@@ -579,7 +564,7 @@ def verify_command(
     help="Paired rounds (eager, then the artifact) per shape.",
 )
 @click.option("--shapes", multiple=True, type=ShapesType(), help=SHAPES_HELP)
-@_friendly_errors
+@friendly_errors
 def bench_command(out, source, repeat, rounds, shapes, **trust):
     """Time OUT against its eager source on a few input shapes, in paired rounds."""
     import statistics
@@ -632,7 +617,7 @@ def bench_command(out, source, repeat, rounds, shapes, **trust):
     help="Write every output to this .npz.",
 )
 @_trust_options("trust_pickle")
-@_friendly_errors
+@friendly_errors
 def run_command(out, input_path, output_path, trust_pickle):
     """Run OUT on the arrays in --input (under torchrun: expert-parallel by its placement, rank
     0 writing the outputs)."""
@@ -681,7 +666,7 @@ def run_command(out, input_path, output_path, trust_pickle):
 @click.option("--top-p", type=float)
 @click.option("--seed", type=int, help="Seed of the sampler.")
 @_trust_options("trust_pickle")
-@_friendly_errors
+@friendly_errors
 def generate_command(out, prompt, prompt_file, batch, max_new_tokens, sample, temperature, top_k,
                      top_p, seed, trust_pickle):  # fmt: skip
     """Continue text with OUT (an artifact with a KV cache and a tokenizer), printing it as it
@@ -751,7 +736,7 @@ def generate_command(out, prompt, prompt_file, batch, max_new_tokens, sample, te
 @click.option(
     "--plot", type=click.Path(path_type=Path), help="With --calib: write a PNG of the load."
 )
-@_friendly_errors
+@friendly_errors
 def inspect_command(target, calib, calib_samples, plot, **trust):
     """Show the MoE blocks of a SRC, or what an artifact directory OUT holds."""
     if Path(target).is_dir():
@@ -858,28 +843,42 @@ def _inspect_artifact(path: Path) -> None:
         for flag, value in CompileSettings.from_dict(m.settings).rows():
             settings.add_row(flag, escape(value))
         console.print(settings)
+    if m.build:
+        _print_build(m.build, path)
     files = Table("file", "size", "sha256")
     for role, f in m.files.items():
         only = " (verify only)" if role in registry.REFERENCE_FILE_ROLES else ""
-        files.add_row(f"{role}: {f.path}{only}", _human_bytes(f.bytes), f.sha256[:16])
+        files.add_row(f"{role}: {f.path}{only}", human_bytes(f.bytes), f.sha256[:16])
     console.print(files)
     unlisted = m.unlisted_files(path)
     if unlisted:
         console.print(f"[yellow]note:[/] files the manifest does not list: {', '.join(unlisted)}")
 
 
+def _print_build(build: dict, path: Path) -> None:
+    """A TensorRT artifact's engine and profile (the manifest's ``build`` section)."""
+    dims = ", ".join(
+        f"{name} {low}..{opt}..{high}" for name, (low, opt, high) in build["dims"].items()
+    )
+    console.print(
+        f"TensorRT profile (min..opt..max): {escape(dims)}; precision {build['precision']}"
+    )
+    engine = build.get("engine")
+    if engine:
+        console.print(
+            f"engine: TensorRT {engine['tensorrt']}, {escape(engine['gpu'])} (compute "
+            f"capability {engine['compute_capability']})"
+        )
+    else:
+        console.print(f"engine: not built yet; on the deployment machine: moec build-engine {path}")
+
+
 def _status(passed: bool) -> str:
     return "[green]ok" if passed else "[red]FAIL"
 
 
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
-        size /= 1024
-    return f"{n} B"
-
+main.add_command(check_trt_command)
+main.add_command(build_engine_command)
 
 if __name__ == "__main__":
     main()

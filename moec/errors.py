@@ -15,6 +15,7 @@ __all__ = [
     "MoecError",
     "OutOfMemoryError",
     "PassError",
+    "RuntimeUnavailableError",
     "SettingsError",
     "SourceError",
     "SpecError",
@@ -68,6 +69,11 @@ class LoweringError(MoecError):
 
 class TargetNotBuiltError(MoecError):
     """The requested target is not available in this build or on this machine."""
+
+
+class RuntimeUnavailableError(MoecError):
+    """An artifact's runtime cannot run it on this machine (a TensorRT artifact without its
+    engine, or without TensorRT and a GPU here); the message names how to finish it."""
 
 
 class ArtifactError(MoecError):

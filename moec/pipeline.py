@@ -203,7 +203,8 @@ def compile_model(
                 settings=settings.to_dict(),
                 decoding=decoding,
             )
-            writer = _writer(captured, target, compression, _tokenizer_file(loaded, decoding))
+            tokenizer = _tokenizer_file(loaded, decoding)
+            writer = _writer(captured, target, manifest, held.out, compression, tokenizer)
             path = write_artifact(held, manifest, writer, force)
     log.info("compiled %s for %s into %s", loaded.record["spec"], target.name, path)
     return CompileResult(path, manifest, captured.block_records(), timings, captured.notes)
@@ -263,15 +264,20 @@ def _check_lowerings(program: CapturedProgram, target: registry.Target) -> None:
 def _writer(
     program: CapturedProgram,
     target: registry.Target,
+    manifest: Manifest,
+    destination: Path,
     compression: CompressionResult | None,
     tokenizer: Path | None,
 ):
-    """``write(directory) -> {role: file}`` for the artifact writer: the target's files, the
-    compressed blocks when lossy passes ran, and the tokenizer of a model that generates."""
+    """``write(directory) -> {role: file}`` for the artifact writer: the target's files (and
+    its finishing step), the compressed blocks when lossy passes ran, and the tokenizer of a
+    model that generates."""
     write = target.writer()
 
     def files(directory: Path) -> dict[str, str]:
         written = write(program, directory, target)
+        if target.finish is not None:
+            written = registry.resolve(target.finish)(manifest, directory, written, destination)
         if compression is not None:
             written["compressed"] = compression.write_tensors(directory)
         if tokenizer is not None:

@@ -131,7 +131,9 @@ class Target:
     rule for a block's lowering, tried in order (the last entry is the exact fallback every
     block takes). ``autotune``: the exact lowerings ``--autotune`` times against each other.
     ``write(program, directory, target) -> {role: file}``: makes the files of a captured
-    program; ``runner``: the `moec.runtime.Runner` subclass that loads them. ``unavailable``:
+    program; ``finish(manifest, directory, files, destination) -> files``: the target's last
+    step once they are written (it may add files and fill the manifest's ``build`` section);
+    ``runner``: the `moec.runtime.Runner` subclass that loads them. ``unavailable``:
     why this build of moec cannot compile it (then ``write`` is None). ``dtypes``: the
     floating dtypes its runtime runs, and ``runtime``, that runtime in words for messages.
     """
@@ -145,6 +147,7 @@ class Target:
     runtime: str = ""
     placement: bool = False  # its runner runs experts over devices by a placement
     write: Hook | None = None
+    finish: Hook | None = None
     runner: Hook | None = None
     unavailable: str = ""
     options: dict[str, Any] = field(default_factory=dict)
@@ -193,13 +196,22 @@ BUILTIN_TARGETS = (
     ),
     Target(
         "trt",
-        "a TensorRT engine built from the portable ONNX",
-        {"model": "engine.plan"},
-        (Prefer("gather"),),
-        unavailable=(
-            "--target trt is not built in this version of moec; compile --target onnx and build "
-            "the engine on the deployment machine with TensorRT (trtexec --onnx=OUT/model.onnx)"
-        ),
+        "model.onnx checked against TensorRT's ONNX support, and model.plan, its TensorRT engine "
+        "(built where TensorRT and a GPU are, else later by moec build-engine)",
+        {**_ONNX_FILES, "engine": "model.plan"},
+        (Prefer("counting", why="the exact grouped lowering TensorRT parses (no TopK of pairs)"),),
+        dtypes=("float32", "float16", "bfloat16"),
+        runtime="TensorRT",
+        write="moec.compiler.onnx_artifact:write_onnx",
+        finish="moec.compiler.trt_artifact:finish_trt",
+        runner="moec.runtime.trt_runner:TrtRunner",
+        options={
+            "standard_ops_only": True,
+            "streams_weights": True,
+            "profiles": True,  # takes --precision and --trt-shapes
+            "onnx_rewrite": "moec.compiler.trt_legalize:legalize_for_tensorrt",
+            "portable_runner": "moec.runtime.ort_runner:OrtRunner",  # runs its ONNX elsewhere
+        },
     ),
     Target(
         "torch",
@@ -225,9 +237,16 @@ BUILTIN_LOWERINGS = (
     ),
     Lowering(
         "gather",
-        ("ort", "onnx", "trt"),
+        ("ort", "onnx"),
         "each expert gathers its tokens -> FFN -> each token gathers its k output rows back",
         onnx="moec.compiler.lower_moe_gather:lower_moe_gather",
+    ),
+    Lowering(
+        "counting",
+        ("ort", "onnx", "trt"),
+        "gather, with the pairs grouped by a counting sort instead of a TopK over them "
+        "(TensorRT's TopK takes k < 3840)",
+        onnx="moec.compiler.lower_moe_gather:lower_moe_counting",
     ),
     Lowering(
         CAPACITY,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,7 @@ MERGE_METHODS = ("hc", "router-logits", "random")
 PRUNE_METHODS = ("frequency", "reap", "reconstruction")
 DISTILL_INITS = ("concat", "average")
 DISTILL_TRAIN = ("all", "ffn")
+TRT_SHAPE_RE = re.compile(r"^\s*([^:\s]+)\s*:\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,10 @@ FLAGS: tuple[Flag, ...] = (
          "default rule.", "choice"),
     Flag("dtype", "--dtype", "Weights and activations in this precision (routing stays "
          "float32).", "choice", default="fp32", choices=tuple(DTYPES)),
+    Flag("precision", "--precision", "TensorRT (--target trt): the engine's precision, as "
+         "--dtype (routing stays float32).", "choice", choices=tuple(DTYPES)),
+    Flag("trt_shapes", "--trt-shapes", "TensorRT (--target trt): a dynamic dim's profile "
+         "range, NAME:MIN,OPT,MAX (repeat for more dims).", "profile"),
     Flag("capacity_factor", "--capacity-factor", "Capacity lowering with C = ceil(F * T * k / "
          "E) slots.", "float"),
     Flag("capacity", "--capacity", "Capacity lowering sized by the largest expert load on "
@@ -199,7 +206,9 @@ class CompileSettings:
       which chooses the ``capacity`` lowering; ``autotune``: time the target's candidate
       lowerings on this host instead of its default rule; ``kv_cache``: causal LMs take and
       return their KV cache (`moec.models.kv_cache`); ``routing_outputs``: the artifact outputs
-      each block's routing mask (`moec.compiler.drop_routing` leaves them out).
+      each block's routing mask (`moec.compiler.drop_routing` leaves them out); ``trt_shapes``:
+      dim name -> [min, opt, max] of a TensorRT engine's profile (`moec.compiler.trt_profiles`;
+      ``--precision``, the trt target's name for ``--dtype``, is stored as ``dtype``).
     - ``calib``: calibration data for the lossy passes (``calib_samples`` rows at most);
       ``merge``, ``prune``, ``distill``: the lossy passes asked for (they run in that order).
     """
@@ -211,6 +220,7 @@ class CompileSettings:
     autotune: bool = False
     kv_cache: bool = True
     routing_outputs: bool = True
+    trt_shapes: dict[str, list[int]] | None = None
     calib: str | None = None
     calib_samples: int | None = None
     merge: MergeOptions | None = None
@@ -226,6 +236,11 @@ class CompileSettings:
             raise SettingsError(
                 f"--dtype {self.dtype}: target {target.name} runs on {runtime}, which has no "
                 f"{DTYPES[self.dtype]} kernels; it can run {runs}"
+            )
+        if self.trt_shapes is not None and not target.options.get("profiles", False):
+            raise SettingsError(
+                f"--trt-shapes sets a TensorRT engine's profile; target {target.name} builds no "
+                "engine (use --target trt)"
             )
         if self.lowering is not None:
             registry.lowering(self.lowering)
@@ -292,7 +307,8 @@ class CompileSettings:
         """Settings from flags by keyword (as ``moec compile`` names them, ``-`` as ``_``);
         a flag set to None or False is not given. ``capacity`` also takes the factor itself
         (``moec.compile(..., capacity=1.5)``)."""
-        given = {k: v for k, v in flags.items() if v is not None and v is not False}
+        given = {k: v for k, v in flags.items() if v is not None and v is not False and v != ()}
+        _precision_as_dtype(given)
         factor = given.get("capacity")
         if isinstance(factor, (int, float)) and not isinstance(factor, bool):
             if "capacity_factor" in given:
@@ -334,6 +350,7 @@ class CompileSettings:
             target=given.get("target", DEFAULT_TARGET),
             lowering=given.get("lowering"),
             dtype=given.get("dtype", "fp32"),
+            trt_shapes=parse_trt_shapes(given.get("trt_shapes")),
             capacity=given.get("capacity_factor", given.get("capacity")),
             autotune=bool(given.get("autotune", False)),
             kv_cache=not given.get("no_kv_cache", False),
@@ -377,6 +394,8 @@ class CompileSettings:
         rows = [("--target", self.target)]
         if self.dtype != "fp32":
             rows.append(("--dtype", self.dtype))
+        for name, (low, opt, high) in (self.trt_shapes or {}).items():
+            rows.append(("--trt-shapes", f"{name}:{low},{opt},{high}"))
         plain = {"--lowering": self.lowering, "--calib": self.calib}
         plain["--calib-samples"] = self.calib_samples
         if self.capacity is not None:
@@ -407,6 +426,7 @@ KINDS: dict[str, tuple[type, ...]] = {
     "path": (str, os.PathLike),
     "list": (str, list, tuple),
     "choice": (str,),
+    "profile": (str, list, tuple, dict),
 }
 
 
@@ -423,8 +443,62 @@ def _check_kind(flag: Flag, value: object) -> None:
             "path": "a path",
             "list": "a comma-separated string or a list",
             "choice": "a name",
+            "profile": "NAME:MIN,OPT,MAX strings or a dict of name -> (min, opt, max)",
         }
         raise SettingsError(f"{flag.option} takes {what[flag.kind]}, not {value!r}")
+
+
+def parse_trt_shapes(value: Iterable[str] | dict | None) -> dict[str, list[int]] | None:
+    """``--trt-shapes`` values (``NAME:MIN,OPT,MAX`` strings, or a dict of name -> three ints)
+    as name -> [min, opt, max], checked for form and order."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    items = value.items() if isinstance(value, dict) else [_split_trt_shape(text) for text in value]
+    parsed: dict[str, list[int]] = {}
+    for name, sizes in items:
+        sizes = list(sizes)
+        if len(sizes) != 3 or any(isinstance(s, bool) or not isinstance(s, int) for s in sizes):
+            raise SettingsError(f"--trt-shapes {name}: give three integers MIN,OPT,MAX")
+        low, opt, high = sizes
+        if not 0 <= low <= opt <= high:
+            raise SettingsError(
+                f"--trt-shapes {name}:{low},{opt},{high}: need 0 <= MIN <= OPT <= MAX"
+            )
+        if name in parsed:
+            raise SettingsError(f"--trt-shapes names {name} twice")
+        parsed[name] = [low, opt, high]
+    return parsed or None
+
+
+def _split_trt_shape(text: str) -> tuple[str, list[int]]:
+    match = TRT_SHAPE_RE.match(str(text))
+    if match is None:
+        raise SettingsError(
+            f"--trt-shapes {text!r}: write NAME:MIN,OPT,MAX, e.g. sequence_length:1,128,512"
+        )
+    return match.group(1), [int(match.group(i)) for i in (2, 3, 4)]
+
+
+def _precision_as_dtype(given: dict[str, Any]) -> None:
+    """``--precision`` is the trt target's name for ``--dtype``: the ONNX is typed in it
+    (routing in float32) and the engine built strongly typed from it."""
+    if "precision" not in given:
+        return
+    precision = given.pop("precision")
+    name = given.get("target", DEFAULT_TARGET)
+    if not registry.target(name).options.get("profiles", False):
+        raise SettingsError(
+            f"--precision sets a TensorRT engine's precision; target {name} takes --dtype "
+            f"{precision} instead"
+        )
+    if given.get("dtype", precision) != precision:
+        raise SettingsError(
+            f"--precision {precision} and --dtype {given['dtype']} disagree; --precision is "
+            "the trt target's name for --dtype: give one"
+        )
+    given["dtype"] = precision
 
 
 def _keep(option: str, keep: object) -> None:

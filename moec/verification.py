@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from moec import registry
 from moec.compiler.sources import reload_source, weights_sha256
 from moec.decode_verification import verify_decoding
 from moec.eager_routing import eager_routing_hooks
-from moec.errors import UsageError, VerificationError
+from moec.errors import RuntimeUnavailableError, UsageError, VerificationError
 from moec.models import BlockMatch, find_moe_blocks
 from moec.models.hf_models import hf_model_source, is_hf_model
 from moec.models.kv_cache import CausalLMWithCache, TinyLMWithCache, cache_model
@@ -147,7 +148,10 @@ def _runner(manifest: Manifest, path: Path, by_layers, trust_pickle: bool, notes
     if by_layers is None:
         by_layers = onnx and manifest.deployable_bytes > available_memory() // 2
     if not by_layers:
-        return load(path, trust_pickle=trust_pickle)
+        try:
+            return load(path, trust_pickle=trust_pickle)
+        except RuntimeUnavailableError as e:
+            return _portable_runner(manifest, path, e, notes)
     runner = StagedOrtRunner(manifest, path).activate()
     notes.append(
         f"the artifact ran by layers ({len(runner.stages)} stage(s) of at most "
@@ -155,6 +159,21 @@ def _runner(manifest: Manifest, path: Path, by_layers, trust_pickle: bool, notes
         "were never all in memory"
     )
     return runner
+
+
+def _portable_runner(manifest: Manifest, path: Path, why: Exception, notes: list[str]):
+    """The runner of a target's portable files (a TensorRT artifact's ONNX, on ONNX Runtime)
+    when its own runtime cannot run here."""
+    portable = registry.target(manifest.target).options.get("portable_runner")
+    if portable is None:
+        raise why
+    if "bfloat16" in {o.dtype for o in manifest.outputs}:
+        raise UsageError(
+            f"{why}. Its ONNX is bfloat16, which ONNX Runtime's CPU kernels do not run, so it "
+            "can be verified only where its engine runs"
+        ) from why
+    notes.append(f"{why}. Its ONNX ran on ONNX Runtime instead; no engine was verified")
+    return registry.resolve(portable)(manifest, path).activate()
 
 
 def _input_sets(runner, inputs, schedule, seed: int, notes: list[str]) -> list[tuple]:

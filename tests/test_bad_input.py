@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import moec
+from moec import registry
 from moec.cli import main
 from moec.errors import (
     ArtifactError,
@@ -21,6 +22,7 @@ from moec.errors import (
     TargetNotBuiltError,
     UsageError,
 )
+from moec.registry import Lowering, Prefer, Target
 
 
 def run_cli(*args):
@@ -161,11 +163,18 @@ def test_op_without_lowering_is_named(tmp_path):
     )
 
 
-@pytest.mark.parametrize("target", ["trt"])
-def test_targets_not_built_yet(tmp_path, target):
-    with pytest.raises(TargetNotBuiltError, match="not built"):
-        moec.compile("zoo:mixtral", target=target, output=tmp_path / "out")
-    assert_clean_failure(run_cli("compile", "zoo:mixtral", "-t", target, "-o", tmp_path / "o"))
+def test_a_target_this_build_cannot_compile_says_so(tmp_path):
+    lowering = Lowering("later-gather", ("later",), "", onnx="moec.compiler.lower_moe_gather:x")
+    unbuilt = Target(
+        "later", "a target this build lacks", {"model": "m"}, (Prefer("later-gather"),),
+        unavailable="--target later is not built in this version of moec",
+    )  # fmt: skip
+    with registry.registered(lowering, unbuilt):
+        with pytest.raises(TargetNotBuiltError, match="not built"):
+            moec.compile("zoo:mixtral", target="later", output=tmp_path / "out")
+        assert_clean_failure(
+            run_cli("compile", "zoo:mixtral", "-t", "later", "-o", tmp_path / "o"), "not built"
+        )
 
 
 # -- OUT -------------------------------------------------------------------------------------
@@ -302,7 +311,7 @@ def test_verify_refuses_a_different_source(artifact):
         (["--capacity-factor", "0"], "--capacity-factor must be a number > 0"),
         (["--capacity-factor", "-1.5"], "--capacity-factor must be a number > 0"),
         (["--capacity-factor", "lots"], "'lots' is not a valid float"),
-        (["-t", "onnx", "--lowering", "fused"], "it can run: gather, capacity, dense"),
+        (["-t", "onnx", "--lowering", "fused"], "it can run: gather, counting, capacity, dense"),
         (["-t", "torch", "--lowering", "capacity"], "it can run: kernel"),
         (["--lowering", "gather", "--capacity", "auto"], "cannot be combined with --lowering"),
     ],

@@ -121,7 +121,7 @@ def test_list_passes(monkeypatch):
     assert result.exit_code == 0 and "grouped-gemm" in result.output
     for name in ("merge-experts", "prune-experts", "distill-dense", "select-lowering"):
         assert f"│ {name} " in result.output  # every pass, marked as running or not
-    assert "(gather, capacity, dense)" in result.output  # the target's lowerings
+    assert "(gather, counting, capacity, dense)" in result.output  # the target's lowerings
     result = CliRunner().invoke(main, ["compile", "--list-passes", "--capacity", "auto"])
     assert result.exit_code == 0 and "capacity" in result.output
 

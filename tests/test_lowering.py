@@ -153,7 +153,7 @@ def test_why_a_block_was_not_fused_is_recorded(tmp_path):
 @pytest.mark.parametrize(
     ("target", "lowering", "message"),
     [
-        ("onnx", "fused", "cannot run on target onnx; it can run: gather, capacity, dense"),
+        ("onnx", "fused", "on target onnx; it can run: gather, counting, capacity, dense"),
         ("torch", "gather", "it can run: kernel"),
     ],
 )

@@ -154,5 +154,6 @@ def test_registrations_are_checked():
         registry.resolve("moec.nowhere:thing")
     with pytest.raises(LoweringError, match="unknown lowering 'nope'"):
         registry.lowering("nope")
+    unbuilt = Target("later", "", {"model": "m"}, (Prefer("gather"),), unavailable="not built")
     with pytest.raises(TargetNotBuiltError, match="not built"):
-        registry.target("trt").writer()
+        unbuilt.writer()

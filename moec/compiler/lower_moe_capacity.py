@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from moec.compiler.lower_routing import lower_routing, pair_ids
 from moec.compiler.onnx_ops import (
-    DOUBLE,
     FLOAT,
     INT64,
     activation,
-    const_d,
+    ceil_scaled,
     const_f,
     const_i,
     finish_moe_output,
@@ -43,10 +42,8 @@ def unsupported_reasons(spec: MoESpec) -> list[str]:
 
 def _slots(spec: MoESpec, tokens, top_k: int):
     """Int64 [1]: C = min(T, ceil(F * T * k / E)), in double as `MoESpec.lowering_capacity`."""
-    n = op.Cast(tokens, to=DOUBLE)
-    value = op.Mul(op.Mul(const_d(spec.lowering_capacity_factor), n), const_d(top_k))
-    value = op.Div(value, const_d(spec.num_experts))
-    return op.Min(op.Cast(op.Ceil(value), to=INT64), tokens)
+    slots = ceil_scaled(tokens, spec.lowering_capacity_factor, top_k, spec.num_experts)
+    return op.Min(slots, tokens)
 
 
 def _batched(stacked, bias, x):

@@ -18,13 +18,19 @@ the activation on each expert's own rows instead (three nodes more per expert, b
 the [T*k, 2I] and [T*k, I] rows). The measurements behind both choices are in
 docs/performance.md.
 
+The ``counting`` lowering is this one with the pairs grouped by a counting sort instead of
+``TopK`` (TensorRT takes a TopK only with k < 3840, and k here is the number of pairs): each
+pair's place is its expert's offset plus its rank among that expert's pairs (a one-hot
+``CumSum``), and one ``ScatterElements`` without reduction writes the order from the places.
+
 Combining does not scatter. Sorted pairs come back by the inverse of the sort (a second
-``TopK``), k rows per token. Otherwise token t's output from expert e sits in Y at
-``offset_e + (number of tokens before t routed to e)``, so every token gathers its k rows of Y
-and sums them with its routing weights. (ONNX Runtime 1.32's CPU ``ScatterND`` with
-``reduction="add"`` races when indices repeat and more than one thread runs it.) Expert-choice
-routing, with no fixed k per token, adds each expert's rows with its own ``ScatterND``, whose
-indices never repeat.
+``TopK``, or the places themselves), k rows per token. Otherwise token t's output from expert
+e sits in Y at ``offset_e + (number of tokens before t routed to e)``, so every token gathers
+its k rows of Y and sums them with its routing weights. (ONNX Runtime 1.32's CPU
+``ScatterND`` with ``reduction="add"`` races when indices repeat and more than one thread runs
+it.) Expert-choice routing, with no fixed k per token, adds each expert's rows to theirs and
+writes them back with its own ``ScatterND`` (no reduction, which TensorRT refuses: an expert's
+tokens never repeat).
 
 Exact, no padding, the FLOPs of the experts actually chosen; shapes are data-dependent.
 """
@@ -34,6 +40,7 @@ from __future__ import annotations
 from moec.compiler.lower_routing import lower_routing, pair_ids, scatter_ids, topk_pairs
 from moec.compiler.onnx_ops import (
     BOOL,
+    FLOAT,
     INT64,
     activation,
     const_f,
@@ -47,7 +54,7 @@ from moec.compiler.onnx_ops import (
 )
 from moec.ir import MoESpec
 
-__all__ = ["grouped_experts_onnx", "lower_moe_gather"]
+__all__ = ["grouped_experts_onnx", "lower_moe_counting", "lower_moe_gather"]
 
 PER_EXPERT_ACTIVATION_MAX = 16  # experts in a block that still run the activation one by one
 
@@ -103,16 +110,22 @@ def _hidden(spec: MoESpec, first):
     return gated_activation(spec, gate, up)
 
 
-def lower_moe_gather(spec: MoESpec, x, w: dict):
-    """x [B, S, H] or [T, H] -> (out like x, chosen [..., E] bool)."""
+def lower_moe_gather(spec: MoESpec, x, w: dict, counting: bool = False):
+    """x [B, S, H] or [T, H] -> (out like x, chosen [..., E] bool). ``counting``: group the
+    pairs by a counting sort, not TopK."""
     x2 = op.Reshape(x, const_i([-1, spec.hidden_size]))
     pairs = topk_pairs(spec, to_3d(x), w)
     if pairs is not None:
-        y, chosen = _sorted_pairs(spec, w, x2, *pairs)
+        y, chosen = _sorted_pairs(spec, w, x2, *pairs, counting=counting)
     else:
         y, chosen = _masked_pairs(spec, w, x, x2)
     y = finish_moe_output(spec, y, x2, w)
     return op.Reshape(y, op.Shape(x)), reshape_chosen(chosen, x, spec.num_experts)
+
+
+def lower_moe_counting(spec: MoESpec, x, w: dict):
+    """`lower_moe_gather` with the pairs grouped by a counting sort (no TopK over them)."""
+    return lower_moe_gather(spec, x, w, counting=True)
 
 
 def _masked_pairs(spec: MoESpec, w: dict, x, x2):
@@ -133,7 +146,7 @@ def _masked_pairs(spec: MoESpec, w: dict, x, x2):
     return y, chosen
 
 
-def _sorted_pairs(spec: MoESpec, w: dict, x2, ids, weights, k: int):
+def _sorted_pairs(spec: MoESpec, w: dict, x2, ids, weights, k: int, counting: bool):
     """Exactly k pairs per token: group the pairs by sorting their expert ids.
 
     Sorting the flat [T*k] ids (``TopK`` over all of them) groups the pairs by expert; sorting
@@ -144,17 +157,38 @@ def _sorted_pairs(spec: MoESpec, w: dict, x2, ids, weights, k: int):
     e_count = spec.num_experts
     flat = op.Reshape(ids, const_i([-1]))  # [P], token-major
     pair_count = op.Shape(flat)
-    _, order = op.TopK(flat, pair_count, axis=0, largest=0)  # [P], grouped by expert
+    if counting:
+        order, inverse = _counting_sort(flat, e_count)
+    else:
+        _, order = op.TopK(flat, pair_count, axis=0, largest=0)  # [P], grouped by expert
+        _, inverse = op.TopK(order, pair_count, axis=0, largest=0)
     tokens = op.Div(order, const_i([k]))
     pairs = scatter_ids(ids, ones_like(ids), e_count)  # [..., E]: slots per expert
     counts = op.ReduceSum(op.Reshape(pairs, const_i([-1, e_count])), const_i([0]), keepdims=0)
     chosen = op.Min(pairs, const_f(1.0))
     outputs = grouped_experts_onnx(spec, w, x2, tokens, op.Cast(counts, to=INT64), e_count)
-    _, inverse = op.TopK(order, pair_count, axis=0, largest=0)
     by_token = op.Gather(op.Concat(*outputs, axis=0), inverse, axis=0)  # [P, H], token-major
     by_token = op.Reshape(by_token, const_i([-1, k, spec.hidden_size]))
     gate = op.Reshape(op.CastLike(weights, x2), const_i([-1, k, 1]))
     return op.ReduceSum(op.Mul(by_token, gate), const_i([1]), keepdims=0), chosen
+
+
+def _counting_sort(flat, e_count: int):
+    """(order, places) of the expert ids ``flat`` [P]: ``order`` lists the pairs grouped by
+    expert (in pair order within one), ``places`` [P] is where each pair lands in it. Counted
+    in float32, exact up to 2^24 pairs."""
+    experts = const_i(list(range(e_count)))
+    one_hot = op.Cast(op.Equal(op.Unsqueeze(flat, const_i([-1])), experts), to=FLOAT)  # [P, E]
+    zero = op.Constant(value_int=0)
+    ahead = op.ReduceSum(op.Mul(op.CumSum(one_hot, zero), one_hot), const_i([1]), keepdims=0)
+    counts = op.ReduceSum(one_hot, const_i([0]), keepdims=0)  # [E]
+    offsets = op.Sub(op.CumSum(counts, zero), counts)  # exclusive
+    places = op.Cast(
+        op.Add(op.Gather(offsets, flat, axis=0), op.Sub(ahead, const_f(1.0))), to=INT64
+    )
+    pairs = op.Range(zero, op.Size(flat), op.Constant(value_int=1))
+    order = op.ScatterElements(op.Sub(places, places), places, pairs, axis=0)
+    return order, places
 
 
 def _split(values, counts, parts: int) -> list:
@@ -190,5 +224,6 @@ def _scatter_per_expert(x2, combine, token_lists, outputs):
     for e, (tokens, out) in enumerate(zip(token_lists, outputs, strict=True)):
         gate = op.Gather(op.Gather(combine, op.Constant(value_int=e), axis=1), tokens, axis=0)
         update = op.Mul(out, op.Unsqueeze(gate, const_i([-1])))
-        y = op.ScatterND(y, op.Unsqueeze(tokens, const_i([-1])), update, reduction="add")
+        rows = op.Unsqueeze(tokens, const_i([-1]))
+        y = op.ScatterND(y, rows, op.Add(op.GatherND(y, rows), update))
     return y

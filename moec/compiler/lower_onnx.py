@@ -50,9 +50,10 @@ def translate_moe(*args):
     return registry.resolve(emit)(spec, x=op.x, w=weights)
 
 
-def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool) -> ir.Model:
+def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool, rewrite=None) -> ir.Model:
     """The captured program as an ONNX model (onnx-ir); ``standard_ops_only``: refuse a graph
-    that uses a contrib domain (a portable target's promise)."""
+    that uses a contrib domain (a portable target's promise); ``rewrite(model)``: a target's
+    last edit of the graph (a registry hook), after the optimizer."""
     register_ort_schemas()
     _quiet_exporter_logs()
     table = {torch.ops.moec.moe.default: translate_moe}
@@ -85,6 +86,8 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool) -> ir.Mode
     )
     _drop_unused_router_outputs(model)
     _drop_split_num_outputs(model)
+    if rewrite is not None:
+        registry.resolve(rewrite)(model)
     if standard_ops_only:
         _check_standard_domains(model)
     return model

@@ -11,10 +11,8 @@ from __future__ import annotations
 import onnx
 
 from moec.compiler.onnx_ops import (
-    DOUBLE,
     FLOAT,
-    INT64,
-    const_d,
+    ceil_scaled,
     const_f,
     const_i,
     linear,
@@ -180,11 +178,7 @@ def _capacity(spec: MoESpec, tokens):
     if spec.expert_capacity is not None:
         return const_i([spec.expert_capacity])
     factor = 1.0 if spec.capacity_factor is None else spec.capacity_factor
-    n = op.Cast(tokens, to=DOUBLE)
-    value = op.Div(
-        op.Mul(op.Mul(const_d(factor), n), const_d(spec.top_k)), const_d(spec.router_experts)
-    )
-    return op.Cast(op.Ceil(value), to=INT64)
+    return ceil_scaled(tokens, factor, spec.top_k, spec.router_experts)
 
 
 def _scalar_i(value: int):

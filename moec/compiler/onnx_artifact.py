@@ -19,9 +19,12 @@ SHARD_BYTES = 4 << 30  # external data is cut into files of at most this (bar on
 
 def write_onnx(program: CapturedProgram, directory: Path, target: Target) -> dict[str, str]:
     """Lower ``program`` and save it as ``target.files``' model and weights (role -> file;
-    weights over `SHARD_BYTES` in several files). ``target.options["standard_ops_only"]``:
-    refuse contrib ops (portable ONNX)."""
-    model = lower_to_onnx(program, target.options.get("standard_ops_only", False))
+    weights over `SHARD_BYTES` in several files). ``target.options``: ``standard_ops_only``,
+    refuse contrib ops (portable ONNX); ``onnx_rewrite``, a hook that edits the graph last."""
+    options = target.options
+    model = lower_to_onnx(
+        program, options.get("standard_ops_only", False), options.get("onnx_rewrite")
+    )
     _name_dims(model, program.inputs + program.outputs)
     model_file, weights_file = target.files["model"], target.files["weights"]
     before = set(os.listdir(directory))
@@ -36,13 +39,32 @@ def write_onnx(program: CapturedProgram, directory: Path, target: Target) -> dic
 
 
 def _name_dims(model: ir.Model, specs: list[TensorSpec]) -> None:
-    """The graph's inputs and outputs with their dynamic dims named as the manifest names them
-    (``batch``, ``sequence_length``), not by the exporter's symbols (``s21``)."""
+    """The graph's dynamic dims named as the manifest names them (``batch``,
+    ``sequence_length``), not by the exporter's symbols (``s21``): on its inputs and outputs,
+    and on every value inside that has the same symbol (so shape inference, and a checker
+    reading it, can tell a value's size from the inputs')."""
     by_name = {spec.name: spec for spec in specs}
+    symbols: dict[str, str] = {}
     for value in (*model.graph.inputs, *model.graph.outputs):
         spec = by_name.get(value.name)
         if spec is None or value.shape is None or len(value.shape) != spec.rank:
             continue
+        for old, new in zip(value.shape, spec.shape, strict=True):
+            if isinstance(old, ir.SymbolicDim) and old.value and not isinstance(new, int):
+                symbols.setdefault(old.value, new.name)
         value.shape = ir.Shape(
             [d if isinstance(d, int) else ir.SymbolicDim(d.name) for d in spec.shape]
         )
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            if value.shape is None or value.is_graph_output():
+                continue
+            dims = [_renamed(d, symbols) for d in value.shape]
+            if dims != list(value.shape):
+                value.shape = ir.Shape(dims)
+
+
+def _renamed(dim, symbols: dict[str, str]):
+    if isinstance(dim, ir.SymbolicDim) and dim.value in symbols:
+        return ir.SymbolicDim(symbols[dim.value])
+    return dim

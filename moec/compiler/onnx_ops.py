@@ -7,7 +7,9 @@ interleaving) are written as ops on initializers and folded away by the optimize
 
 from __future__ import annotations
 
+import functools
 import math
+from fractions import Fraction
 
 import numpy as np
 import onnx
@@ -19,6 +21,7 @@ from moec.ir import MoESpec
 __all__ = [
     "ORT_DOMAIN",
     "activation",
+    "ceil_scaled",
     "const_d",
     "const_f",
     "const_i",
@@ -95,6 +98,35 @@ def const_f(value: float, like=None):
 def const_d(value: float):
     """A float64 scalar constant (capacity arithmetic is done in double, as Python does)."""
     return op.Constant(value=onnx.numpy_helper.from_array(np.array(value, dtype=np.float64)))
+
+
+CEIL_CHECKED = 1 << 20  # token counts over which an integer capacity is checked against Python's
+
+
+def ceil_scaled(tokens, factor: float, times: int, over: int):
+    """Int64 like ``tokens``: ``ceil(factor * tokens * times / over)`` as Python computes it in
+    double. In integers (exact, and in the types TensorRT computes) when `_integer_ratio` finds
+    a ratio that agrees with Python; else in double."""
+    ratio = _integer_ratio(float(factor), times, over)
+    if ratio is not None:
+        scaled = op.Mul(tokens, const_i([ratio.numerator]))
+        scaled = op.Add(scaled, const_i([ratio.denominator - 1]))
+        return op.Div(scaled, const_i([ratio.denominator]))
+    value = op.Mul(op.Mul(const_d(factor), op.Cast(tokens, to=DOUBLE)), const_d(times))
+    return op.Cast(op.Ceil(op.Div(value, const_d(over))), to=INT64)
+
+
+@functools.cache
+def _integer_ratio(factor: float, times: int, over: int) -> Fraction | None:
+    """``factor * times / over`` as a fraction of the factor's decimal form, if its integer
+    ceiling gives Python's double one at every token count below `CEIL_CHECKED`."""
+    ratio = Fraction(repr(factor)) * times / over
+    if ratio.numerator >= 1 << 40:
+        return None
+    counts = np.arange(CEIL_CHECKED, dtype=np.int64)
+    python = np.ceil(factor * counts.astype(np.float64) * times / over)
+    integer = (ratio.numerator * counts + ratio.denominator - 1) // ratio.denominator
+    return ratio if np.array_equal(python, integer) else None
 
 
 def const_i(values: list[int]):

@@ -104,7 +104,8 @@ class CapacityPass(Pass[CapturedProgram]):
             return float(self.factor)
         k = spec.top_k
         peak = max(float(load.max()) * spec.num_experts / (tokens * k) for load, tokens in loads)
-        return math.ceil(peak * self.margin * 1000) / 1000
+        # a multiple of 1/1024: the slots are then computed exactly in integers (`ceil_scaled`)
+        return math.ceil(peak * self.margin * 1024) / 1024
 
     def _loads(self, program: CapturedProgram) -> dict[str, list[tuple[np.ndarray, int]]]:
         """Per block, per calibration call: (tokens routed to each expert [E], tokens in call)."""

@@ -53,6 +53,7 @@ class Manifest:
     compression: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # `CompileSettings.to_dict()`
     decoding: dict[str, Any] = field(default_factory=dict)  # the KV cache: `Decoding`
+    build: dict[str, Any] = field(default_factory=dict)  # the target's build (TensorRT's engine)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -83,8 +84,9 @@ class Manifest:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def read(cls, directory: str | Path) -> Manifest:
-        """Read and validate ``directory/manifest.json`` and the files it names."""
+    def read(cls, directory: str | Path, skip_roles: tuple[str, ...] = ()) -> Manifest:
+        """Read and validate ``directory/manifest.json`` and the files it names (but those of
+        ``skip_roles``, which the caller is about to replace)."""
         directory = Path(directory)
         path = directory / MANIFEST_NAME
         if not directory.is_dir():
@@ -107,7 +109,7 @@ class Manifest:
                 f"{path} is not valid JSON ({why}); compile the artifact again"
             ) from e
         manifest = cls.from_dict(data, str(path))
-        manifest.check_files(directory)
+        manifest.check_files(directory, skip_roles)
         return manifest
 
     @classmethod
@@ -162,6 +164,7 @@ class Manifest:
             compression=data.get("compression", {}),
             settings=data.get("settings", {}),
             decoding=data.get("decoding", {}),
+            build=data.get("build", {}),
         )
 
     def unlisted_files(self, directory: Path) -> list[str]:
@@ -170,10 +173,12 @@ class Manifest:
         listed = {f.path for f in self.files.values()} | {MANIFEST_NAME}
         return sorted(p.name for p in Path(directory).iterdir() if p.name not in listed)
 
-    def check_files(self, directory: Path) -> None:
-        """Every listed file is there as compiled (sizes and hashes); a reference file
-        (`registry.REFERENCE_FILE_ROLES`) may be left out."""
+    def check_files(self, directory: Path, skip_roles: tuple[str, ...] = ()) -> None:
+        """Every listed file (but those of ``skip_roles``) is there as compiled (sizes and
+        hashes); a reference file (`registry.REFERENCE_FILE_ROLES`) may be left out."""
         for role, entry in self.files.items():
+            if role in skip_roles:
+                continue
             path = directory / entry.path
             if role in registry.REFERENCE_FILE_ROLES and not path.exists():
                 continue

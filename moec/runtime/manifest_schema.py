@@ -108,6 +108,7 @@ SCHEMA: dict[str, Any] = {
         "compression": OBJECT,
         "settings": OBJECT,
         "decoding": OBJECT,
+        "build": OBJECT,
     },
 }
 _VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)

@@ -149,8 +149,11 @@ class Runner(abc.ABC):
         """Free the backend session."""
 
 
-def check_feeds(specs: list[TensorSpec], feeds: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Numpy arrays for ``feeds`` after checking names, dtypes, ranks, sizes and value ranges."""
+def check_feeds(
+    specs: list[TensorSpec], feeds: dict[str, Any], keep_device_tensors: bool = False
+) -> dict[str, np.ndarray]:
+    """Numpy arrays for ``feeds`` after checking names, dtypes, ranks, sizes and value ranges.
+    ``keep_device_tensors``: torch tensors on a GPU are checked where they are and kept."""
     expected = [s.name for s in specs]
     unknown = sorted(set(feeds) - set(expected))
     if unknown:
@@ -162,6 +165,9 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, Any]) -> dict[str, np.
         if spec.name not in feeds:
             continue
         value = feeds[spec.name]
+        if keep_device_tensors and is_torch(value) and value.device.type != "cpu":
+            arrays[spec.name] = _checked_device_tensor(spec, value, dims_seen)
+            continue
         if is_torch(value):
             value = _torch_to_numpy(spec, value)
         if not isinstance(value, np.ndarray):
@@ -192,6 +198,31 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, Any]) -> dict[str, np.
             if isinstance(dim, DynamicDim) and dim.sum_of:
                 _check_sum(spec, axis, arrays[spec.name].shape[axis], dim, dims_seen)
     return arrays
+
+
+def _checked_device_tensor(spec: TensorSpec, value: Any, dims_seen: dict) -> Any:
+    dtype = str(value.dtype).removeprefix("torch.")
+    if dtype != spec.dtype:
+        raise InputError(
+            f"input {spec.name!r} has dtype {dtype}, expected {spec.dtype}: convert it first "
+            f"(x.to(torch.{spec.dtype}))"
+        )
+    if value.dim() != spec.rank:
+        raise InputError(
+            f"input {spec.name!r} has rank {value.dim()} (shape {list(value.shape)}), "
+            f"expected rank {spec.rank}: {spec.shape_str()}"
+        )
+    for axis, (size, dim) in enumerate(zip(value.shape, spec.shape, strict=True)):
+        _check_dim(spec, axis, int(size), dim, dims_seen)
+    if spec.value_range is not None and value.numel():
+        low, high = spec.value_range
+        least, most = int(value.min()), int(value.max())
+        if least < low or most >= high:
+            raise InputError(
+                f"input {spec.name!r} has values in [{least}, {most}], outside the valid range "
+                f"[{low}, {high})"
+            )
+    return value
 
 
 def feed_layout(feeds: dict[str, Any]) -> tuple | None:
