@@ -39,7 +39,8 @@ MOE_CODE = re.compile(
 COVERAGE_PAGE = ROOT / "docs" / "coverage.md"  # the page --write-docs rewrites between the markers
 COVERAGE_START, COVERAGE_END = "<!-- hf-coverage:start -->", "<!-- hf-coverage:end -->"
 TIMEOUT_S = 900
-NO_ENGINE = "no TensorRT engine yet"  # every trt row's note here: not a property of the family
+# notes every row of a target has here, which say nothing about the family
+COMMON_NOTES = ("no TensorRT engine yet", "weights streamed from the checkpoint")
 
 
 def installed_moe_families() -> list[str]:
@@ -161,7 +162,7 @@ def reason_of(rows: list[dict]) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in r.get("failing_shapes", []))
         where = f" for input_ids {shapes}" if shapes else " (routing agreement)"
         return f"logits differ from eager{where}: rel L2 {r.get('rel_l2'):.1e}"
-    notes = sorted({n for r in rows for n in r.get("notes", []) if not n.startswith(NO_ENGINE)})
+    notes = sorted({n for r in rows for n in r.get("notes", []) if not n.startswith(COMMON_NOTES)})
     notes += sorted({r["not_fused"] for r in rows if r.get("not_fused")})
     return _clean("; ".join(notes), limit=400)
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from moec.errors import ArtifactError, RuntimeUnavailableError
-from moec.runtime.arrays import is_torch
+from moec.runtime.arrays import is_torch, to_numpy, to_torch
 from moec.runtime.manifest import Manifest
 from moec.runtime.runner import Runner, check_feeds
 from moec.runtime.tensorrt_env import engine_mismatch, tensorrt_missing
@@ -99,7 +99,7 @@ class TrtRunner(Runner):
         return outputs
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: v.cpu().numpy() for k, v in self.run_tensors(feeds).items()}
+        return {k: to_numpy(v.cpu()) for k, v in self.run_tensors(feeds).items()}
 
     def run_tensors(self, feeds: dict[str, Any]) -> dict[str, Any]:
         """Run the engine on ``feeds`` (numpy arrays, or torch tensors: those on its GPU are
@@ -109,8 +109,9 @@ class TrtRunner(Runner):
         context, device = self.context, f"cuda:{self.device}"
         kept: list = []  # alive until the engine has run
         for name in self.engine_inputs:
-            value = torch.as_tensor(feeds[name], device=device).to(self.dtypes[name])
-            value = value.contiguous()
+            value = feeds[name]
+            value = to_torch(value) if isinstance(value, np.ndarray) else value  # bf16 too
+            value = value.to(device=device, dtype=self.dtypes[name]).contiguous()
             kept.append(value)
             if not context.set_input_shape(name, tuple(value.shape)):
                 raise ArtifactError(
