@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from moec.errors import ArtifactError
 
 __all__ = ["MAX_TOPK", "OpTable", "TrtProblem", "check_trt", "count_nodes", "load_onnx", "op_table"]
 
+log = logging.getLogger(__name__)
 TABLE_FILE = Path(__file__).with_name("tensorrt_onnx_ops.json")
 MAX_TOPK = 3840  # TensorRT's TopK takes k below this
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -102,8 +104,11 @@ def check_trt(
         problems.append(
             TrtProblem("(model)", "", f"opset {opset} is outside {low}..{high}", "(model)")
         )
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    graph = _Graph(inferred.graph, dict(dim_max or {}))
+    try:  # the values' types and shapes, which the checks read
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError) as e:
+        log.warning("ONNX shape inference failed (%s); checking the types the graph declares", e)
+    graph = _Graph(model.graph, dict(dim_max or {}))
     where = functools.partial(_origin, blocks=tuple(blocks))
     for node, scope in _nodes(graph):
         for reason in _node_problems(node, scope, table):
