@@ -36,18 +36,12 @@ def source(name: str, scratch: Path) -> str:
 
 
 def median_ms(fn) -> float:
+    """Median milliseconds of ``fn`` on the GPU (each call waited for)."""
     import torch
 
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPEAT):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+    from moec.timing import median_ms as timed
+
+    return timed(lambda: (fn(), torch.cuda.synchronize()), REPEAT, warmup=3)
 
 
 def check(name: str, precision: str, scratch: Path) -> dict:

@@ -44,9 +44,13 @@ Timing = dict[str, list[float]]  # lowering -> median seconds at each of TIMED_T
 log = logging.getLogger(__name__)
 
 
+def cache_dir() -> Path:
+    """moec's cache directory: ``$MOEC_CACHE_DIR``, default ``~/.cache/moec``."""
+    return Path(os.environ.get("MOEC_CACHE_DIR") or Path.home() / ".cache" / "moec")
+
+
 def cache_path() -> Path:
-    base = os.environ.get("MOEC_CACHE_DIR") or Path.home() / ".cache" / "moec"
-    return Path(base) / "autotune.json"
+    return cache_dir() / "autotune.json"
 
 
 def autotune(

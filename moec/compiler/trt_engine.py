@@ -17,18 +17,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moec.errors import LoweringError, TargetNotBuiltError
-from moec.runtime.tensorrt_env import tensorrt_missing
+from moec.compiler.autotune import cache_dir
+from moec.errors import LoweringError
 
 __all__ = ["build_engine", "timing_cache_path"]
 
 
 def build_engine(onnx_path: Path, build: dict[str, Any], timing_cache: Path | None) -> bytes:
     """The serialized engine of ``onnx_path`` (its external data beside it) for the profile in
-    ``build`` (the manifest's ``build`` section: ``inputs`` -> [min, opt, max] shapes)."""
-    why = tensorrt_missing()
-    if why is not None:
-        raise TargetNotBuiltError(f"cannot build a TensorRT engine here: {why}")
+    ``build`` (the manifest's ``build`` section: ``inputs`` -> [min, opt, max] shapes). The
+    caller has checked that TensorRT and a GPU are here (`tensorrt_missing`)."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -67,9 +65,8 @@ def build_engine(onnx_path: Path, build: dict[str, Any], timing_cache: Path | No
 
 
 def timing_cache_path() -> Path:
-    """TensorRT's timing cache, in moec's cache directory (``MOEC_CACHE_DIR``)."""
-    base = os.environ.get("MOEC_CACHE_DIR") or Path.home() / ".cache" / "moec"
-    return Path(base) / "tensorrt-timing.cache"
+    """TensorRT's timing cache, in moec's cache directory."""
+    return cache_dir() / "tensorrt-timing.cache"
 
 
 def _read_cache(path: Path | None) -> bytes:

@@ -175,18 +175,7 @@ def check_feeds(
                 f"input {spec.name!r} is a {type(value).__name__}; pass a numpy array or a "
                 f"torch tensor of {spec.dtype} {spec.shape_str()}"
             )
-        if value.dtype.name != spec.dtype:
-            raise InputError(
-                f"input {spec.name!r} has dtype {value.dtype.name}, expected {spec.dtype}: "
-                f"convert it first (e.g. x.astype(np.{spec.dtype}) or x.to(torch.{spec.dtype}))"
-            )
-        if value.ndim != spec.rank:
-            raise InputError(
-                f"input {spec.name!r} has rank {value.ndim} (shape {list(value.shape)}), "
-                f"expected rank {spec.rank}: {spec.shape_str()}"
-            )
-        for axis, (size, dim) in enumerate(zip(value.shape, spec.shape, strict=True)):
-            _check_dim(spec, axis, size, dim, dims_seen)
+        _check_layout(spec, value.dtype.name, value.shape, dims_seen)
         if spec.value_range is not None:
             _check_values(spec, value)
         # native byte order (a runtime reads raw bytes); ascontiguousarray would make 0-d 1-d
@@ -201,28 +190,27 @@ def check_feeds(
 
 
 def _checked_device_tensor(spec: TensorSpec, value: Any, dims_seen: dict) -> Any:
-    dtype = str(value.dtype).removeprefix("torch.")
+    """A torch tensor on a device, checked where it is."""
+    _check_layout(spec, str(value.dtype).removeprefix("torch."), value.shape, dims_seen)
+    if spec.value_range is not None and value.numel():
+        _check_range(spec, int(value.min()), int(value.max()))
+    return value
+
+
+def _check_layout(spec: TensorSpec, dtype: str, shape, dims_seen: dict) -> None:
+    """A feed's dtype, rank and sizes against ``spec``."""
     if dtype != spec.dtype:
         raise InputError(
-            f"input {spec.name!r} has dtype {dtype}, expected {spec.dtype}: convert it first "
-            f"(x.to(torch.{spec.dtype}))"
+            f"input {spec.name!r} has dtype {dtype}, expected {spec.dtype}: "
+            f"convert it first (e.g. x.astype(np.{spec.dtype}) or x.to(torch.{spec.dtype}))"
         )
-    if value.dim() != spec.rank:
+    if len(shape) != spec.rank:
         raise InputError(
-            f"input {spec.name!r} has rank {value.dim()} (shape {list(value.shape)}), "
+            f"input {spec.name!r} has rank {len(shape)} (shape {list(shape)}), "
             f"expected rank {spec.rank}: {spec.shape_str()}"
         )
-    for axis, (size, dim) in enumerate(zip(value.shape, spec.shape, strict=True)):
+    for axis, (size, dim) in enumerate(zip(shape, spec.shape, strict=True)):
         _check_dim(spec, axis, int(size), dim, dims_seen)
-    if spec.value_range is not None and value.numel():
-        low, high = spec.value_range
-        least, most = int(value.min()), int(value.max())
-        if least < low or most >= high:
-            raise InputError(
-                f"input {spec.name!r} has values in [{least}, {most}], outside the valid range "
-                f"[{low}, {high})"
-            )
-    return value
 
 
 def feed_layout(feeds: dict[str, Any]) -> tuple | None:
@@ -256,10 +244,15 @@ def _torch_to_numpy(spec: TensorSpec, value: Any) -> np.ndarray:
 
 
 def _check_values(spec: TensorSpec, value: np.ndarray) -> None:
+    if value.size:
+        _check_range(spec, value.min(), value.max())
+
+
+def _check_range(spec: TensorSpec, least, most) -> None:
     low, high = spec.value_range
-    if value.size and (value.min() < low or value.max() >= high):
+    if least < low or most >= high:
         raise InputError(
-            f"input {spec.name!r} has values in [{value.min()}, {value.max()}], outside "
+            f"input {spec.name!r} has values in [{least}, {most}], outside "
             f"the valid range [{low}, {high})"
         )
 
