@@ -45,10 +45,14 @@ def _eager_routing(match: BlockMatch, args: tuple, kwargs: dict) -> tuple[np.nda
 
     A block routed by moec is routed again from its input with the IR's routing; an experts
     module behind the family's own router reports the routing it was handed (its margin comes
-    from `_mark_fragile_external_routing`).
+    from `_mark_fragile_external_routing`), and a block routed by its own code the routing its
+    gate reader computes.
     """
     spec, w = match.spec, match.weights
-    x, ids, _ = experts_call_args(args, kwargs)
+    if match.conversion.gate is not None:  # a block routed by its own code, as the op is
+        _, ids, _, _ = match.conversion.gate(*args, **kwargs)
+    else:
+        x, ids, _ = experts_call_args(args, kwargs)
     if spec.routing == "external":
         chosen = torch.zeros((*ids.shape[:-1], spec.router_experts), dtype=torch.bool)
         chosen.scatter_(-1, ids, True)

@@ -25,7 +25,7 @@ from torch import nn
 import moec
 from moec import registry
 from moec.compiler.artifact_writer import claim, write_artifact
-from moec.compiler.capture import NO_BLOCK_NOTE, capture, fake_probe
+from moec.compiler.capture import NO_BLOCK_NOTE, OWN_OPS, capture, fake_probe
 from moec.compiler.drop_routing import drop_routing_outputs
 from moec.compiler.sources import LoadedSource, load_source, source_from_module
 from moec.errors import CaptureError, LoweringError, MoecError, OutOfMemoryError
@@ -188,7 +188,7 @@ def compile_model(
             if not settings.routing_outputs:
                 captured = drop_routing_outputs(captured)
             _check_lowerings(captured, target)
-        with stage("emit"):
+        with stage("emit"), _naming_unconverted_blocks(captured.notes):
             manifest = Manifest(
                 target=target.name,
                 source=loaded.record,
@@ -208,6 +208,18 @@ def compile_model(
             path = write_artifact(held, manifest, writer, force)
     log.info("compiled %s for %s into %s", loaded.record["spec"], target.name, path)
     return CompileResult(path, manifest, captured.block_records(), timings, captured.notes)
+
+
+@contextmanager
+def _naming_unconverted_blocks(notes: list[str]) -> Iterator[None]:
+    """A lowering failure names the MoE-like blocks left as the model's own ops, and why."""
+    try:
+        yield
+    except LoweringError as e:
+        unconverted = [n for n in notes if n.endswith(OWN_OPS)]
+        if not unconverted:
+            raise
+        raise LoweringError(f"{e}; not converted, and likely the cause: {unconverted[0]}") from e
 
 
 OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory")

@@ -22,6 +22,7 @@ from moec.decode_verification import verify_decoding
 from moec.eager_routing import eager_routing_hooks
 from moec.errors import RuntimeUnavailableError, UsageError, VerificationError
 from moec.models import BlockMatch, find_moe_blocks
+from moec.models.block_calls import recorded_block_calls
 from moec.models.hf_models import hf_model_source, is_hf_model
 from moec.models.kv_cache import CausalLMWithCache, TinyLMWithCache, cache_model
 from moec.models.layer_streaming import stream_layers
@@ -91,34 +92,39 @@ def verify(
     model = eager_model(manifest, source, **trust, trust_source=trust_source)
     if manifest.compression:  # a lossy artifact is checked against its passes' output
         model = apply_compressed(model, manifest.compression, Path(path))
-    with recording():  # a streamed model's blocks: their weights as recipes
-        blocks = {m.name: m for m in find_moe_blocks(model)}
-    outputs = [
-        OutputStats(o.name, rel_l2 if rel_l2 is not None else _tolerance(o.dtype)[0], atol, rtol)
-        for o in manifest.model_outputs
-    ]
-    loosest = max((_tolerance(o.dtype) for o in manifest.main_outputs), key=lambda t: t[0])
-    least = agreement if agreement is not None else loosest[1]
-    routing_specs = [o for o in manifest.outputs if o.role == "routing"]
-    routing = [
-        RoutingStats(o.block, o.name, least, near_tie=loosest[2])
-        for o in routing_specs
-        if o.block in blocks
-    ]
     notes = []
     unlisted = manifest.unlisted_files(Path(path))
     if unlisted:
         notes.append(f"files the manifest does not list (never checked nor read): {unlisted}")
-    if blocks and not routing_specs:
-        notes.append(
-            "the artifact has no routing outputs (--no-routing-outputs): its routing is not "
-            "compared, only its outputs"
-        )
-    if len(routing) < len(routing_specs):
-        notes.append("some blocks have no eager counterpart; their routing is not compared")
-    report = VerifyReport(outputs, routing, notes=notes)
     with _runner(manifest, Path(path), by_layers, trust_pickle, notes) as runner:
-        for feeds, attended in _input_sets(runner, inputs, schedule, seed, notes):
+        sets = _input_sets(runner, inputs, schedule, seed, notes)
+        first = [eager_input(model, to_torch(sets[0][0][s.name])) for s in manifest.inputs]
+        # a streamed model's blocks: their weights as recipes; blocks read from a call: this one
+        with recording(), recorded_block_calls(model, tuple(first)):
+            blocks = {m.name: m for m in find_moe_blocks(model)}
+        outputs = [
+            OutputStats(
+                o.name, rel_l2 if rel_l2 is not None else _tolerance(o.dtype)[0], atol, rtol
+            )
+            for o in manifest.model_outputs
+        ]
+        loosest = max((_tolerance(o.dtype) for o in manifest.main_outputs), key=lambda t: t[0])
+        least = agreement if agreement is not None else loosest[1]
+        routing_specs = [o for o in manifest.outputs if o.role == "routing"]
+        routing = [
+            RoutingStats(o.block, o.name, least, near_tie=loosest[2])
+            for o in routing_specs
+            if o.block in blocks
+        ]
+        if blocks and not routing_specs:
+            notes.append(
+                "the artifact has no routing outputs (--no-routing-outputs): its routing is not "
+                "compared, only its outputs"
+            )
+        if len(routing) < len(routing_specs):
+            notes.append("some blocks have no eager counterpart; their routing is not compared")
+        report = VerifyReport(outputs, routing, notes=notes)
+        for feeds, attended in sets:
             report.shapes.append({k: list(v.shape) for k, v in feeds.items()})
             report.dims.append(dim_values(manifest.inputs, feeds))
             ref_outputs, ref_routing = _run_eager(model, manifest, blocks, feeds)
@@ -292,13 +298,17 @@ def _mark_fragile_external_routing(model, manifest, blocks, feeds, routing) -> N
     generator = torch.Generator().manual_seed(0)
 
     def add_noise(module, args, kwargs):
-        if args:
+        if args and args[0].is_floating_point():
             x = args[0]
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
             return (x + PERTURBATION * x.abs().mean() * noise, *args[1:]), kwargs
         return None
 
-    parents = {model.get_submodule(name.rpartition(".")[0]) for name in external}
+    # an experts module's block, or a block routed by its own code itself
+    parents = {
+        model.get_submodule(name if m.conversion.gate is not None else name.rpartition(".")[0])
+        for name, m in external.items()
+    }
     handles = [p.register_forward_pre_hook(add_noise, with_kwargs=True) for p in parents]
     try:
         _, perturbed = _run_eager(model, manifest, external, feeds)

@@ -23,11 +23,13 @@ from moec.errors import CaptureError, SourceError
 from moec.ir.program import CapturedBlock, CapturedProgram, moe_nodes, node_spec
 from moec.ir.signature import DynamicDim, TensorSpec
 from moec.models import BlockMatch, ModelSource, find_moe_blocks
+from moec.models.block_calls import recorded_block_calls
 from moec.models.hf_patches import export_patches
 from moec.models.lazy_weights import fake_lazy_weights, has_lazy_weights, recording
 
 __all__ = [
     "NO_BLOCK_NOTE",
+    "OWN_OPS",
     "SUBGRAPH",
     "capture",
     "fake_probe",
@@ -36,6 +38,7 @@ __all__ = [
 ]
 
 NO_BLOCK_NOTE = "no MoE block found; compiled as a plain export"
+OWN_OPS = "it runs as the model's own ops"  # how the notes on unconverted blocks end
 
 # the path of blocks whose experts are modules: no moec::moe node, so no registered lowering
 SUBGRAPH = "subgraph"
@@ -85,7 +88,9 @@ def swap_blocks(
     for match in matches:
         stand_in = match.conversion.stand_in
         block = (
-            stand_in() if stand_in else op_block(match.spec, match.weights, match.expert_modules)
+            stand_in()
+            if stand_in
+            else op_block(match.spec, match.weights, match.expert_modules, match.conversion.gate)
         )
         if match.name == "":
             root = block
@@ -133,11 +138,13 @@ def capture(source: ModelSource, dtype: torch.dtype = torch.float32) -> Captured
     ``dtype``, a copy of it in that precision (routers in float32: `cast_keeping_routers`)."""
     lazy = has_lazy_weights(source.model)
     record = recording if lazy else nullcontext
+    inputs = tuple(_cast(x, dtype) for x in source.example_inputs)
+    refused: dict[str, str] = {}
     with record():
         model = source.model if dtype == torch.float32 else copy.deepcopy(source.model)
-        matches = find_moe_blocks(model)
-    unconverted = unconverted_moe_modules(model, matches)
-    inputs = tuple(_cast(x, dtype) for x in source.example_inputs)
+        with recorded_block_calls(model, inputs):
+            matches = find_moe_blocks(model, refused)
+    unconverted = unconverted_moe_modules(model, matches, refused)
     input_names = source.input_names or _forward_parameter_names(model, len(inputs))
     with ExitStack() as scope:
         with record():
@@ -157,7 +164,8 @@ def capture(source: ModelSource, dtype: torch.dtype = torch.float32) -> Captured
         try:
             program, export_notes = _export(tap, inputs, dynamic, input_names, source.dim_sums)
         except Exception as e:  # torch.export raises many types; all mean "cannot trace"
-            raise CaptureError(_export_failure(e, model, matches, unconverted)) from e
+            unconverted_why = list(refused.values()) + [f"{n} ({c})" for n, c in unconverted]
+            raise CaptureError(_export_failure(e, model, matches, unconverted_why)) from e
     skipped = [m for i, m in enumerate(matches) if i not in ran]
     matches = [matches[i] for i in ran]
     num_outputs = len(program.graph_signature.user_outputs) - len(matches)
@@ -177,9 +185,9 @@ def capture(source: ModelSource, dtype: torch.dtype = torch.float32) -> Captured
         for m in skipped
     ]
     notes += [f"rewritten for export: {patch}" for patch in patches]
+    notes += [f"{reason}; {OWN_OPS}" for reason in refused.values()]
     notes += [
-        f"{name} ({cls}) looks like an MoE block but no adapter converts it; it runs as the "
-        "model's own ops"
+        f"{name} ({cls}) looks like an MoE block but no adapter converts it; {OWN_OPS}"
         for name, cls in unconverted
     ]
     return CapturedProgram(program, blocks, specs[0], specs[1], notes, lazy_weights)
@@ -206,7 +214,7 @@ def _blocks(program: ExportedProgram, matches: list[BlockMatch]) -> list[Capture
             fixed_lowering=SUBGRAPH,
         )
         for m in matches
-        if m.expert_modules is not None or m.conversion.stand_in is not None
+        if m.spec.expert_kind == "module"
     ]
     for node in moe_nodes(program):
         spec = node_spec(node)
@@ -271,9 +279,12 @@ def _is_symbolic(size) -> bool:
 MOE_CLASS_RE = re.compile(r"(moe|moeblock|moelayer|experts|sparsemlp|mixture\w*)$", re.IGNORECASE)
 
 
-def unconverted_moe_modules(model: nn.Module, matches: list[BlockMatch]) -> list[tuple[str, str]]:
-    """(name, class) of modules named like MoE blocks that no adapter converted, outermost only."""
-    converted = [m.name for m in matches]
+def unconverted_moe_modules(
+    model: nn.Module, matches: list[BlockMatch], refused: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """(name, class) of modules named like MoE blocks that no adapter converted nor refused,
+    outermost only."""
+    converted = [m.name for m in matches] + list(refused or {})
     found: list[tuple[str, str]] = []
 
     def related(a: str, b: str) -> bool:
@@ -302,8 +313,7 @@ def _export_failure(error: Exception, model: nn.Module, matches, unconverted) ->
         "exportable with dynamic batch and sequence"
     )
     if unconverted:
-        listed = ", ".join(f"{name} ({cls})" for name, cls in unconverted[:3])
-        message += f"; not converted, and likely the cause: {listed}"
+        message += f"; not converted, and likely the cause: {', '.join(unconverted[:3])}"
     return message
 
 

@@ -47,6 +47,11 @@ def unsupported_reasons(spec: MoESpec) -> list[str]:
             "expert-choice routing gives each token a variable number of experts; "
             "com.microsoft.MoE picks a fixed top-k per token"
         )
+    if spec.signed_weights:
+        reasons.append(
+            "the block's own gate may give negative weights; com.microsoft.MoE's weights come "
+            "from a softmax"
+        )
     if spec.expert_kind == "gated" and spec.activation not in ("silu", "swiglu"):
         reasons.append(f"com.microsoft.MoE on CPU has no gated {spec.activation} (only SwiGLU)")
     if spec.activation_limit is not None:

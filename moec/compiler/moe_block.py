@@ -18,6 +18,7 @@ from moec.models.generic_moe import module_experts_forward
 
 __all__ = [
     "ROUTER_WEIGHTS",
+    "GatedMoEBlock",
     "MoEBlock",
     "MoEExpertsBlock",
     "ModuleExpertsBlock",
@@ -84,6 +85,19 @@ class MoEExpertsBlock(MoEBlock):
         return self.call_op(tokens, top_k_index, top_k_weights).reshape(hidden_states.shape)
 
 
+class GatedMoEBlock(MoEBlock):
+    """Stands in for a block routed by its own code: ``gate`` (`GateReader`) computes the op's
+    inputs with the block's own ops; the op runs the experts."""
+
+    def __init__(self, spec: MoESpec, weights: MoEWeights, gate: nn.Module):
+        super().__init__(spec, weights)
+        self.gate = gate
+
+    def forward(self, *args, **kwargs):
+        tokens, ids, gates, rest = self.gate(*args, **kwargs)
+        return self.call_op(tokens, ids, gates).reshape(rest.shape) + rest
+
+
 class ModuleExpertsBlock(MoEBlock):
     """A block whose experts are arbitrary modules: routed by the IR's routing, each expert's
     tokens gathered, run through the expert's own (exported) module, and scatter-added back."""
@@ -105,11 +119,17 @@ class ModuleExpertsBlock(MoEBlock):
 
 
 def op_block(
-    spec: MoESpec, weights: MoEWeights, expert_modules: nn.ModuleList | None = None
+    spec: MoESpec,
+    weights: MoEWeights,
+    expert_modules: nn.ModuleList | None = None,
+    gate: nn.Module | None = None,
 ) -> MoEBlock:
-    """The module standing in for a converted block (whole block, experts only, module experts)."""
+    """The module standing in for a converted block (whole block, experts only, module experts,
+    a block routed by its own code)."""
     if expert_modules is not None:
         return ModuleExpertsBlock(spec, weights, expert_modules)
+    if gate is not None:
+        return GatedMoEBlock(spec, weights, gate)
     cls = MoEExpertsBlock if spec.routing == "external" else MoEBlock
     return cls(spec, weights)
 

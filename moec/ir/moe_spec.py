@@ -13,7 +13,8 @@ Routing (per token, logits = x @ router_weight.T + router_bias, computed in floa
   ``C = min(S, ceil(capacity_factor * S * top_k / E))`` of each sequence.
 - ``routing="external"``: the block's own router (kept in the graph as ordinary ops) gives
   ``top_k`` expert ids and weights per token; the op only runs the experts. Score, group and
-  capacity fields do not apply.
+  capacity fields do not apply. ``signed_weights``: the weights may be any real number (a
+  user's gate moec reads as it is), not only the non-negative scores of a softmax or sigmoid.
 - Capacity (top-k routing): with ``expert_capacity`` (a fixed count) or ``capacity_factor``
   (``C = ceil(factor * n * top_k / E)``, n the tokens in scope), each expert serves at most C of
   the (token, slot) pairs routed to it in ``capacity_scope`` (a ``sequence`` or the whole
@@ -75,6 +76,7 @@ class MoESpec:
     expert_size: int
     score: str = "softmax"
     routing: str = "topk"
+    signed_weights: bool = False
     topk_before_softmax: bool = False
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
@@ -272,6 +274,7 @@ class MoESpec:
         need(
             self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor must be > 0"
         )
+        need(self.routing == "external" or not self.signed_weights, "signed_weights is external")
         if self.routing == "external":
             need(self.n_group == 1, "external routing has no expert groups")
             need(

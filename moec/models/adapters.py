@@ -7,8 +7,10 @@ recognises but cannot convert, with the reason.
 
 Built in, tried in this order: modules with a ``to_moe()`` method (moec's zoo layers, or a user's
 own blocks); transformers' fused experts modules (`HFExpertsAdapter`); the generic recogniser of a
-router Linear plus a ModuleList of experts (`GenericMoEAdapter`). `register_adapter` puts a new
-one first. See docs/adapters.md.
+router Linear plus a ModuleList of experts (`GenericMoEAdapter`), and of such blocks whose forward
+takes more than the hidden states (`OwnGateAdapter`). `register_adapter` puts a new one first.
+A block an adapter refuses stays the model's own ops; ``find_moe_blocks`` says why in
+``refused``. See docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from moec.models.conversion import Conversion
 from moec.models.generic_moe import GenericMoEAdapter
 from moec.models.hf_experts import HFExpertsAdapter
 from moec.models.hf_families import DbrxExpertsAdapter, JetMoeAdapter, SwitchSparseMLPAdapter
+from moec.models.own_gate_moe import OwnGateAdapter
 
 __all__ = [
     "ADAPTERS",
@@ -80,6 +83,7 @@ ADAPTERS: list[Adapter] = [
     SwitchSparseMLPAdapter(),
     JetMoeAdapter(),
     GenericMoEAdapter(),
+    OwnGateAdapter(),
 ]
 
 
@@ -88,14 +92,22 @@ def register_adapter(adapter: Adapter) -> None:
     ADAPTERS.insert(0, adapter)
 
 
-def find_moe_blocks(model: nn.Module) -> list[BlockMatch]:
-    """Every MoE block of ``model``, outermost first; a block's own submodules are not searched."""
+def find_moe_blocks(model: nn.Module, refused: dict[str, str] | None = None) -> list[BlockMatch]:
+    """Every MoE block of ``model``, outermost first; a block's own submodules are not searched.
+    A block an adapter recognises but cannot convert is left out (it runs as the model's own
+    ops), and ``refused`` maps its name to the adapter's reason."""
     found: list[BlockMatch] = []
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(f"{outer}.") or outer == "" for outer in inside):
             continue
-        match = _convert(name, module)
+        try:
+            match = _convert(name, module)
+        except UnsupportedBlockError as e:
+            if refused is not None:
+                refused[name] = str(e)
+            inside.append(name)
+            continue
         if match is not None:
             found.append(match)
             inside.append(name)

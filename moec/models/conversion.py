@@ -22,7 +22,10 @@ class Conversion:
       (JetMoE's attention experts), a factory of the module to put in the block's place; it
       must append its routing mask to ``routing_sink`` like `MoEBlock`;
     - ``routing_module``: the module whose input the routing is computed from, when it is not
-      the block itself (verification hooks it).
+      the block itself (verification hooks it);
+    - ``gate``: for blocks routed by their own code (``routing="external"``), a module called
+      like the block that returns ``(hidden [T, H], ids [T, k], weights [T, k], rest)``: the
+      op's inputs, and what the block adds to the op's output.
     """
 
     spec: MoESpec
@@ -30,3 +33,4 @@ class Conversion:
     expert_modules: nn.ModuleList | None = None
     stand_in: Callable[[], nn.Module] | None = None
     routing_module: nn.Module | None = None
+    gate: nn.Module | None = None

@@ -16,6 +16,7 @@ A block that matches no candidate is reported with the reason; register an adapt
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from typing import Any
 
@@ -32,7 +33,13 @@ from moec.ir import (
     router_logits,
 )
 
-__all__ = ["GenericMoEAdapter", "module_experts_forward"]
+__all__ = [
+    "GenericMoEAdapter",
+    "as_ffn",
+    "expert_list",
+    "module_experts_forward",
+    "takes_more_than_hidden_states",
+]
 
 PROBE_TOKENS = 48
 MAX_PROBED_TOP_K = 8
@@ -44,12 +51,12 @@ class GenericMoEAdapter:
 
     def convert(self, module: nn.Module) -> tuple[MoESpec, MoEWeights] | None:
         parts = _router_and_experts(module)
-        if parts is None:
+        if parts is None or takes_more_than_hidden_states(module):
             return None
         router, experts = parts
         hidden, num_experts = router.in_features, router.out_features
         base: dict[str, Any] = {"num_experts": num_experts, "hidden_size": hidden}
-        ffn = _as_ffn(experts, hidden)
+        ffn = as_ffn(experts, hidden)
         if ffn is None:
             weights = MoEWeights(router_weight=None, w_up=None, w_down=None)
             base.update(expert_kind="module", expert_size=1)
@@ -68,28 +75,43 @@ MOE_WORDS = ("expert", "moe", "mixture", "sparse")
 
 def _router_and_experts(module: nn.Module) -> tuple[nn.Linear, nn.ModuleList] | None:
     """The router and the experts, if the module is shaped and named like an MoE block."""
-    lists = [
-        c
-        for name, c in module.named_children()
-        if isinstance(c, nn.ModuleList)
-        and len(c) >= 2
-        and any(w in f"{name} {type(module).__name__}".lower() for w in MOE_WORDS)
+    experts = expert_list(module)
+    if experts is None:
+        return None
+    routers = [
+        c for c in module.children() if isinstance(c, nn.Linear) and c.out_features == len(experts)
     ]
-    for experts in lists:
-        first = experts[0]
+    return (routers[0], experts) if len(routers) == 1 else None
+
+
+def expert_list(module: nn.Module) -> nn.ModuleList | None:
+    """A child ModuleList of two or more identical experts, named like an MoE's, or None."""
+    for name, child in module.named_children():
+        if not isinstance(child, nn.ModuleList) or len(child) < 2:
+            continue
+        if not any(w in f"{name} {type(module).__name__}".lower() for w in MOE_WORDS):
+            continue
+        first = child[0]
         shapes = [tuple(p.shape) for p in first.parameters()]
         same = all(
             type(e) is type(first) and [tuple(p.shape) for p in e.parameters()] == shapes
-            for e in experts
+            for e in child
         )
-        routers = [
-            c
-            for c in module.children()
-            if isinstance(c, nn.Linear) and c.out_features == len(experts)
-        ]
-        if same and shapes and len(routers) == 1:
-            return routers[0], experts
+        if same and shapes:
+            return child
     return None
+
+
+def takes_more_than_hidden_states(module: nn.Module) -> bool:
+    """Whether the module's forward needs more than one argument (a context, a task id, a
+    mask): the generic recogniser, which calls it on hidden states alone, cannot probe it."""
+    params = inspect.signature(module.forward).parameters.values()
+    required = [
+        p
+        for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(required) > 1
 
 
 def _linears(expert: nn.Module) -> list[nn.Linear]:
@@ -133,7 +155,7 @@ def _matching_ffn(expert: nn.Module, hidden: int):
     return None
 
 
-def _as_ffn(experts: nn.ModuleList, hidden: int) -> tuple[dict[str, Any], MoEWeights] | None:
+def as_ffn(experts: nn.ModuleList, hidden: int) -> tuple[dict[str, Any], MoEWeights] | None:
     """Spec fields and stacked weights when every expert is the same kind of FFN, else None."""
     matches = [_matching_ffn(e, hidden) for e in experts]
     if any(m is None for m in matches) or len({str(m[0]) for m in matches}) != 1:
