@@ -1,7 +1,9 @@
 """Coverage of transformers' MoE families: compile a tiny random model of each for `ort`, `onnx`
 and `trt` from ``hf:DIR``, verify its logits against eager transformers, and tabulate. (A `trt`
 compile passes moec's TensorRT check; with no TensorRT here, verify runs its ONNX on ONNX
-Runtime.)
+Runtime.) Each family is also tried in a second config, as a new user's might differ, on `ort`
+and `onnx`: every window, block, chunk and indexer top-k at most 4, below the sequences verify
+runs, and other random weights (`second_config_kwargs` in tests/hf_families.py).
 
 Every family of the installed transformers whose modeling code mentions experts is listed; one
 without a tiny configuration in tests/hf_families.json says so. Each (family, target) runs in its
@@ -11,7 +13,7 @@ the ones in the existing results (each row records the commit it ran on), and li
 --targets; the table covers them all.
 
     python bench/hf_coverage.py [--families mixtral qwen2_moe] [--targets trt] [--jobs 2]
-        [--write-docs]
+        [--no-second] [--write-docs]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from hf_families import FAMILIES, NOT_MOE, build_tiny, save_tiny  # noqa: E402
 
 TARGETS = ("ort", "onnx", "trt")
+SECOND_TARGETS = ("ort", "onnx")  # the targets the second config runs on
 DECODED = ("ort", "onnx")  # targets whose generate runs here (a trt one needs its engine)
 MOE_CODE = re.compile(
     r"use_experts_implementation|num_local_experts|n_routed_experts|num_experts_per_tok"
@@ -38,6 +41,9 @@ MOE_CODE = re.compile(
 )
 COVERAGE_PAGE = ROOT / "docs" / "coverage.md"  # the page --write-docs rewrites between the markers
 COVERAGE_START, COVERAGE_END = "<!-- hf-coverage:start -->", "<!-- hf-coverage:end -->"
+README = ROOT / "README.md"  # --write-docs puts the one-line summary between its markers
+SUMMARY_START = "<!-- hf-coverage-summary:start -->"
+SUMMARY_END = "<!-- hf-coverage-summary:end -->"
 TIMEOUT_S = 900
 # notes every row of a target has here, which say nothing about the family
 COMMON_NOTES = ("no TensorRT engine yet", "weights streamed from the checkpoint")
@@ -55,8 +61,9 @@ def installed_moe_families() -> list[str]:
     return found
 
 
-def check_one(family: str, target: str) -> dict:
-    """Compile and verify one family for one target (runs in a child process)."""
+def check_one(family: str, target: str, second: bool = False) -> dict:
+    """Compile and verify one family for one target, in its first or second config (runs in a
+    child process)."""
     import logging
     import warnings
 
@@ -64,10 +71,10 @@ def check_one(family: str, target: str) -> dict:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     import moec
 
-    row = {"family": family, "target": target}
+    row = {"family": family, "target": target, "second": second}
     with tempfile.TemporaryDirectory(prefix=f"moec-{family}-") as tmp:
         try:
-            src = save_tiny(family, Path(tmp) / "model")
+            src = save_tiny(family, Path(tmp) / "model", second=second)
             result = moec.compile(f"hf:{src}", target=target, output=Path(tmp) / "out")
             row["model"] = FAMILIES[family]["model"]
             row["lowerings"] = sorted({b.lowering for b in result.blocks})
@@ -87,7 +94,8 @@ def check_one(family: str, target: str) -> dict:
             ]
             row["agreement"] = min((r.agreement for r in report.routing), default=None)
             row["passed"] = bool(report)
-            row["decode"] = decode_check(family, result, report) if target in DECODED else None
+            decoded = target in DECODED and not second
+            row["decode"] = decode_check(family, result, report) if decoded else None
         except Exception as e:  # every failure is a row in the table, with its reason
             row["passed"] = False
             row["error"] = f"{type(e).__name__}: {e}"
@@ -130,17 +138,22 @@ def current_commit() -> str:
     return sha.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def run_child(family: str, target: str) -> dict:
-    cmd = [sys.executable, __file__, "--one", family, target]
+def run_child(family: str, target: str, second: bool) -> dict:
+    cmd = [sys.executable, __file__, "--one", family, target, *(["--second"] if second else [])]
+    row = {"family": family, "target": target, "second": second, "passed": False}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return {"family": family, "target": target, "passed": False, "error": "timed out"}
+        return {**row, "error": "timed out"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"family": family, "target": target, "passed": False, "error": f"crashed: {tail}"}
+        return {**row, "error": f"crashed: {tail}"}
     return json.loads(lines[-1])
+
+
+def key(row: dict) -> tuple[str, str, bool]:
+    return row["family"], row["target"], bool(row.get("second"))
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m|\[9\dm|\[0m")
@@ -153,7 +166,7 @@ def _clean(text: str, limit: int = 260) -> str:
 
 
 def reason_of(rows: list[dict]) -> str:
-    errors = [r["error"] for r in rows if r.get("error")]
+    errors = [_second(r) + r["error"] for r in rows if r.get("error")]
     if errors:
         return _clean(errors[0])
     failed = [r for r in rows if not r.get("passed")]
@@ -161,10 +174,14 @@ def reason_of(rows: list[dict]) -> str:
         r = failed[0]
         shapes = ", ".join("x".join(map(str, s)) for s in r.get("failing_shapes", []))
         where = f" for input_ids {shapes}" if shapes else " (routing agreement)"
-        return f"logits differ from eager{where}: rel L2 {r.get('rel_l2'):.1e}"
+        return f"{_second(r)}logits differ from eager{where}: rel L2 {r.get('rel_l2'):.1e}"
     notes = sorted({n for r in rows for n in r.get("notes", []) if not n.startswith(COMMON_NOTES)})
     notes += sorted({r["not_fused"] for r in rows if r.get("not_fused")})
     return _clean("; ".join(notes), limit=400)
+
+
+def _second(row: dict) -> str:
+    return "second config: " if row.get("second") else ""
 
 
 def cell(row: dict | None) -> str:
@@ -179,36 +196,59 @@ def cell(row: dict | None) -> str:
 def table(families: list[str], results: dict) -> str:
     lines = [
         "| family | model class | ort (rel L2) | onnx (rel L2) | trt (rel L2) "
-        "| decode (ort / onnx) | lowering (ort / onnx / trt) | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| second config (ort / onnx) | decode (ort / onnx) | lowering (ort / onnx / trt) "
+        "| notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for family in families:
         if family in NOT_MOE:
-            lines.append(f"| {family} | - | - | - | - | - | - | not MoE: {NOT_MOE[family]} |")
+            lines.append(f"| {family} | - | - | - | - | - | - | - | not MoE: {NOT_MOE[family]} |")
             continue
         if family not in FAMILIES:
             lines.append(
-                f"| {family} | - | - | - | - | - | - | no tiny config in tests/hf_families.json |"
+                f"| {family} | - | - | - | - | - | - | - "
+                "| no tiny config in tests/hf_families.json |"
             )
             continue
-        rows = [results.get((family, t)) for t in TARGETS]
+        rows = [results.get((family, t, False)) for t in TARGETS]
+        seconds = [results.get((family, t, True)) for t in SECOND_TARGETS]
+        second = " / ".join(cell(r) for r in seconds)
         lowering = " / ".join(",".join(r.get("lowerings", [])) or "-" for r in rows if r)
         decode = " / ".join((r or {}).get("decode") or "-" for r in rows[: len(DECODED)])
-        reason = reason_of([r for r in rows if r])
+        reason = reason_of([r for r in rows + seconds if r])
         model = FAMILIES[family]["model"]
         lines.append(
             f"| {family} | {model} | {cell(rows[0])} | {cell(rows[1])} | {cell(rows[2])} "
-            f"| {decode} | {lowering} | {reason} |"
+            f"| {second} | {decode} | {lowering} | {reason} |"
         )
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    content = COVERAGE_PAGE.read_text()
-    start, end = content.index(COVERAGE_START), content.index(COVERAGE_END)
-    COVERAGE_PAGE.write_text(
-        content[: start + len(COVERAGE_START)] + "\n" + text + "\n" + content[end:]
+def summary(families: list[str], results: dict) -> str:
+    """The README's line: how many MoE families pass `ort` and `onnx` in both configs."""
+    moe = [f for f in families if f not in NOT_MOE]
+    passing = [
+        f
+        for f in moe
+        if all(
+            (results.get((f, t, second)) or {}).get("passed")
+            for t in SECOND_TARGETS
+            for second in (False, True)
+        )
+    ]
+    import transformers
+
+    return (
+        f"Hugging Face: {len(passing)} of the {len(moe)} MoE families in transformers "
+        f"{transformers.__version__} compile and verify for `ort` and `onnx`, in two tiny configs "
+        "each ([docs/coverage.md](docs/coverage.md))."
     )
+
+
+def write_between(page: Path, start_marker: str, end_marker: str, text: str) -> None:
+    content = page.read_text()
+    start, end = content.index(start_marker), content.index(end_marker)
+    page.write_text(content[: start + len(start_marker)] + "\n" + text + "\n" + content[end:])
 
 
 def main() -> None:
@@ -216,19 +256,24 @@ def main() -> None:
     parser.add_argument("--families", nargs="+")
     parser.add_argument("--targets", nargs="+", choices=TARGETS)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--no-second", action="store_true", help="only the first config")
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/hf_coverage.json")
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "TARGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--second", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(check_one(*args.one)))
+        print(json.dumps(check_one(*args.one, second=args.second)))
         return
     families = args.families or sorted(set(installed_moe_families()) | set(FAMILIES))
     targets = args.targets or TARGETS
-    jobs = [(f, t) for f in families if f in FAMILIES and f not in NOT_MOE for t in targets]
+    known = [f for f in families if f in FAMILIES and f not in NOT_MOE]
+    jobs = [(f, t, False) for f in known for t in targets]
+    if not args.no_second:
+        jobs += [(f, t, True) for f in known for t in targets if t in SECOND_TARGETS]
     commit = current_commit()
 
-    def run(job: tuple[str, str]) -> dict:
+    def run(job: tuple[str, str, bool]) -> dict:
         row = {**run_child(*job), "commit": commit}
         print(json.dumps(row), flush=True)
         return row
@@ -237,17 +282,18 @@ def main() -> None:
         rows = list(pool.map(run, jobs))
     if (args.families or args.targets) and args.json.exists():  # partial: merge into the rest
         previous = json.loads(args.json.read_text())
-        done = {(r["family"], r["target"]) for r in rows}
-        rows += [r for r in previous["rows"] if (r["family"], r["target"]) not in done]
+        done = {key(r) for r in rows}
+        rows += [r for r in previous["rows"] if key(r) not in done]
         families = sorted(set(previous["families"]) | set(families))
-        rows.sort(key=lambda r: (r["family"], TARGETS.index(r["target"])))
-    results = {(r["family"], r["target"]): r for r in rows}
+        rows.sort(key=lambda r: (r["family"], bool(r.get("second")), TARGETS.index(r["target"])))
+    results = {key(r): r for r in rows}
     text = table(families, results)
     print(text)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"families": families, "rows": rows}, indent=1))
     if args.write_docs:
-        write_docs(text)
+        write_between(COVERAGE_PAGE, COVERAGE_START, COVERAGE_END, text)
+        write_between(README, SUMMARY_START, SUMMARY_END, summary(families, results))
 
 
 if __name__ == "__main__":

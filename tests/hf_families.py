@@ -47,12 +47,46 @@ NOT_MOE = {
 }
 
 
-def build_tiny(family: str, seed: int = 0) -> torch.nn.Module:
-    """The family's tiny model with random weights drawn from ``seed``, in eval mode."""
+# The second config of a family (bench/hf_coverage.py): every window, block, chunk and indexer
+# top-k of the config at most SMALL, below the sequences verify runs (13 and 32 tokens), and
+# other random weights.
+SMALL = 4
+SIZE_KEYS = (
+    "sliding_window",
+    "sliding_window_size",
+    "attention_chunk_size",
+    "chunk_size",
+    "mamba_chunk_size",
+    "block_size",
+    "keep_window_size",
+    "index_topk",
+)
+SECOND_SEED = 1
+
+
+def second_config_kwargs(family: str) -> dict[str, Any]:
+    """The family's config kwargs with every size of SIZE_KEYS above SMALL set to SMALL."""
     import transformers
 
     entry = FAMILIES[family]
     config = getattr(transformers, entry["config"])(**entry["kwargs"])
+    kwargs = dict(entry["kwargs"])
+    for key in SIZE_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > SMALL:
+            kwargs[key] = SMALL
+    return kwargs
+
+
+def build_tiny(family: str, seed: int = 0, second: bool = False) -> torch.nn.Module:
+    """The family's tiny model with random weights drawn from ``seed``, in eval mode; with
+    ``second``, its second config (`second_config_kwargs`) and weights from SECOND_SEED."""
+    import transformers
+
+    entry = FAMILIES[family]
+    kwargs = second_config_kwargs(family) if second else entry["kwargs"]
+    seed = SECOND_SEED if second else seed
+    config = getattr(transformers, entry["config"])(**kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(transformers, entry["model"])(config)
@@ -63,8 +97,8 @@ def build_tiny(family: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def save_tiny(family: str, directory: Path, seed: int = 0) -> Path:
-    build_tiny(family, seed).save_pretrained(directory)
+def save_tiny(family: str, directory: Path, seed: int = 0, second: bool = False) -> Path:
+    build_tiny(family, seed, second).save_pretrained(directory)
     return directory
 
 
