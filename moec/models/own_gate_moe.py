@@ -19,6 +19,7 @@ A block it does not reproduce is refused with the reason and stays the model's o
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -72,6 +73,7 @@ class GateReader(nn.Module):
             _Emitter(e, hidden, self.state) for e in range(num_experts)
         )
         self.num_experts, self.hidden, self.top_k = num_experts, hidden, top_k
+        self.first = next(iter(inspect.signature(block.forward).parameters))
         # distinct keys: experts in use first, then by index, so no two backends break ties apart
         self.register_buffer("rank", torch.arange(num_experts - 1, -1, -1.0), persistent=False)
 
@@ -91,7 +93,7 @@ class GateReader(nn.Module):
         w, rest = self.dense_weights(*args, **kwargs)
         order = (w != 0).float() * self.num_experts + self.rank
         ids = order.topk(self.top_k, dim=-1).indices
-        x = args[0] if args else next(iter(kwargs.values()))
+        x = args[0] if args else kwargs[self.first]  # the hidden states the experts read
         return x.reshape(-1, self.hidden), ids, w.gather(-1, ids), rest
 
 
@@ -109,7 +111,13 @@ class OwnGateAdapter:
                 "its call on the model's example inputs, and the model did not call it there"
             )
         args, kwargs, ref = call
-        x = args[0] if args else next(iter(kwargs.values()))
+        first = next(iter(inspect.signature(module.forward).parameters))
+        x = args[0] if args else kwargs.get(first)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise UnsupportedBlockError(
+                f"its first input ({first}) is not a float tensor of hidden states: moec reads "
+                "blocks whose experts run on their first input"
+            )
         if not isinstance(ref, torch.Tensor) or ref.shape != x.shape:
             raise UnsupportedBlockError(
                 f"it returns {type(ref).__name__}, not one tensor shaped like its first input "
