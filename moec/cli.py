@@ -746,10 +746,13 @@ def inspect_command(target, calib, calib_samples, plot, **trust):
         raise click.UsageError("--plot shows the expert load on calibration data: give --calib")
     from moec.compiler.sources import load_source
     from moec.models import find_moe_blocks
+    from moec.models.block_calls import recorded_block_calls
 
     source = load_source(target, **trust).model_source
     model = source.model
-    blocks = find_moe_blocks(model)
+    refused: dict[str, str] = {}
+    with recorded_block_calls(model, tuple(source.example_inputs)):
+        blocks = find_moe_blocks(model, refused)
     table = Table(
         "block",
         "class",
@@ -774,6 +777,8 @@ def inspect_command(target, calib, calib_samples, plot, **trust):
     console.print(table)
     total = sum(p.numel() for p in model.parameters())
     console.print(f"{len(blocks)} MoE block(s); {expert_params:,} of {total:,} parameters in them")
+    for reason in refused.values():
+        console.print(f"not converted (it would run as the model's own ops): {reason}")
     if calib is not None:
         _print_expert_load(source, target, calib, calib_samples, plot)
 

@@ -161,3 +161,29 @@ def test_without_a_call_the_block_is_refused_with_the_reason():
     with recorded_block_calls(model, (torch.randn(1, 3, H),)):
         (match,) = find_moe_blocks(model)
     assert match.adapter == "own-gate" and match.spec.top_k == 2
+
+
+def context_lm():
+    """`pkg.module:factory` source of ContextLM (for the CLI)."""
+    return ContextLM().eval(), (torch.randn(2, 8, H),)
+
+
+def normed_context_lm():
+    model = ContextLM().eval()
+    model.moe = NormedInputMoE()
+    return model, (torch.randn(2, 8, H),)
+
+
+def test_inspect_shows_a_gated_block_or_why_it_is_not_converted(monkeypatch):
+    from click.testing import CliRunner
+
+    from moec.cli import main
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    result = CliRunner().invoke(main, ["inspect", "test_own_gate_moe:context_lm"])
+    assert result.exit_code == 0, result.output
+    assert "ContextGatedMoE" in result.output and "1 MoE block(s)" in result.output
+    result = CliRunner().invoke(main, ["inspect", "test_own_gate_moe:normed_context_lm"])
+    assert result.exit_code == 0, result.output
+    assert "0 MoE block(s)" in result.output
+    assert "not converted (it would run as the model's own ops): MoE block moe" in result.output
