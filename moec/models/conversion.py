@@ -22,7 +22,9 @@ class Conversion:
       (JetMoE's attention experts), a factory of the module to put in the block's place; it
       must append its routing mask to ``routing_sink`` like `MoEBlock`;
     - ``routing_module``: the module whose input the routing is computed from, when it is not
-      the block itself (verification hooks it).
+      the block itself (verification hooks it);
+    - ``returns_router_logits``: the block returns ``(out [T, H], router_logits [T, E])``
+      (Llama 4), so its stand-in does too.
     """
 
     spec: MoESpec
@@ -30,3 +32,4 @@ class Conversion:
     expert_modules: nn.ModuleList | None = None
     stand_in: Callable[[], nn.Module] | None = None
     routing_module: nn.Module | None = None
+    returns_router_logits: bool = False
