@@ -66,6 +66,17 @@ CASES: dict[str, MoESpec] = {
     "merged-mixtral": spec(
         num_experts=5, norm_topk_prob=True, expert_map=(0, 1, 2, 0, 3, -1, 4, 1)
     ),
+    # Llama 4: the routing weight scales each expert's input, not its output
+    "llama4": spec(top_k=1, score="sigmoid", gate_on_input=True, shared_expert_size=32),
+    "input-gated-biases": spec(norm_topk_prob=True, gate_on_input=True),
+    "input-gated-capacity": spec(capacity_factor=1.0, gate_on_input=True),
+    "input-gated-expert-choice": spec(
+        routing="expert_choice",
+        capacity_factor=1.0,
+        expert_kind="plain",
+        activation="gelu",
+        gate_on_input=True,
+    ),
     "merged-switch-capacity": spec(
         num_experts=4,
         top_k=1,
@@ -80,7 +91,7 @@ CASES["merged-deepseek-v3"] = dataclasses.replace(
     CASES["deepseek-v3"], num_experts=12, expert_map=(*range(12), 0, 1, -1, 11)
 )
 # cases whose weights carry biases or a selection bias
-WITH_BIASES = {"gpt-oss", "plain-gelu-tanh"}
+WITH_BIASES = {"gpt-oss", "plain-gelu-tanh", "input-gated-biases"}
 WITH_SELECTION_BIAS = {"deepseek-v3", "merged-deepseek-v3", "softmax-bias"}
 
 

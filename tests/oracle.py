@@ -148,6 +148,10 @@ def oracle_moe(spec: MoESpec, weights: MoEWeights, x, routed=None) -> np.ndarray
     for (bi, t), chosen in pairs.items():
         for e, weight in chosen:
             stored = spec.expert_map[e] if spec.expert_map is not None else e
-            if stored >= 0:  # merged experts share weights; pruned ones contribute nothing
+            if stored < 0:  # pruned: contributes nothing; merged experts share weights
+                continue
+            if spec.gate_on_input:  # the weight scales the expert's input (Llama 4)
+                out[bi, t] += _expert(spec, w, stored, weight * xs[bi, t])
+            else:
                 out[bi, t] += weight * _expert(spec, w, stored, xs[bi, t])
     return out

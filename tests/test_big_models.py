@@ -237,3 +237,18 @@ def test_an_artifact_that_hashed_the_built_model_still_verifies(checkpoint, tmp_
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(moec.MoecError, match="not the model this artifact was compiled from"):
         moec.verify(out)
+
+
+def test_a_streamed_model_may_move_its_input_to_a_layers_device(tmp_path):
+    """Llama 4 calls ``embed_tokens(input_ids.to(embed_tokens.weight.device))`` before the
+    embedding's weight is read from disk: its input must stay where it is, not go to meta."""
+    from moec.models.hf_lazy import load_hf_dir_lazily
+    from moec.models.layer_streaming import stream_layers
+
+    directory = save_tiny("llama4", tmp_path / "llama4")
+    streamed = load_hf_dir_lazily(str(directory))
+    stream_layers(streamed)
+    ids = torch.from_numpy(IDS)
+    with torch.no_grad():
+        expected = load_hf_dir(str(directory))(ids, use_cache=False).logits
+        torch.testing.assert_close(streamed(ids, use_cache=False).logits, expected)

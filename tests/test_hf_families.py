@@ -152,6 +152,41 @@ def test_undecorated_experts_module_that_is_not_what_it_looks_like_is_refused():
     assert "register an adapter" in message
 
 
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_llama4_blocks_scale_their_experts_inputs(saved, tmp_path, target):
+    """Llama 4 multiplies each expert's input by its sigmoid router score: one moec::moe node
+    with gate_on_input per block, gathered (com.microsoft.MoE scales outputs), verified."""
+    result = moec.compile(f"hf:{saved('llama4')}", target=target, output=tmp_path / "out")
+    assert [b.adapter for b in result.blocks] == ["input-gated"] * 2
+    assert all("gating the input" in b.summary for b in result.blocks)
+    assert {b.lowering for b in result.blocks} == {"gather"}
+    if target == "ort":
+        assert all("gate_on_input" in b.reason for b in result.blocks)
+    report = moec.verify(result.path)
+    assert report, report.to_dict()
+    assert all(o.rel_l2 <= 1e-4 for o in report.outputs)
+    assert all(r.agreement >= 0.999 for r in report.routing)
+    assert len(report.decode) == 9 and all(step.passed for step in report.decode)
+
+
+def test_input_gated_block_that_scales_outputs_is_refused():
+    """Shaped like Llama 4's block, but its router scores scale the experts' outputs."""
+    block = build_tiny("llama4").model.layers[0].feed_forward
+
+    def forward(hidden_states):
+        x = hidden_states.reshape(-1, block.hidden_dim)
+        scores, logits = block.router(x)
+        routed = block.experts(x.repeat(scores.shape[1], 1))
+        routed = routed * scores.transpose(0, 1).reshape(-1, 1)
+        out = block.shared_expert(x) + routed.reshape(scores.shape[1], -1, x.shape[-1]).sum(0)
+        return out, logits
+
+    block.forward = forward
+    refused: dict[str, str] = {}
+    assert find_moe_blocks(block, refused) == []
+    assert "scaling the inputs of the experts" in refused[""]
+
+
 def test_model_that_is_not_moe(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

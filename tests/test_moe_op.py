@@ -113,6 +113,7 @@ def test_zoo_model_equals_its_op_form(name):
         ({"topk_before_softmax": True, "score": "sigmoid"}, "implies score='softmax'"),
         ({"activation_limit": 7.0, "expert_kind": "plain"}, "on gated experts"),
         ({"activation_limit": 7.0, "activation": "swiglu"}, "swiglu takes swiglu_limit"),
+        ({"gate_on_input": True, "expert_kind": "module"}, "applies to FFN experts"),
     ],
 )
 def test_inconsistent_spec_is_refused(changes, message):

@@ -86,12 +86,17 @@ def swap_blocks(
     original) to undo it."""
     root = model
     for match in matches:
-        stand_in = match.conversion.stand_in
-        block = (
-            stand_in()
-            if stand_in
-            else op_block(match.spec, match.weights, match.expert_modules, match.conversion.gate)
-        )
+        conversion = match.conversion
+        if conversion.stand_in:
+            block = conversion.stand_in()
+        else:
+            block = op_block(
+                match.spec,
+                match.weights,
+                match.expert_modules,
+                conversion.gate,
+                conversion.returns_router_logits,
+            )
         if match.name == "":
             root = block
             continue

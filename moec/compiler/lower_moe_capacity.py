@@ -9,7 +9,8 @@ expert receives more than C pairs.
 Dispatch without one-hot matmuls: each kept pair's slot ``e * C + position`` is scattered into a
 slot -> token table (dropped pairs go to a spare slot), experts read their inputs with one Gather
 from the tokens padded by a zero row, and each token gathers its k outputs back. Copies are
-O((E*C + T*k) * H); the expert FLOPs are those of E*C rows.
+O((E*C + T*k) * H); the expert FLOPs are those of E*C rows. A ``gate_on_input`` block scales
+each slot's row by its pair's weight (scattered like the tokens) and combines with weight 1.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from moec.compiler.onnx_ops import (
     FLOAT,
     INT64,
     activation,
+    batched_linear,
     ceil_scaled,
     const_f,
     const_i,
@@ -44,12 +46,6 @@ def _slots(spec: MoESpec, tokens, top_k: int):
     """Int64 [1]: C = min(T, ceil(F * T * k / E)), in double as `MoESpec.lowering_capacity`."""
     slots = ceil_scaled(tokens, spec.lowering_capacity_factor, top_k, spec.num_experts)
     return op.Min(slots, tokens)
-
-
-def _batched(stacked, bias, x):
-    """x [E, C, in] @ stacked[e].T [E, in, out] (+ bias [E, out]) -> [E, C, out]."""
-    y = op.MatMul(x, op.Transpose(stacked, perm=[0, 2, 1]))
-    return y if bias is None else op.Add(y, op.Unsqueeze(bias, const_i([1])))
 
 
 def lower_moe_capacity(spec: MoESpec, x, w: dict):
@@ -86,16 +82,26 @@ def lower_moe_capacity(spec: MoESpec, x, w: dict):
     expert_in = op.Reshape(
         op.Gather(padded, table, axis=0), op.Concat(const_i([e_count, -1, h]), axis=0)
     )  # [E, C, H]
-    up = _batched(w["w_up"], w.get("b_up"), expert_in)
-    if spec.expert_kind == "gated":
-        hidden = gated_activation(spec, _batched(w["w_gate"], w.get("b_gate"), expert_in), up)
-    else:
-        hidden = activation(spec.activation, up)
-    expert_out = op.Reshape(_batched(w["w_down"], w.get("b_down"), hidden), const_i([-1, h]))
-    expert_out = op.Concat(expert_out, zero_row, axis=0)  # [E*C + 1, H]
     pair_weight = op.Mul(
         op.CastLike(op.GatherElements(weights, ids, axis=1), x2), op.CastLike(keep, x2)
-    )
+    )  # [T, k]
+    if spec.gate_on_input:  # each slot's row times its pair's weight; combined with weight 1
+        slot_gate = op.ScatterElements(
+            op.CastLike(op.ConstantOfShape(op.Add(total, const_i([1]))), x2),
+            op.Reshape(slot, const_i([-1])),
+            op.Reshape(pair_weight, const_i([-1])),
+        )
+        slot_gate = op.Reshape(op.Slice(slot_gate, const_i([0]), total), const_i([e_count, -1, 1]))
+        expert_in = op.Mul(expert_in, slot_gate)
+        pair_weight = op.CastLike(keep, x2)
+    up = batched_linear(w["w_up"], w.get("b_up"), expert_in)
+    if spec.expert_kind == "gated":
+        gate = batched_linear(w["w_gate"], w.get("b_gate"), expert_in)
+        hidden = gated_activation(spec, gate, up)
+    else:
+        hidden = activation(spec.activation, up)
+    expert_out = batched_linear(w["w_down"], w.get("b_down"), hidden)
+    expert_out = op.Concat(op.Reshape(expert_out, const_i([-1, h])), zero_row, axis=0)
     gathered = op.Gather(expert_out, slot, axis=0)  # [T, k, H]
     y = op.ReduceSum(
         op.Mul(gathered, op.Unsqueeze(pair_weight, const_i([-1]))), const_i([1]), keepdims=0

@@ -59,6 +59,11 @@ def unsupported_reasons(spec: MoESpec) -> list[str]:
             "com.microsoft.MoE clamps SwiGLU's inputs (swiglu_limit), not the activation's "
             "output (activation_limit)"
         )
+    if spec.gate_on_input:
+        reasons.append(
+            "com.microsoft.MoE scales each expert's output by its routing weight; this block "
+            "scales the expert's input (gate_on_input)"
+        )
     if spec.expert_kind == "plain" and spec.activation not in ORT_PLAIN_ACTIVATIONS:
         why = " (its gelu is the tanh approximation)" if spec.activation == "gelu" else ""
         reasons.append(f"com.microsoft.MoE on CPU has no plain {spec.activation}{why}")

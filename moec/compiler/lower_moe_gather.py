@@ -32,6 +32,9 @@ it.) Expert-choice routing, with no fixed k per token, adds each expert's rows t
 writes them back with its own ``ScatterND`` (no reduction, which TensorRT refuses: an expert's
 tokens never repeat).
 
+A ``gate_on_input`` block scales each expert's gathered rows by their pairs' weights and
+combines the outputs with weight 1.
+
 Exact, no padding, the FLOPs of the experts actually chosen; shapes are data-dependent.
 """
 
@@ -84,13 +87,17 @@ def _linear(x, weight, bias):
     return y if bias is None else op.Add(y, bias)
 
 
-def grouped_experts_onnx(spec: MoESpec, w: dict, x2, tokens, counts, parts: int) -> list:
+def grouped_experts_onnx(
+    spec: MoESpec, w: dict, x2, tokens, counts, parts: int, gates=None
+) -> list:
     """Every expert on its tokens (``tokens`` [P] grouped by expert, ``counts`` [E] of them per
-    expert, rows of ``x2`` [T, H]) -> each expert's [n_e, H] output."""
-    first = [
-        _linear(op.Gather(x2, part, axis=0), *_first_projection(spec, w, e))
-        for e, part in enumerate(_split(tokens, counts, parts))
-    ]
+    expert, rows of ``x2`` [T, H]) -> each expert's [n_e, H] output. ``gates`` [P] (in the
+    order of ``tokens``): each row is scaled by its pair's gate first (``gate_on_input``)."""
+    rows = [op.Gather(x2, part, axis=0) for part in _split(tokens, counts, parts)]
+    if gates is not None:
+        scales = _split(op.Unsqueeze(gates, const_i([-1])), counts, parts)
+        rows = [op.Mul(r, g) for r, g in zip(rows, scales, strict=True)]
+    first = [_linear(r, *_first_projection(spec, w, e)) for e, r in enumerate(rows)]
     if parts <= PER_EXPERT_ACTIVATION_MAX:
         hidden = [_hidden(spec, f) for f in first]
     else:
@@ -138,7 +145,11 @@ def _masked_pairs(spec: MoESpec, w: dict, x, x2):
     pairs = op.NonZero(op.Transpose(chosen2, perm=[1, 0]))  # [2, P]: (expert, token) rows
     tokens = op.Gather(pairs, op.Constant(value_int=1), axis=0)  # [P], grouped by expert
     counts = op.Cast(op.ReduceSum(chosen2, const_i([0]), keepdims=0), to=INT64)  # [E]
-    outputs = grouped_experts_onnx(spec, w, x2, tokens, counts, e_count)
+    gates = None
+    if spec.gate_on_input:  # each pair's weight scales its row; the outputs add with weight 1
+        gates = op.GatherND(op.Transpose(combine, perm=[1, 0]), op.Transpose(pairs, perm=[1, 0]))
+        combine = op.CastLike(chosen2, x2)
+    outputs = grouped_experts_onnx(spec, w, x2, tokens, counts, e_count, gates)
     if spec.routing == "expert_choice":
         y = _scatter_per_expert(x2, combine, _split(tokens, counts, e_count), outputs)
     else:
@@ -166,10 +177,15 @@ def _sorted_pairs(spec: MoESpec, w: dict, x2, ids, weights, k: int, counting: bo
     pairs = scatter_ids(ids, ones_like(ids), e_count)  # [..., E]: slots per expert
     counts = op.ReduceSum(op.Reshape(pairs, const_i([-1, e_count])), const_i([0]), keepdims=0)
     chosen = op.Min(pairs, const_f(1.0))
-    outputs = grouped_experts_onnx(spec, w, x2, tokens, op.Cast(counts, to=INT64), e_count)
+    flat_weights = op.Reshape(op.CastLike(weights, x2), const_i([-1]))  # [P], token-major
+    gates = op.Gather(flat_weights, order, axis=0) if spec.gate_on_input else None
+    counts = op.Cast(counts, to=INT64)
+    outputs = grouped_experts_onnx(spec, w, x2, tokens, counts, e_count, gates)
     by_token = op.Gather(op.Concat(*outputs, axis=0), inverse, axis=0)  # [P, H], token-major
     by_token = op.Reshape(by_token, const_i([-1, k, spec.hidden_size]))
-    gate = op.Reshape(op.CastLike(weights, x2), const_i([-1, k, 1]))
+    if spec.gate_on_input:
+        return op.ReduceSum(by_token, const_i([1]), keepdims=0), chosen
+    gate = op.Reshape(flat_weights, const_i([-1, k, 1]))
     return op.ReduceSum(op.Mul(by_token, gate), const_i([1]), keepdims=0), chosen
 
 

@@ -12,8 +12,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights
+from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights, router_logits
 from moec.ir.moe_op import MoEOpArgs
+from moec.models.conversion import Conversion
 from moec.models.generic_moe import module_experts_forward
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "GatedMoEBlock",
     "MoEBlock",
     "MoEExpertsBlock",
+    "MoELogitsBlock",
     "ModuleExpertsBlock",
     "cast_keeping_routers",
     "experts_call_args",
@@ -98,6 +100,19 @@ class GatedMoEBlock(MoEBlock):
         return self.call_op(tokens, ids, gates).reshape(rest.shape) + rest
 
 
+class MoELogitsBlock(MoEBlock):
+    """Stands in for a block that returns ``(out [T, H], router_logits [T, E])`` (Llama 4): the
+    logits, in the input's dtype, are for callers that record them and are dropped otherwise."""
+
+    def to_moe(self) -> Conversion:
+        return Conversion(*super().to_moe(), returns_router_logits=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = router_logits(flat, self.router_weight, self.router_bias).to(x.dtype)
+        return self.call_op(x).reshape(flat.shape), logits
+
+
 class ModuleExpertsBlock(MoEBlock):
     """A block whose experts are arbitrary modules: routed by the IR's routing, each expert's
     tokens gathered, run through the expert's own (exported) module, and scatter-added back."""
@@ -123,13 +138,16 @@ def op_block(
     weights: MoEWeights,
     expert_modules: nn.ModuleList | None = None,
     gate: nn.Module | None = None,
+    returns_router_logits: bool = False,
 ) -> MoEBlock:
     """The module standing in for a converted block (whole block, experts only, module experts,
-    a block routed by its own code)."""
+    a block routed by its own code, a whole block that also returns its router logits)."""
     if expert_modules is not None:
         return ModuleExpertsBlock(spec, weights, expert_modules)
     if gate is not None:
         return GatedMoEBlock(spec, weights, gate)
+    if returns_router_logits:
+        return MoELogitsBlock(spec, weights)
     cls = MoEExpertsBlock if spec.routing == "external" else MoEBlock
     return cls(spec, weights)
 

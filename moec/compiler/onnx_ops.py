@@ -21,6 +21,7 @@ from moec.ir import MoESpec
 __all__ = [
     "ORT_DOMAIN",
     "activation",
+    "batched_linear",
     "ceil_scaled",
     "const_d",
     "const_f",
@@ -150,6 +151,12 @@ def linear(x, weight, bias=None):
     """``x @ weight.T + bias`` for a [out, in] weight."""
     y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
     return y if bias is None else op.Add(y, bias)
+
+
+def batched_linear(stacked, bias, x):
+    """x [E, n, in] @ stacked[e].T [E, in, out] (+ bias [E, out]) -> [E, n, out]."""
+    y = op.MatMul(x, op.Transpose(stacked, perm=[0, 2, 1]))
+    return y if bias is None else op.Add(y, op.Unsqueeze(bias, const_i([1])))
 
 
 def activation(name: str, x):

@@ -110,7 +110,8 @@ def moe_eager(
     grouped by expert (``counts[e]`` of them for expert e); ``shared(x [T, H]) -> [T, H]``
     computes the shared expert. Defaults: `shared_ffn`, and `gather_experts_scatter` with the
     experts kernel of the block's lowering (`experts_kernel`), on ``w``; only the routing
-    tensors of ``w`` are read otherwise."""
+    tensors of ``w`` are read otherwise. A ``gate_on_input`` block calls ``experts`` on its
+    pairs' gated rows (`_gating_inputs`)."""
     if spec.routing == "external":
         if routed_ids is None or routed_weights is None:
             raise SpecError("moec::moe: external routing needs routed_ids and routed_weights")
@@ -126,6 +127,8 @@ def moe_eager(
     if experts is None:
         grouped = experts_kernel(spec.lowering)
         experts = functools.partial(gather_experts_scatter, functools.partial(grouped, spec, w))
+    if spec.gate_on_input:
+        experts = functools.partial(_gating_inputs, experts)
     flat_x = x.reshape(-1, x.shape[-1])
     out = shared(flat_x) if shared else shared_ffn(spec, w, flat_x)
     if tokens.numel():
@@ -149,6 +152,15 @@ def gather_experts_scatter(
     scatter-add out."""
     rows = x.index_select(0, tokens)
     return out.index_add(0, tokens, experts(rows, counts) * gates.unsqueeze(-1))
+
+
+def _gating_inputs(experts, out: torch.Tensor, x: torch.Tensor, tokens, counts, gates):
+    """The ``experts`` step of a ``gate_on_input`` block from any ``experts`` step: each pair's
+    row is its token times its gate, run with gate 1, and added back at its token."""
+    rows = x.index_select(0, tokens) * gates.unsqueeze(-1)
+    pairs = torch.arange(len(tokens), device=x.device)
+    routed = experts(torch.zeros_like(rows), rows, pairs, counts, torch.ones_like(gates))
+    return out.index_add(0, tokens, routed)
 
 
 def _pairs_from_dense(spec: MoESpec, weights: torch.Tensor, chosen: torch.Tensor):

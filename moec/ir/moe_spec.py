@@ -31,6 +31,9 @@ Experts, stacked with the expert index first:
 - ``module``: any nn.Module per expert (attention experts, ...), kept as exported subgraphs and
   run on each expert's own tokens; no stacked weights.
 
+Each (token, expert) pair adds ``weight * expert(x)``; with ``gate_on_input`` it adds
+``expert(weight * x)`` instead (Llama 4 scales each expert's input by its router score).
+
 Shared experts: a gated FFN of width ``shared_expert_size`` applied to every token, scaled by
 ``sigmoid(x @ shared_expert_gate.T)`` when ``shared_expert_gated``.
 
@@ -92,6 +95,7 @@ class MoESpec:
     swiglu_beta: float = 0.0
     swiglu_limit: float | None = None
     activation_limit: float | None = None
+    gate_on_input: bool = False
     shared_expert_size: int = 0
     shared_expert_gated: bool = False
     shared_activation: str = "silu"
@@ -183,6 +187,8 @@ class MoESpec:
                 route += ", renorm"
             if self.has_capacity:
                 route += f", capacity/{self.capacity_scope}"
+        if self.gate_on_input:
+            route += ", gating the input"
         shared = f" + shared {self.shared_expert_size}" if self.shared_expert_size else ""
         act = self.activation
         if self.activation_limit is not None:
@@ -261,6 +267,10 @@ class MoESpec:
         need(
             not self.topk_before_softmax or self.score == "softmax",
             "topk_before_softmax implies score='softmax'",
+        )
+        need(
+            not self.gate_on_input or self.expert_kind != "module",
+            "gate_on_input applies to FFN experts",
         )
         need(
             self.activation != "swiglu" or self.expert_kind == "gated",

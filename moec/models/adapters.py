@@ -6,11 +6,12 @@ stand-in module or the routing module). It raises `UnsupportedBlockError` for a 
 recognises but cannot convert, with the reason.
 
 Built in, tried in this order: modules with a ``to_moe()`` method (moec's zoo layers, or a user's
-own blocks); transformers' fused experts modules (`HFExpertsAdapter`); the generic recogniser of a
-router Linear plus a ModuleList of experts (`GenericMoEAdapter`), and of such blocks whose forward
-takes more than the hidden states (`OwnGateAdapter`). `register_adapter` puts a new one first.
-A block an adapter refuses stays the model's own ops; ``find_moe_blocks`` says why in
-``refused``. See docs/adapters.md.
+own blocks); transformers' fused experts modules (`HFExpertsAdapter`); family adapters; blocks
+whose routing weights scale their experts' inputs (`InputGatedMoEAdapter`, Llama 4); the generic
+recogniser of a router Linear plus a ModuleList of experts (`GenericMoEAdapter`), and of such
+blocks whose forward takes more than the hidden states (`OwnGateAdapter`). `register_adapter`
+puts a new one first. A block an adapter refuses stays the model's own ops; ``find_moe_blocks``
+says why in ``refused``. See docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from moec.models.conversion import Conversion
 from moec.models.generic_moe import GenericMoEAdapter
 from moec.models.hf_experts import HFExpertsAdapter
 from moec.models.hf_families import DbrxExpertsAdapter, JetMoeAdapter, SwitchSparseMLPAdapter
+from moec.models.input_gated_moe import InputGatedMoEAdapter
 from moec.models.own_gate_moe import OwnGateAdapter
 
 __all__ = [
@@ -82,6 +84,7 @@ ADAPTERS: list[Adapter] = [
     DbrxExpertsAdapter(),
     SwitchSparseMLPAdapter(),
     JetMoeAdapter(),
+    InputGatedMoEAdapter(),
     GenericMoEAdapter(),
     OwnGateAdapter(),
 ]

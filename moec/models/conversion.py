@@ -25,7 +25,9 @@ class Conversion:
       the block itself (verification hooks it);
     - ``gate``: for blocks routed by their own code (``routing="external"``), a module called
       like the block that returns ``(hidden [T, H], ids [T, k], weights [T, k], rest)``: the
-      op's inputs, and what the block adds to the op's output.
+      op's inputs, and what the block adds to the op's output;
+    - ``returns_router_logits``: the block returns ``(out [T, H], router_logits [T, E])``
+      (Llama 4), so its stand-in does too.
     """
 
     spec: MoESpec
@@ -34,3 +36,4 @@ class Conversion:
     stand_in: Callable[[], nn.Module] | None = None
     routing_module: nn.Module | None = None
     gate: nn.Module | None = None
+    returns_router_logits: bool = False

@@ -1,6 +1,12 @@
 """A model whose weights are on disk (`moec.models.lazy_weights`), run a layer at a time: each
 layer reads its weights when it runs and drops them after, so the eager reference of a model
-bigger than memory holds one decoder layer at a time."""
+bigger than memory holds one decoder layer at a time.
+
+Between its calls a layer's weights are meta tensors. Model code that moves its input to a
+layer's device before calling it (Llama 4: ``input_ids.to(self.embed_tokens.weight.device)``)
+would move it to the meta device and lose it; while the model runs, such moves leave the
+tensor where it is.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from moec.models.lazy_weights import Slot, materialize, recipe_of, recorded_slots
 
@@ -29,6 +36,9 @@ def stream_layers(model: nn.Module) -> None:
         if tensors:
             unit.register_forward_pre_hook(_materialize_hook(tensors))
             unit.register_forward_hook(_release_hook(tensors))
+    for module in model.modules():  # wherever a forward may start: any module with children
+        if next(module.children(), None) is not None:
+            _stay_off_meta_while_running(module)
 
 
 def _units(module: nn.Module) -> Iterator[tuple[nn.Module, bool]]:
@@ -60,3 +70,22 @@ def _release_hook(slots: list[Slot]):
             table[name] = meta
 
     return hook
+
+
+def _stay_off_meta_while_running(module: nn.Module) -> None:
+    modes: list[_StayOffMeta] = []  # a stack: a module may run inside itself
+    module.register_forward_pre_hook(lambda m, args: modes.append(_StayOffMeta().__enter__()))
+    module.register_forward_hook(
+        lambda m, args, output: modes.pop().__exit__(None, None, None), always_call=True
+    )
+
+
+class _StayOffMeta(TorchFunctionMode):
+    """``x.to(...)`` of real data onto the meta device (a released weight's) keeps ``x`` on
+    its own device, converted to the dtype asked for."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.to and out.device.type == "meta" and not args[0].is_meta:
+            return args[0].to(out.dtype)
+        return out

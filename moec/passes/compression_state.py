@@ -23,7 +23,7 @@ from moec.ir import MoESpec, MoEWeights, map_experts, route, router_logits
 from moec.ir.expert_kernels import expert_ffn
 from moec.ir.moe_op import scatter_routing
 from moec.ir.moe_weights import EXPERT_WEIGHTS
-from moec.models import ModelSource, find_moe_blocks
+from moec.models import BlockMatch, ModelSource, find_moe_blocks
 from moec.passes.calibration import CalibrationData, model_inputs
 
 __all__ = ["EXPERT_TENSORS", "BlockStats", "CompressionState", "expert_outputs", "experts_to_keep"]
@@ -100,17 +100,22 @@ def expert_outputs(spec: MoESpec, weights: MoEWeights, x: torch.Tensor) -> torch
         return torch.stack([expert_ffn(spec, weights, e, x) for e in range(spec.num_experts)])
 
 
+def _not_compressible(match: BlockMatch) -> str | None:
+    """Why the lossy passes leave a block alone (None: they may compress it)."""
+    if match.expert_modules is not None or match.conversion.stand_in is not None:
+        return "its experts are modules, not FFNs"
+    if match.spec.gate_on_input:
+        return "its routing weights scale its experts' inputs; merging assumes their outputs"
+    return None
+
+
 class CompressionState:
     """The source model with op blocks in place; ``blocks`` maps a block's path to its module."""
 
     def __init__(self, source: ModelSource, calibration: CalibrationData):
         model = copy.deepcopy(source.model)  # the user's model is left as it was
         matches = find_moe_blocks(model)
-        self.skipped = {
-            m.name: "its experts are modules, not FFNs"
-            for m in matches
-            if m.expert_modules is not None or m.conversion.stand_in is not None
-        }
+        self.skipped = {m.name: why for m in matches if (why := _not_compressible(m))}
         matches = [m for m in matches if m.name not in self.skipped]
         root = swap_blocks(model, matches)
         self.source = dataclasses.replace(source, model=root)

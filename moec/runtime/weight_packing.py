@@ -93,8 +93,11 @@ class PackedMoE(nn.Module):
         for name, tensor in kept.items():  # still the module's tensors, for state_dict()
             self.register_buffer(name, tensor)
         self.routing = MoEWeights(w_up=None, w_down=None, **kept)
-        # routing given as the stored experts' ids (not router experts mapped onto merged ones)
-        self.ids_name_experts = spec.routing == "external" and spec.expert_map is None
+        # one token's path: routing given as the stored experts' ids (not router experts
+        # mapped onto merged ones), the gates applied to the experts' outputs
+        self.one_token_path = (
+            spec.routing == "external" and spec.expert_map is None and not spec.gate_on_input
+        )
         w = weights
 
         def at(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
@@ -215,7 +218,7 @@ class PackedMoE(nn.Module):
 
     def forward(self, x, routed_ids=None, routed_weights=None):
         given = routed_ids is not None and routed_weights is not None
-        if given and self.ids_name_experts and x.numel() == x.shape[-1]:
+        if given and self.one_token_path and x.numel() == x.shape[-1]:
             return self._one_token(x, routed_ids, routed_weights)
         return moe_eager(
             self.spec,
