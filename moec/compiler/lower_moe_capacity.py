@@ -25,6 +25,7 @@ from moec.compiler.onnx_ops import (
     finish_moe_output,
     gated_activation,
     op,
+    post_expert_norm,
     reshape_chosen,
     to_3d,
 )
@@ -91,7 +92,11 @@ def lower_moe_capacity(spec: MoESpec, x, w: dict):
         hidden = gated_activation(spec, _batched(w["w_gate"], w.get("b_gate"), expert_in), up)
     else:
         hidden = activation(spec.activation, up)
-    expert_out = op.Reshape(_batched(w["w_down"], w.get("b_down"), hidden), const_i([-1, h]))
+    expert_out = _batched(w["w_down"], w.get("b_down"), hidden)  # [E, C, H]
+    norm_weight = w.get("post_norm_weight")
+    if norm_weight is not None:
+        norm_weight = op.Unsqueeze(norm_weight, const_i([1]))
+    expert_out = op.Reshape(post_expert_norm(spec, expert_out, norm_weight), const_i([-1, h]))
     expert_out = op.Concat(expert_out, zero_row, axis=0)  # [E*C + 1, H]
     pair_weight = op.Mul(
         op.CastLike(op.GatherElements(weights, ids, axis=1), x2), op.CastLike(keep, x2)

@@ -48,12 +48,17 @@ def unsupported_reasons(spec: MoESpec) -> list[str]:
             "com.microsoft.MoE picks a fixed top-k per token"
         )
     if spec.expert_kind == "gated" and spec.activation not in ("silu", "swiglu"):
-        reasons.append(f"com.microsoft.MoE on CPU has no gated {spec.activation} (only SwiGLU)")
+        why = ", without softcaps" if spec.activation == "swiglu_softcap" else ""
+        reasons.append(
+            f"com.microsoft.MoE on CPU has no gated {spec.activation} (only SwiGLU{why})"
+        )
     if spec.activation_limit is not None:
         reasons.append(
             "com.microsoft.MoE clamps SwiGLU's inputs (swiglu_limit), not the activation's "
             "output (activation_limit)"
         )
+    if spec.post_expert_norm_eps is not None:
+        reasons.append("com.microsoft.MoE cannot normalise each expert's output (post-expert norm)")
     if spec.expert_kind == "plain" and spec.activation not in ORT_PLAIN_ACTIVATIONS:
         why = " (its gelu is the tanh approximation)" if spec.activation == "gelu" else ""
         reasons.append(f"com.microsoft.MoE on CPU has no plain {spec.activation}{why}")

@@ -62,12 +62,13 @@ ASSERTED = ("dtype", "device", "layout")  # what _assert_tensor_metadata checks 
 
 
 def packable(spec: MoESpec, weights: MoEWeights) -> bool:
-    """Whether `PackedMoE` can hold this block: FFN experts, float32, oneDNN built in, and a
-    lowering whose kernel is the per-expert one it packs (`grouped_experts`; ``grouped_mm``
-    runs on the stored weights)."""
+    """Whether `PackedMoE` can hold this block: FFN experts without a post-expert norm, float32,
+    oneDNN built in, and a lowering whose kernel is the per-expert one it packs
+    (`grouped_experts`; ``grouped_mm`` runs on the stored weights)."""
     return (
         ONEDNN
         and spec.expert_kind != "module"
+        and spec.post_expert_norm_eps is None
         and experts_kernel(spec.lowering) is grouped_experts
         and all(t.dtype == torch.float32 for _, t in weights.items())
     )
