@@ -64,7 +64,7 @@ def test_routing_given_as_ids_runs_like_the_ops_kernel(b, s):
 
 
 @pytest.mark.parametrize(
-    "case", ["gpt-oss", "plain-relu2", "qwen-shared-gated", "deepseek-v3", "mixtral"]
+    "case", ["gpt-oss", "plain-relu2", "qwen-shared-gated", "deepseek-v3", "mixtral", "post-norm"]
 )
 @pytest.mark.parametrize("repeated", [False, True])
 def test_one_token_runs_like_the_ops_kernel(case, repeated):
