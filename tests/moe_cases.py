@@ -62,6 +62,10 @@ CASES: dict[str, MoESpec] = {
     "plain-silu-scores-none": spec(expert_kind="plain", activation="silu", score="none"),
     "gated-gelu": spec(activation="gelu"),
     "silu-capped": spec(activation_limit=0.5),  # Step-3.7: min(silu(gate), L) * clamp(up, ±L)
+    # Inkling2: tanh softcaps on the linear gate factor and on up; small caps that bite
+    "swiglu-softcap": spec(activation="swiglu_softcap", gate_softcap=0.5, up_softcap=0.8),
+    # MuseSpark, Ergo: each expert's output RMS-normalised (and scaled) before its gate
+    "post-norm": spec(norm_topk_prob=True, post_expert_norm_eps=1e-8),
     # compressed blocks: 8 router experts onto 5 stored ones (two merged pairs, one pruned)
     "merged-mixtral": spec(
         num_experts=5, norm_topk_prob=True, expert_map=(0, 1, 2, 0, 3, -1, 4, 1)
@@ -91,7 +95,7 @@ CASES["merged-deepseek-v3"] = dataclasses.replace(
     CASES["deepseek-v3"], num_experts=12, expert_map=(*range(12), 0, 1, -1, 11)
 )
 # cases whose weights carry biases or a selection bias
-WITH_BIASES = {"gpt-oss", "plain-gelu-tanh", "input-gated-biases"}
+WITH_BIASES = {"gpt-oss", "plain-gelu-tanh", "input-gated-biases", "post-norm"}
 WITH_SELECTION_BIAS = {"deepseek-v3", "merged-deepseek-v3", "softmax-bias"}
 
 
@@ -120,6 +124,10 @@ def random_weights(name: str, seed: int = 0, shape: MoESpec | None = None) -> Mo
         b_down=rand(e, h, scale=0.1) if biases else None,
         output_bias=rand(h, scale=0.1) if biases else None,
     )
+    if s.post_expert_norm_eps is not None:  # outputs small enough that the eps counts
+        w.post_norm_weight = 1 + rand(e, h, scale=0.5)
+        w.w_down = w.w_down * 1e-4
+        w.b_down = None if w.b_down is None else w.b_down * 1e-4
     if sh:
         w.shared_gate, w.shared_up, w.shared_down = rand(sh, h), rand(sh, h), rand(h, sh)
         if s.shared_expert_gated:

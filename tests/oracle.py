@@ -41,12 +41,19 @@ def _expert(spec, w, e, x):
                 gate = np.minimum(gate, spec.swiglu_limit)
                 up = np.clip(up, -spec.swiglu_limit, spec.swiglu_limit)
             hidden = gate / (1 + np.exp(-spec.swiglu_alpha * gate)) * (up + spec.swiglu_beta)
+        elif spec.activation == "swiglu_softcap":
+            cg, cu = spec.gate_softcap, spec.up_softcap
+            hidden = cg * np.tanh(gate / cg) / (1 + np.exp(-gate)) * cu * np.tanh(up / cu)
         elif spec.activation_limit is not None:
             limit = spec.activation_limit
             hidden = np.minimum(_act(spec.activation, gate), limit) * np.clip(up, -limit, limit)
         else:
             hidden = _act(spec.activation, gate) * up
-    return w["w_down"][e] @ hidden + (w["b_down"][e] if w["b_down"] is not None else 0)
+    out = w["w_down"][e] @ hidden + (w["b_down"][e] if w["b_down"] is not None else 0)
+    if spec.post_expert_norm_eps is None:
+        return out
+    out = out / np.sqrt(np.mean(out**2) + spec.post_expert_norm_eps)
+    return out * (w["post_norm_weight"][e] if w["post_norm_weight"] is not None else 1)
 
 
 def _shared(spec, w, x):

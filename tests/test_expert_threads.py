@@ -65,7 +65,7 @@ def test_a_task_error_reaches_the_caller():
 
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch is built without oneDNN")
-@pytest.mark.parametrize("case", ["gpt-oss", "qwen-shared-gated", "plain-gelu-tanh"])
+@pytest.mark.parametrize("case", ["gpt-oss", "qwen-shared-gated", "plain-gelu-tanh", "post-norm"])
 def test_packed_block_side_by_side_computes_the_ops_kernel(case, monkeypatch):
     """Every call with two experts or more goes side by side (the threshold lowered to one row)."""
     monkeypatch.setattr(expert_threads, "MIN_ROWS_PER_EXPERT", 1)

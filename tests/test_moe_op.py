@@ -112,8 +112,10 @@ def test_zoo_model_equals_its_op_form(name):
         ({"activation": "swiglu", "expert_kind": "plain"}, "gated activation"),
         ({"topk_before_softmax": True, "score": "sigmoid"}, "implies score='softmax'"),
         ({"activation_limit": 7.0, "expert_kind": "plain"}, "on gated experts"),
-        ({"activation_limit": 7.0, "activation": "swiglu"}, "swiglu takes swiglu_limit"),
+        ({"activation_limit": 7.0, "activation": "swiglu"}, "swiglu takes no activation_limit"),
         ({"gate_on_input": True, "expert_kind": "module"}, "applies to FFN experts"),
+        ({"activation": "swiglu_softcap", "gate_softcap": 4.0}, "softcaps must be > 0"),
+        ({"gate_softcap": 4.0, "up_softcap": 25.0}, "are swiglu_softcap's"),
     ],
 )
 def test_inconsistent_spec_is_refused(changes, message):

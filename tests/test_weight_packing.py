@@ -64,7 +64,16 @@ def test_routing_given_as_ids_runs_like_the_ops_kernel(b, s):
 
 
 @pytest.mark.parametrize(
-    "case", ["gpt-oss", "plain-relu2", "qwen-shared-gated", "deepseek-v3", "mixtral", "llama4"]
+    "case",
+    [
+        "gpt-oss",
+        "plain-relu2",
+        "qwen-shared-gated",
+        "deepseek-v3",
+        "mixtral",
+        "llama4",
+        "post-norm",
+    ],
 )
 @pytest.mark.parametrize("repeated", [False, True])
 def test_one_token_runs_like_the_ops_kernel(case, repeated):

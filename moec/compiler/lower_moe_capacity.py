@@ -27,6 +27,7 @@ from moec.compiler.onnx_ops import (
     finish_moe_output,
     gated_activation,
     op,
+    post_expert_norm,
     reshape_chosen,
     to_3d,
 )
@@ -100,8 +101,12 @@ def lower_moe_capacity(spec: MoESpec, x, w: dict):
         hidden = gated_activation(spec, gate, up)
     else:
         hidden = activation(spec.activation, up)
-    expert_out = batched_linear(w["w_down"], w.get("b_down"), hidden)
-    expert_out = op.Concat(op.Reshape(expert_out, const_i([-1, h])), zero_row, axis=0)
+    expert_out = batched_linear(w["w_down"], w.get("b_down"), hidden)  # [E, C, H]
+    norm_weight = w.get("post_norm_weight")
+    if norm_weight is not None:
+        norm_weight = op.Unsqueeze(norm_weight, const_i([1]))
+    expert_out = op.Reshape(post_expert_norm(spec, expert_out, norm_weight), const_i([-1, h]))
+    expert_out = op.Concat(expert_out, zero_row, axis=0)  # [E*C + 1, H]
     gathered = op.Gather(expert_out, slot, axis=0)  # [T, k, H]
     y = op.ReduceSum(
         op.Mul(gathered, op.Unsqueeze(pair_weight, const_i([-1]))), const_i([1]), keepdims=0

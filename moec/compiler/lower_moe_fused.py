@@ -53,7 +53,10 @@ def unsupported_reasons(spec: MoESpec) -> list[str]:
             "from a softmax"
         )
     if spec.expert_kind == "gated" and spec.activation not in ("silu", "swiglu"):
-        reasons.append(f"com.microsoft.MoE on CPU has no gated {spec.activation} (only SwiGLU)")
+        why = ", without softcaps" if spec.activation == "swiglu_softcap" else ""
+        reasons.append(
+            f"com.microsoft.MoE on CPU has no gated {spec.activation} (only SwiGLU{why})"
+        )
     if spec.activation_limit is not None:
         reasons.append(
             "com.microsoft.MoE clamps SwiGLU's inputs (swiglu_limit), not the activation's "
@@ -64,6 +67,8 @@ def unsupported_reasons(spec: MoESpec) -> list[str]:
             "com.microsoft.MoE scales each expert's output by its routing weight; this block "
             "scales the expert's input (gate_on_input)"
         )
+    if spec.post_expert_norm_eps is not None:
+        reasons.append("com.microsoft.MoE cannot normalise each expert's output (post-expert norm)")
     if spec.expert_kind == "plain" and spec.activation not in ORT_PLAIN_ACTIVATIONS:
         why = " (its gelu is the tanh approximation)" if spec.activation == "gelu" else ""
         reasons.append(f"com.microsoft.MoE on CPU has no plain {spec.activation}{why}")

@@ -52,6 +52,7 @@ from moec.compiler.onnx_ops import (
     gated_activation,
     ones_like,
     op,
+    post_expert_norm,
     reshape_chosen,
     to_3d,
 )
@@ -103,7 +104,11 @@ def grouped_experts_onnx(
     else:
         hidden = _split(_hidden(spec, op.Concat(*first, axis=0)), counts, parts)
     return [
-        _linear(h, op.Transpose(_pick(w, "w_down", e), perm=[1, 0]), _pick(w, "b_down", e))
+        post_expert_norm(
+            spec,
+            _linear(h, op.Transpose(_pick(w, "w_down", e), perm=[1, 0]), _pick(w, "b_down", e)),
+            _pick(w, "post_norm_weight", e),
+        )
         for e, h in enumerate(hidden)
     ]
 

@@ -32,6 +32,7 @@ __all__ = [
     "msft",
     "ones_like",
     "op",
+    "post_expert_norm",
     "register_ort_schemas",
     "reshape_chosen",
     "to_3d",
@@ -180,7 +181,10 @@ def activation(name: str, x):
 
 def gated_activation(spec: MoESpec, gate, up):
     """The gated hidden state ``act(gate) * up`` (clamped by ``activation_limit``), or the
-    parameterised ``swiglu``."""
+    parameterised ``swiglu`` or ``swiglu_softcap``."""
+    if spec.activation == "swiglu_softcap":
+        capped_gate = _softcap(gate, spec.gate_softcap)
+        return op.Mul(op.Mul(capped_gate, op.Sigmoid(gate)), _softcap(up, spec.up_softcap))
     if spec.activation != "swiglu":
         limit = spec.activation_limit
         if limit is None:
@@ -193,6 +197,27 @@ def gated_activation(spec: MoESpec, gate, up):
         up = op.Max(op.Min(up, const_f(limit, up)), const_f(-limit, up))
     glu = op.Mul(gate, op.Sigmoid(op.Mul(gate, const_f(spec.swiglu_alpha, gate))))
     return op.Mul(glu, op.Add(up, const_f(spec.swiglu_beta, up)))
+
+
+def post_expert_norm(spec: MoESpec, y, weight=None):
+    """Experts' outputs ``y`` [..., H] RMS-normalised in float32 and scaled by ``weight``
+    (broadcast to y) where the block has a post-expert norm; ``y`` otherwise."""
+    if spec.post_expert_norm_eps is None:
+        return y
+    y32 = op.Cast(y, to=FLOAT)
+    mean_square = op.ReduceMean(op.Mul(y32, y32), const_i([-1]), keepdims=1)
+    # eps as a [1] tensor: onnxscript's optimizer drops ``x + c`` for a scalar |c| <= 1e-8
+    # (docs/upstream/onnxscript-add-tiny-constant.md)
+    eps = op.Constant(value_floats=[spec.post_expert_norm_eps])
+    normed = op.Div(y32, op.Sqrt(op.Add(mean_square, eps)))
+    if weight is not None:
+        normed = op.Mul(normed, op.Cast(weight, to=FLOAT))
+    return op.CastLike(normed, y)
+
+
+def _softcap(x, cap: float):
+    """``cap * tanh(x / cap)``."""
+    return op.Mul(op.Tanh(op.Div(x, const_f(cap, x))), const_f(cap, x))
 
 
 def finish_moe_output(spec: MoESpec, y, x2, w: dict):

@@ -27,6 +27,7 @@ __all__ = [
     "grouped_mm_unsupported_reasons",
     "linear",
     "onednn_linear",
+    "post_expert_norm",
     "shared_ffn",
 ]
 
@@ -83,6 +84,11 @@ def gated_activation(spec: MoESpec, gate: torch.Tensor, up: torch.Tensor) -> tor
             gate = gate.clamp(max=spec.swiglu_limit)
             up = up.clamp(-spec.swiglu_limit, spec.swiglu_limit)
         return gate * torch.sigmoid(spec.swiglu_alpha * gate) * (up + spec.swiglu_beta)
+    if spec.activation == "swiglu_softcap":
+        capped_gate = torch.tanh(gate / spec.gate_softcap) * spec.gate_softcap
+        return (
+            capped_gate * torch.sigmoid(gate) * torch.tanh(up / spec.up_softcap) * spec.up_softcap
+        )
     if spec.activation_limit is not None:
         limit = spec.activation_limit
         return _act(spec.activation, gate).clamp(max=limit) * up.clamp(-limit, limit)
@@ -102,7 +108,18 @@ def expert_hidden(
 
 def expert_ffn(spec: MoESpec, w: MoEWeights, e: int, rows: torch.Tensor) -> torch.Tensor:
     """Expert ``e`` on its tokens ``rows`` [n, H] -> [n, H]."""
-    return linear(expert_hidden(spec, w, e, rows, linear), w.w_down[e], _at(w.b_down, e))
+    out = linear(expert_hidden(spec, w, e, rows, linear), w.w_down[e], _at(w.b_down, e))
+    return post_expert_norm(spec, out, _at(w.post_norm_weight, e))
+
+
+def post_expert_norm(spec: MoESpec, out: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The experts' outputs ``out`` [n, H] RMS-normalised in float32 and scaled by ``weight``
+    ([H], or [n, H] per row) where the block has a post-expert norm; ``out`` otherwise."""
+    if spec.post_expert_norm_eps is None:
+        return out
+    y = out.float()
+    y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + spec.post_expert_norm_eps)
+    return (y if weight is None else y * weight.float()).to(out.dtype)
 
 
 def grouped_experts(spec: MoESpec, w: MoEWeights, rows: torch.Tensor, counts: list[int]):
@@ -130,7 +147,8 @@ def grouped_mm_experts(spec: MoESpec, w: MoEWeights, rows: torch.Tensor, counts:
         hidden = _act(spec.activation, up)
     else:
         hidden = gated_activation(spec, project(rows, w.w_gate, w.b_gate), up)
-    return project(hidden, w.w_down, w.b_down)
+    weight = None if w.post_norm_weight is None else w.post_norm_weight.repeat_interleave(sizes, 0)
+    return post_expert_norm(spec, project(hidden, w.w_down, w.b_down), weight)
 
 
 def expert_segments(rows: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:

@@ -11,7 +11,8 @@
   ``w_gate`` [E, I, H] (gated experts only), ``w_up`` [E, I, H], ``w_down`` [E, H, I],
   ``b_gate`` [E, I], ``b_up`` [E, I], ``b_down`` [E, H],
   ``shared_gate`` [Is, H], ``shared_up`` [Is, H], ``shared_down`` [H, Is],
-  ``shared_expert_gate`` [1, H], ``output_bias`` [H] (added to every token's output).
+  ``shared_expert_gate`` [1, H], ``output_bias`` [H] (added to every token's output),
+  ``post_norm_weight`` [E, H] (scales each expert's normalised output).
 - ``spec_json``: `MoESpec.to_json()`.
 - ``out``: like ``x``; ``chosen``: bool [..., E], which experts serve each token (the routing,
   exposed so that verification can compare it).
@@ -225,6 +226,7 @@ def moe(
     shared_down: torch.Tensor | None,
     shared_expert_gate: torch.Tensor | None,
     output_bias: torch.Tensor | None,
+    post_norm_weight: torch.Tensor | None,
     spec_json: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = parse_spec(spec_json)

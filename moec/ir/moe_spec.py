@@ -25,9 +25,14 @@ Experts, stacked with the expert index first:
 - ``gated``: ``down(act(gate(x)) * up(x))``; ``swiglu`` is the parameterised form
   ``g = min(gate, limit); u = clamp(up, -limit, limit); g * sigmoid(alpha * g) * (u + beta)``
   (GPT-OSS: alpha 1.702, beta 1, limit 7; DeepSeek-V4: alpha 1, beta 0, a limit; no limit: None).
-  Any other gated activation may be clamped after it with ``activation_limit`` L:
-  ``min(act(gate), L) * clamp(up, -L, L)`` (Step-3.7).
+  ``swiglu_softcap`` bounds the linear factors with tanh softcaps, the sigmoid sees the raw gate:
+  ``Cg * tanh(gate / Cg) * sigmoid(gate) * Cu * tanh(up / Cu)`` (Inkling2: ``gate_softcap`` Cg,
+  ``up_softcap`` Cu). Any other gated activation may be clamped after it with
+  ``activation_limit`` L: ``min(act(gate), L) * clamp(up, -L, L)`` (Step-3.7).
 - ``plain``: ``down(act(up(x)))`` (``up`` is the input projection).
+- ``post_expert_norm_eps``: each gated or plain expert's output y is RMS-normalised before its
+  routing weight scales it, ``y / sqrt(mean(y^2) + eps) * post_norm_weight[e]`` (in float32;
+  the weight, [E, H], is optional) (MuseSpark, Ergo).
 - ``module``: any nn.Module per expert (attention experts, ...), kept as exported subgraphs and
   run on each expert's own tokens; no stacked weights.
 
@@ -65,7 +70,8 @@ ROUTINGS = ("topk", "expert_choice", "external")
 GROUP_SCORES = ("max", "top2_sum")
 CAPACITY_SCOPES = ("sequence", "batch")
 EXPERT_KINDS = ("gated", "plain", "module")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu", "swiglu_softcap")
+GATED_ONLY = ("swiglu", "swiglu_softcap")
 PLAIN_ACTIVATIONS = ACTIVATIONS[:5]
 
 
@@ -96,6 +102,9 @@ class MoESpec:
     swiglu_limit: float | None = None
     activation_limit: float | None = None
     gate_on_input: bool = False
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
+    post_expert_norm_eps: float | None = None
     shared_expert_size: int = 0
     shared_expert_gated: bool = False
     shared_activation: str = "silu"
@@ -196,6 +205,8 @@ class MoESpec:
         experts = f"{self.num_experts}x{self.expert_kind} {act} {self.expert_size}"
         if self.expert_kind == "module":
             experts = f"{self.num_experts}x module experts"
+        if self.post_expert_norm_eps is not None:
+            experts += " post-norm"
         if self.expert_map is not None:
             experts += f" (from {self.router_experts} router experts)"
         return f"{route}; {experts}{shared}"
@@ -224,9 +235,19 @@ class MoESpec:
             "activation_limit must be > 0, on gated experts",
         )
         need(
-            self.activation_limit is None or self.activation != "swiglu",
-            "swiglu takes swiglu_limit (a clamp before the activation), not activation_limit",
+            self.activation_limit is None or self.activation not in GATED_ONLY,
+            f"{self.activation} takes no activation_limit (swiglu clamps with swiglu_limit)",
         )
+        need(
+            self.post_expert_norm_eps is None
+            or (self.post_expert_norm_eps > 0 and self.expert_kind != "module"),
+            "post_expert_norm_eps must be > 0, on FFN experts",
+        )
+        softcaps = (self.gate_softcap, self.up_softcap)
+        if self.activation == "swiglu_softcap":
+            need(all(c is not None and c > 0 for c in softcaps), "softcaps must be > 0")
+        else:
+            need(softcaps == (None, None), "gate_softcap and up_softcap are swiglu_softcap's")
         need(
             self.lowering is None or self.lowering in registry.lowering_names(),
             f"lowering={self.lowering!r}; registered: {registry.lowering_names()}",
@@ -273,8 +294,12 @@ class MoESpec:
             "gate_on_input applies to FFN experts",
         )
         need(
-            self.activation != "swiglu" or self.expert_kind == "gated",
-            "swiglu is a gated activation",
+            not self.gate_on_input or self.post_expert_norm_eps is None,
+            "gate_on_input blocks have no post-expert norm",
+        )
+        need(
+            self.activation not in GATED_ONLY or self.expert_kind == "gated",
+            f"{self.activation} is a gated activation",
         )
         need(
             self.expert_capacity is None or self.capacity_factor is None,

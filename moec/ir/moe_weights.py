@@ -12,7 +12,8 @@ from moec.ir.moe_spec import MoESpec
 
 __all__ = ["EXPERT_WEIGHTS", "WEIGHT_NAMES", "MoEWeights"]
 
-EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")  # stacked per expert
+# stacked per expert
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "post_norm_weight")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class MoEWeights:
     shared_down: torch.Tensor | None = None
     shared_expert_gate: torch.Tensor | None = None
     output_bias: torch.Tensor | None = None
+    post_norm_weight: torch.Tensor | None = None
 
     def args(self) -> tuple[torch.Tensor | None, ...]:
         return tuple(getattr(self, name) for name in WEIGHT_NAMES)
@@ -63,6 +65,7 @@ class MoEWeights:
             "shared_down": (h, s) if s else None,
             "shared_expert_gate": (1, h) if spec.shared_expert_gated else None,
             "output_bias": (h,),
+            "post_norm_weight": (e, h) if spec.post_expert_norm_eps is not None else None,
         }
 
     @staticmethod
@@ -114,5 +117,6 @@ WEIGHT_NAMES: tuple[str, ...] = (
     "shared_down",
     "shared_expert_gate",
     "output_bias",
+    "post_norm_weight",
 )
 assert set(WEIGHT_NAMES) == {f.name for f in fields(MoEWeights)}

@@ -9,8 +9,9 @@ compute becomes one ``moec::moe`` node.
 Recognised by structure, not by class: the decorator's flags (``has_gate``, ``is_transposed``,
 ``is_concatenated``, ``has_bias``) say how the weights are laid out, and the activation is
 identified by probing the module's own ``_apply_gate`` (or ``act_fn``) against moec's activations
-on random values, clamp ranges included. A new family with a known layout and activation needs no
-new code.
+on random values, clamp ranges and softcaps included; so is a post-expert norm
+(``has_post_expert_norm``, `read_post_expert_norm`). A new family with a known layout and
+activation needs no new code.
 
 A family may write its experts module without the decorator (Step-3.7): a module called as
 ``experts(hidden_states, top_k_index, top_k_weights)`` with stacked ``gate_up_proj`` [E, 2I, H]
@@ -30,6 +31,7 @@ from torch import nn
 
 from moec.errors import UnsupportedBlockError
 from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, MoESpec, MoEWeights, moe_eager
+from moec.models.hf_expert_norm import read_post_expert_norm
 
 __all__ = ["HFExpertsAdapter", "probe_plain_activation", "top_k_of"]
 
@@ -68,9 +70,10 @@ class HFExpertsAdapter:
         layout = _layout(module)
         if layout is None or not isinstance(getattr(module, "down_proj", None), torch.Tensor):
             return None
-        if getattr(module, "has_post_expert_norm", False):
-            raise UnsupportedBlockError("experts with a post-expert norm are not supported yet")
         weights = _stacked_weights(module, layout)
+        norm_eps = None
+        if getattr(module, "has_post_expert_norm", False):
+            norm_eps, weights = read_post_expert_norm(module.post_expert_norm, weights)
         e, i, h = weights.w_up.shape
         activation = _probe_activation(module, i, layout)
         spec = MoESpec(
@@ -80,6 +83,7 @@ class HFExpertsAdapter:
             expert_size=i,
             routing="external",
             expert_kind="gated" if layout.has_gate else "plain",
+            post_expert_norm_eps=norm_eps,
             **activation,
         )
         if not layout.declared:
@@ -182,6 +186,10 @@ def _stacked_weights(m: nn.Module, layout: Layout) -> MoEWeights:
     )
 
 
+def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
+
+
 def _swiglu(gate, up, alpha: float, beta: float, limit: float | None):
     if limit is not None:
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
@@ -243,6 +251,16 @@ def _gated_candidates(m: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> dic
                 {"activation": name, "activation_limit": limit},
                 capped,
             )
+    caps = sorted(set(_softcaps(m)))
+    for gate_cap in caps:  # tanh softcaps on the linear gate factor and on up (Inkling2)
+        for up_cap in caps:
+            fields = {
+                "activation": "swiglu_softcap",
+                "gate_softcap": gate_cap,
+                "up_softcap": up_cap,
+            }
+            value = _softcap(gate, gate_cap) * torch.sigmoid(gate) * _softcap(up, up_cap)
+            found[f"swiglu_softcap(gate={gate_cap}, up={up_cap})"] = (fields, value)
     for alpha in sorted(alphas):
         for beta in (0.0, 1.0):
             for limit in sorted(limits, key=lambda v: -1 if v is None else v):
@@ -257,13 +275,26 @@ def _gated_candidates(m: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> dic
     return found
 
 
+def _softcaps(m: nn.Module) -> list[float]:
+    """Candidate softcaps: positive numbers named ``*softcap*`` on the module, its submodules
+    (a softcap module holds its own) and their configs."""
+    found = []
+    for sub in m.modules():
+        for source in (sub, getattr(sub, "config", None)):
+            names = [n for n in vars(source) if "softcap" in n] if source is not None else []
+            found += _attr_floats_of(source, names)
+    return found
+
+
 def _attr_floats(m: nn.Module, *names: str) -> list[float]:
-    sources = [m, getattr(m, "config", None)]
+    return [v for source in (m, getattr(m, "config", None)) for v in _attr_floats_of(source, names)]
+
+
+def _attr_floats_of(source: Any, names: list[str] | tuple[str, ...]) -> list[float]:
     values = []
-    for source in sources:
-        for name in names:
-            value = getattr(source, name, None)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if number and math.isfinite(value) and value > 0:  # inf: no clamp
-                values.append(float(value))
+    for name in names:
+        value = getattr(source, name, None)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and math.isfinite(value) and value > 0:  # inf: no clamp
+            values.append(float(value))
     return values

@@ -37,6 +37,7 @@ from moec.ir.expert_kernels import (
     expert_segments,
     gated_activation,
     grouped_experts,
+    post_expert_norm,
 )
 from moec.ir.moe_op import (
     carry_nonfinite,
@@ -113,6 +114,7 @@ class PackedMoE(nn.Module):
                 self.first_bias.append(at(w.b_up, e))
             self.down.append(PackedGemm(w.w_down[e]))
             self.down_bias.append(at(w.b_down, e))
+        self.post_norm_weight = [at(w.post_norm_weight, e) for e in range(spec.num_experts)]
         self.shared_first = self.shared_down = None
         if spec.shared_expert_size:
             self.shared_first = PackedGemm(torch.cat([w.shared_gate, w.shared_up]))
@@ -139,9 +141,7 @@ class PackedMoE(nn.Module):
         """(e, expert e's rows) pairs -> their outputs, concatenated in the pairs' order."""
         first = torch.cat([self.first[e](c, self.first_bias[e]) for e, c in active])
         chunks = self._activation(first).split([len(c) for _, c in active])
-        return torch.cat(
-            [self.down[e](h, self.down_bias[e]) for (e, _), h in zip(active, chunks, strict=True)]
-        )
+        return torch.cat([self._down(e, h) for (e, _), h in zip(active, chunks, strict=True)])
 
     def routed(
         self,
@@ -192,8 +192,12 @@ class PackedMoE(nn.Module):
         return self._expert(e, x.index_select(0, tokens)) * gates
 
     def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
-        hidden = self._activation(self.first[e](rows, self.first_bias[e]))
-        return self.down[e](hidden, self.down_bias[e])
+        return self._down(e, self._activation(self.first[e](rows, self.first_bias[e])))
+
+    def _down(self, e: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s down projection of its activations (and its post-expert norm)."""
+        out = self.down[e](hidden, self.down_bias[e])
+        return post_expert_norm(self.spec, out, self.post_norm_weight[e])
 
     def _activation(self, first: torch.Tensor) -> torch.Tensor:
         """The experts' activation on their first projection ([n, 2I] gate then up if gated)."""
