@@ -53,7 +53,10 @@ class CausalLMLogits(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters.values()
+        # a forward that takes **kwargs passes them on to the base model, whose use_cache
+        # otherwise defaults to the config's (a cache built and filled during the call)
+        self.takes_cache = any(p.name == "use_cache" or p.kind == p.VAR_KEYWORD for p in params)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         kwargs = {"use_cache": False} if self.takes_cache else {}
