@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
-EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
+# The traced sequence length is prime: code that splits the sequence into blocks or chunks of
+# a power-of-two size then traces its padding path (right for every length) and, up to size 8,
+# more than one block, where a length equal to the size traces a graph for that length alone.
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 11
 
 
 class CausalLMLogits(nn.Module):
