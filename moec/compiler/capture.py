@@ -249,10 +249,13 @@ def _export(tap: nn.Module, inputs: tuple, dynamic: tuple, input_names: list[str
         try:
             return torch.export.export(tap, inputs, dynamic_shapes=(dynamic,)), []
         except Exception as e:
-            if "Constraints violated" not in str(e) and "Specializations" not in str(e):
-                raise
+            # not only "Constraints violated": torch can fail while it writes that report
+            # (a suggested Dim with min > max), so any failure gets the Dim.AUTO try
             auto = tuple({axis: Dim.AUTO for axis in dims} if dims else None for dims in dynamic)
-            program = torch.export.export(tap, inputs, dynamic_shapes=(auto,))
+            try:
+                program = torch.export.export(tap, inputs, dynamic_shapes=(auto,))
+            except Exception:
+                raise e from None
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     notes = []
     for i, user_input in enumerate(program.graph_signature.user_inputs):

@@ -10,6 +10,7 @@ inference.
 from __future__ import annotations
 
 import logging
+import operator
 import re
 
 import onnx_ir as ir
@@ -18,7 +19,7 @@ import torch
 
 from moec import registry
 from moec.compiler.lazy_initializers import bind_lazy_initializers, fold_lazily
-from moec.compiler.onnx_ops import register_ort_schemas
+from moec.compiler.onnx_ops import BOOL, INT64, op, register_ort_schemas
 from moec.compiler.slice_scatter_to_cat import slice_scatters_as_cats
 from moec.errors import LoweringError
 from moec.ir.moe_op import MoEOpArgs
@@ -50,13 +51,23 @@ def translate_moe(*args):
     return registry.resolve(emit)(spec, x=op.x, w=weights)
 
 
+def translate_floordiv(a, b):
+    """Python's ``//`` on SymInts, which floors. onnxscript's translation is ONNX Div, which
+    truncates: the ceil-division idiom ``-(-n // b)`` came out one short for n not a
+    multiple of b (an empty dim where a shape needs one block)."""
+    quotient = op.Div(a, b)
+    inexact = op.Cast(op.Sub(a, op.Mul(quotient, b)), to=BOOL)
+    signs_differ = op.Xor(op.Less(a, 0), op.Less(b, 0))
+    return op.Sub(quotient, op.Cast(op.And(inexact, signs_differ), to=INT64))
+
+
 def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool, rewrite=None) -> ir.Model:
     """The captured program as an ONNX model (onnx-ir); ``standard_ops_only``: refuse a graph
     that uses a contrib domain (a portable target's promise); ``rewrite(model)``: a target's
     last edit of the graph (a registry hook), after the optimizer."""
     register_ort_schemas()
     _quiet_exporter_logs()
-    table = {torch.ops.moec.moe.default: translate_moe}
+    table = {torch.ops.moec.moe.default: translate_moe, operator.floordiv: translate_floordiv}
     program = captured.program.run_decompositions({})  # functional: slice writes are scatters
     slice_scatters_as_cats(program)
     try:

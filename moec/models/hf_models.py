@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
-EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
+# The traced sequence length is prime: code that splits the sequence into blocks or chunks of
+# a power-of-two size then traces its padding path (right for every length) and, up to size 8,
+# more than one block, where a length equal to the size traces a graph for that length alone.
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 11
 
 
 class CausalLMLogits(nn.Module):
@@ -53,7 +56,10 @@ class CausalLMLogits(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters.values()
+        # a forward that takes **kwargs passes them on to the base model, whose use_cache
+        # otherwise defaults to the config's (a cache built and filled during the call)
+        self.takes_cache = any(p.name == "use_cache" or p.kind == p.VAR_KEYWORD for p in params)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         kwargs = {"use_cache": False} if self.takes_cache else {}

@@ -5,6 +5,10 @@ DeepSeek-V2 and Llama 4 compute rotary embeddings with complex tensors (``torch.
 ``view_as_complex``); ONNX has no complex type. The rewrite carries each frequency as a real
 (cos, sin) pair in a trailing dimension of 2 and does the complex product by hand:
 ``(a + ib)(c + id) = (ac - bd) + i(ad + bc)``, the same arithmetic.
+
+MiniMax's lightning attention loops over blocks of ``block_size`` tokens; export unrolls the
+loop into a graph for one sequence length only. Without a cache the rewrite computes it in its
+parallel form, one masked product over the whole sequence (see `_parallel_lightning`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from contextlib import ExitStack, contextmanager
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["export_patches"]
@@ -50,6 +55,41 @@ COMPLEX_ROTARY = {
 }
 
 
+def _parallel_lightning(original):
+    """A lightning-attention forward that, without a cache, computes
+    ``out = ((Q K^T) * D) V`` with ``D[h, i, j] = exp(-slope_h (i - j))`` for j <= i, else 0:
+    the sum the model's blocks accumulate (inside a block by its diagonal decay, across blocks
+    by the decayed K^T V state), for any sequence length. Also returns that state [B, H, D, D]
+    after the last token, as the model does; with a cache it runs ``original``."""
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        if cache is not None:
+            return original(
+                self, hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs
+            )
+        batch, seq, _ = hidden_states.shape
+        heads, dim = self.num_attention_heads, self.head_dim
+        masked = sys.modules[type(self).__module__].apply_mask_to_padding_states
+        qkv = masked(self.act_fn(self.qkv_proj(hidden_states)), attention_mask)
+        qkv = qkv.reshape(batch, seq, heads, 3 * dim).transpose(1, 2)
+        q, k, v = torch.split(qkv, dim, dim=3)  # [B, H, S, D] each
+        position = torch.arange(seq, device=hidden_states.device)
+        distance = (position[:, None] - position[None, :]).to(self.slope_rate.dtype)
+        decay = torch.where(distance >= 0, -self.slope_rate * distance, float("-inf")).exp()
+        out = torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * decay, v)
+        to_end = torch.exp(-self.slope_rate * (seq - 1 - position)[:, None])  # [H, S, 1]
+        state = torch.matmul((k * to_end).transpose(-1, -2), v)
+        out = self.norm(out.transpose(1, 2).reshape(batch, seq, heads * dim))
+        out = F.sigmoid(self.output_gate(hidden_states)) * out
+        return self.out_proj(out), state
+
+    return forward
+
+
+# attention class -> its loop-free forward (built from the original)
+LOOP_FREE = {"MiniMaxLightningAttention": _parallel_lightning}
+
+
 @contextmanager
 def export_patches(model: nn.Module) -> Iterator[list[str]]:
     """Apply the rewrites this model needs; yields the names of those applied."""
@@ -63,4 +103,9 @@ def export_patches(model: nn.Module) -> Iterator[list[str]]:
             stack.enter_context(mock.patch.object(cls, "forward", _rotary_forward))
             stack.enter_context(mock.patch.object(module, "apply_rotary_emb", apply))
             applied.append(f"{cls.__name__}: complex rotary embedding as real (cos, sin) pairs")
+        for cls in {type(m) for m in model.modules()}:
+            rewrite = LOOP_FREE.get(cls.__name__)
+            if rewrite is not None:
+                stack.enter_context(mock.patch.object(cls, "forward", rewrite(cls.forward)))
+                applied.append(f"{cls.__name__}: its loop over blocks as one masked product")
         yield applied
