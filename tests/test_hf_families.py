@@ -150,6 +150,25 @@ def test_undecorated_experts_module_that_is_not_what_it_looks_like_is_refused():
     assert "register an adapter" in message
 
 
+def test_experts_subclass_with_a_forward_of_its_own_is_checked():
+    """Ergo's experts subclass a decorated class and wrap its forward in a norm per expert:
+    refused, not compiled without the norm. A subclass whose forward adds nothing converts."""
+    with pytest.raises(UnsupportedBlockError) as info:
+        find_moe_blocks(build_tiny("ergo"))
+    assert "experts (ErgoExperts): its forward is not the experts" in str(info.value)
+
+    model = build_tiny("mixtral")
+    experts = model.model.layers[0].mlp.experts
+
+    class PassThroughExperts(type(experts)):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+
+    experts.__class__ = PassThroughExperts
+    blocks = find_moe_blocks(model)
+    assert [type(b.module).__name__ for b in blocks] == ["PassThroughExperts", "MixtralExperts"]
+
+
 def test_model_that_is_not_moe(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

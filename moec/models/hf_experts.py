@@ -16,6 +16,8 @@ A family may write its experts module without the decorator (Step-3.7): a module
 ``experts(hidden_states, top_k_index, top_k_weights)`` with stacked ``gate_up_proj`` [E, 2I, H]
 and ``down_proj`` [E, H, I] is read in the decorator's default layout, and since nothing declares
 that layout, the module's own forward is run on random routing and must match moec's kernel.
+So must the forward of a subclass that replaces the decorated one (Ergo's adds a norm per
+expert), which moec would otherwise drop unseen.
 """
 
 from __future__ import annotations
@@ -82,9 +84,15 @@ class HFExpertsAdapter:
             expert_kind="gated" if layout.has_gate else "plain",
             **activation,
         )
-        if not layout.declared:
+        if not layout.declared or _forward_overridden(module):
             _check_forward(module, spec, weights)
         return spec, weights
+
+
+def _forward_overridden(m: nn.Module) -> bool:
+    """True when a subclass of a decorated experts class replaces the forward the decorator
+    installed (Ergo wraps it in a per-expert norm): moec would drop that work unseen."""
+    return not hasattr(type(m).forward, "__wrapped__")
 
 
 def _layout(m: nn.Module) -> Layout | None:
@@ -130,9 +138,9 @@ def _check_forward(m: nn.Module, spec: MoESpec, weights: MoEWeights) -> None:
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     if not error <= tolerance:
         raise UnsupportedBlockError(
-            f"its forward is not the experts moec reads from its gate_up_proj and down_proj "
-            f"(rel. L2 {error:.1e} on random routing); register an adapter for it "
-            "(docs/adapters.md)"
+            f"its forward is not the experts moec reads from its stacked weights (rel. L2 "
+            f"{error:.1e} on random routing): its own forward computes something else, such as "
+            "a norm per expert; register an adapter for it (docs/adapters.md)"
         )
 
 
