@@ -151,12 +151,15 @@ def test_undecorated_experts_module_that_is_not_what_it_looks_like_is_refused():
     assert "register an adapter" in message
 
 
-def test_experts_subclass_with_a_forward_of_its_own_is_checked():
+def test_experts_subclass_with_a_forward_of_its_own_is_checked(tmp_path):
     """Ergo's experts subclass a decorated class and wrap its forward in a norm per expert:
-    refused, not compiled without the norm. A subclass whose forward adds nothing converts."""
+    refused (its weights in memory, or streamed from hf:DIR), not compiled without the norm.
+    A subclass whose forward adds nothing converts."""
     with pytest.raises(UnsupportedBlockError) as info:
         find_moe_blocks(build_tiny("ergo"))
     assert "experts (ErgoExperts): its forward is not the experts" in str(info.value)
+    with pytest.raises(UnsupportedBlockError, match="its forward is not the experts"):
+        moec.compile(f"hf:{save_tiny('ergo', tmp_path / 'ergo')}", target="onnx")
 
     model = build_tiny("mixtral")
     experts = model.model.layers[0].mlp.experts

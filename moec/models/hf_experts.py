@@ -32,6 +32,7 @@ from torch import nn
 
 from moec.errors import UnsupportedBlockError
 from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, MoESpec, MoEWeights, moe_eager
+from moec.models.layer_streaming import materialized
 
 __all__ = ["HFExpertsAdapter", "probe_plain_activation", "top_k_of"]
 
@@ -85,7 +86,7 @@ class HFExpertsAdapter:
             **activation,
         )
         if not layout.declared or _forward_overridden(module):
-            _check_forward(module, spec, weights)
+            _check_forward(module, spec, layout)
         return spec, weights
 
 
@@ -122,18 +123,18 @@ def _layout(m: nn.Module) -> Layout | None:
     return Layout(declared=False)
 
 
-def _check_forward(m: nn.Module, spec: MoESpec, weights: MoEWeights) -> None:
+def _check_forward(m: nn.Module, spec: MoESpec, layout: Layout) -> None:
     """Run the module's own forward on random tokens and routing against moec's kernel on the
     weights read from it; raise if they differ (the layout was a guess)."""
     g = torch.Generator().manual_seed(0)
-    dtype = weights.w_down.dtype
+    dtype = m.down_proj.dtype
     x = torch.randn(FORWARD_PROBE_TOKENS, spec.hidden_size, generator=g).to(dtype)
     k = min(2, spec.num_experts)
     ids = torch.stack([torch.randperm(spec.num_experts, generator=g)[:k] for _ in range(len(x))])
     gates = torch.rand(len(x), k, generator=g).to(dtype)
-    with torch.no_grad():
+    with torch.no_grad(), materialized(m):  # weights streamed from a checkpoint: built here
         theirs = m(x, ids, gates).float()
-        ours = moe_eager(spec, weights, x, ids, gates)[0].float()
+        ours = moe_eager(spec, _stacked_weights(m, layout), x, ids, gates)[0].float()
     error = float((ours - theirs).norm() / theirs.norm().clamp_min(1e-30))
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     if not error <= tolerance:
