@@ -4,17 +4,24 @@ A left-padded batch of random prompts runs once (prefill), then `DECODE_STEPS` s
 feeding both sides the token the eager model chose (so they see the same text even where a
 near-tie would make them differ), the artifact its own returned cache, the eager model
 transformers' cache (a zoo LM: every token so far again, without a cache). Per step:
-relative L2 of the logits of attended tokens, and routing agreement per block.
+relative L2 of the logits of attended tokens, and routing agreement per block (a block behind
+the family's own router: its near-ties are the tokens that flip when its input is perturbed).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from moec.eager_routing import eager_routing_hooks
+from moec.eager_routing import (
+    eager_routing_hooks,
+    external_blocks,
+    mark_flips,
+    perturbed_blocks,
+)
 from moec.models.kv_cache import CausalLMWithCache, TinyLMWithCache, cache_keyword
 from moec.runtime.compare import OutputStats, RoutingStats
 from moec.runtime.decoding import positions_from_mask
@@ -73,8 +80,10 @@ def verify_decoding(
     for step in range(DECODE_STEPS + 1):
         outputs = runner.infer(feeds)
         routing: dict = {}
+        fragile = _fragile_external_routing(model, blocks, feeds, decoding, tokens[:, :end], cache)
         with eager_routing_hooks(blocks, routing), torch.no_grad():
             ref_logits, cache = _eager_step(model, feeds, decoding, tokens[:, :end], cache)
+        mark_flips(routing, fragile)
         attended = feeds[decoding.mask][:, -feeds["input_ids"].shape[1] :].astype(bool)
         logits = OutputStats(f"logits, step {step}", rel_l2)
         logits.update(ref_logits[attended], outputs[decoding.logits][attended])
@@ -100,6 +109,18 @@ def verify_decoding(
         positions = positions_from_mask(mask[:, :end])[:, -1:]
         feeds = decoding.next_step(chosen_tokens, mask[:, :end], positions, outputs)
     return steps
+
+
+def _fragile_external_routing(model, blocks: dict, feeds: dict, decoding, tokens, cache) -> dict:
+    """Per block routed by the family's own router, the routing of this step with its input
+    perturbed (`perturbed_blocks`), run on a copy of the cache: tokens it flips are near-ties."""
+    external, perturbed = external_blocks(blocks), {}
+    if not external:
+        return perturbed
+    hooks = eager_routing_hooks(external, perturbed)
+    with perturbed_blocks(model, external), hooks, torch.no_grad():
+        _eager_step(model, feeds, decoding, tokens, copy.deepcopy(cache))
+    return perturbed
 
 
 def _eager_step(model, feeds: dict, decoding, tokens: np.ndarray, cache):

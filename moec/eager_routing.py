@@ -13,7 +13,13 @@ from moec.ir import map_experts, near_tie_margin, route, router_logits
 from moec.models import BlockMatch
 from moec.models.layer_streaming import real
 
-__all__ = ["eager_routing_hooks"]
+__all__ = [
+    "PERTURBATION",
+    "eager_routing_hooks",
+    "external_blocks",
+    "mark_flips",
+    "perturbed_blocks",
+]
 
 
 @contextmanager
@@ -45,8 +51,8 @@ def _eager_routing(match: BlockMatch, args: tuple, kwargs: dict) -> tuple[np.nda
 
     A block routed by moec is routed again from its input with the IR's routing; an experts
     module behind the family's own router reports the routing it was handed (its margin comes
-    from `_mark_fragile_external_routing`), and a block routed by its own code the routing its
-    gate reader computes.
+    from `mark_flips`), and a block routed by its own code the routing its gate reader
+    computes.
     """
     spec, w = match.spec, match.weights
     if match.conversion.gate is not None:  # a block routed by its own code, as the op is
@@ -62,3 +68,48 @@ def _eager_routing(match: BlockMatch, args: tuple, kwargs: dict) -> tuple[np.nda
     logits = router_logits(x, real(w.router_weight), real(w.router_bias))
     _, chosen = map_experts(spec, *route(spec, logits, selection_bias))
     return chosen.numpy(), near_tie_margin(spec, logits, selection_bias).numpy()
+
+
+PERTURBATION = 1e-5  # relative noise that marks an external routing decision as a near-tie
+
+
+def external_blocks(blocks: dict[str, BlockMatch]) -> dict[str, BlockMatch]:
+    """The blocks routed by the family's own router (whose margin moec cannot compute)."""
+    return {n: m for n, m in blocks.items() if m.spec.routing == "external"}
+
+
+@contextmanager
+def perturbed_blocks(model: torch.nn.Module, blocks: dict[str, BlockMatch]) -> Iterator[None]:
+    """While open, the input of each block's parent (of the block itself, for one routed by its
+    own code) gets ``PERTURBATION`` noise relative to its mean magnitude; an all-zero input (a
+    zero pad embedding, through every layer of a one-token call) gets it absolute, as its
+    router's logits tie exactly."""
+    generator = torch.Generator().manual_seed(0)
+
+    def add_noise(module, args, kwargs):
+        if args and args[0].is_floating_point():
+            x = args[0]
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            scale = float(x.abs().mean()) or 1.0
+            return (x + PERTURBATION * scale * noise, *args[1:]), kwargs
+        return None
+
+    parents = {
+        model.get_submodule(name if m.conversion.gate is not None else name.rpartition(".")[0])
+        for name, m in blocks.items()
+    }
+    handles = [p.register_forward_pre_hook(add_noise, with_kwargs=True) for p in parents]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def mark_flips(routing: dict, perturbed: dict) -> None:
+    """Give the tokens of each block in both whose choice flipped under `perturbed_blocks` a
+    zero margin (near-ties), the others an infinite one."""
+    for name in perturbed.keys() & routing.keys():
+        chosen, _ = routing[name]
+        flipped = (perturbed[name][0] != chosen).any(axis=-1)
+        routing[name] = (chosen, np.where(flipped, 0.0, np.inf))

@@ -19,7 +19,12 @@ from torch import nn
 from moec import registry
 from moec.compiler.sources import reload_source, weights_sha256
 from moec.decode_verification import verify_decoding
-from moec.eager_routing import eager_routing_hooks
+from moec.eager_routing import (
+    eager_routing_hooks,
+    external_blocks,
+    mark_flips,
+    perturbed_blocks,
+)
 from moec.errors import RuntimeUnavailableError, UsageError, VerificationError
 from moec.models import BlockMatch, find_moe_blocks
 from moec.models.block_calls import recorded_block_calls
@@ -286,39 +291,15 @@ def _hashed_as_before(manifest: Manifest, trust_remote_code: bool, source, model
     return model, digest
 
 
-PERTURBATION = 1e-5  # relative noise that marks an external routing decision as a near-tie
-
-
 def _mark_fragile_external_routing(model, manifest, blocks, feeds, routing) -> None:
     """Near-ties of routing the family's own router made (where moec knows no margin): the
-    tokens whose choice flips when every such block's input gets ``PERTURBATION`` noise."""
-    external = {n: m for n, m in blocks.items() if m.spec.routing == "external" and n in routing}
+    tokens whose choice flips when every such block's input gets `perturbed_blocks` noise."""
+    external = external_blocks(blocks)
     if not external:
         return
-    generator = torch.Generator().manual_seed(0)
-
-    def add_noise(module, args, kwargs):
-        if args and args[0].is_floating_point():
-            x = args[0]
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-            return (x + PERTURBATION * x.abs().mean() * noise, *args[1:]), kwargs
-        return None
-
-    # an experts module's block, or a block routed by its own code itself
-    parents = {
-        model.get_submodule(name if m.conversion.gate is not None else name.rpartition(".")[0])
-        for name, m in external.items()
-    }
-    handles = [p.register_forward_pre_hook(add_noise, with_kwargs=True) for p in parents]
-    try:
+    with perturbed_blocks(model, external):
         _, perturbed = _run_eager(model, manifest, external, feeds)
-    finally:
-        for h in handles:
-            h.remove()
-    for name in external:
-        chosen, _ = routing[name]
-        flipped = (perturbed[name][0] != chosen).any(axis=-1)
-        routing[name] = (chosen, np.where(flipped, 0.0, np.inf))
+    mark_flips(routing, perturbed)
 
 
 def _run_eager(

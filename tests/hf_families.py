@@ -5,9 +5,10 @@ class, model class and config kwargs: 2 layers, hidden <= 64, a few experts, voc
 checked to build and run a forward on CPU. ``NOT_MOE`` lists families that look like MoE to a
 text search but do not route tokens to experts.
 
-Families with a DSA-style sparse-attention indexer use ``index_topk = 64`` (every token, at these
-lengths): with random weights the indexer's ReLU scores tie exactly, and PyTorch and ONNX Runtime
-break top-k ties differently, which has nothing to do with their MoE blocks.
+With random weights a DSA-style indexer's ReLU scores tie exactly (at 0) when it has few heads,
+and PyTorch and ONNX Runtime break top-k ties differently (measured in docs/coverage.md).
+deepseek_v32 uses ``index_topk = 4`` with 8 indexer heads, which leave no ties; the other
+indexer families use ``index_topk = 64`` (every token, at these lengths).
 """
 
 from __future__ import annotations

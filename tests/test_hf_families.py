@@ -13,6 +13,7 @@ from generation_checks import assert_same_as_transformers, left_padded_prompt
 from hf_families import FAMILIES, REQUIRED, build_tiny, save_tiny
 
 import moec
+from moec.eager_routing import eager_routing_hooks, mark_flips, perturbed_blocks
 from moec.errors import LoweringError, SourceError
 from moec.models import find_moe_blocks
 
@@ -185,6 +186,58 @@ def test_input_gated_block_that_scales_outputs_is_refused():
     refused: dict[str, str] = {}
     assert find_moe_blocks(block, refused) == []
     assert "scaling the inputs of the experts" in refused[""]
+
+
+def test_experts_subclass_with_a_forward_of_its_own_is_checked(tmp_path):
+    """Ergo's experts subclass a decorated class and wrap its forward in a norm per expert:
+    refused (its weights in memory, or streamed from hf:DIR), not compiled without the norm.
+    A subclass whose forward adds nothing converts."""
+    refused: dict[str, str] = {}
+    assert find_moe_blocks(build_tiny("ergo"), refused) == []
+    assert (
+        "experts (ErgoExperts): its forward is not the experts"
+        in refused["model.layers.0.mlp.experts"]
+    )
+    with pytest.raises(LoweringError, match="its forward is not the experts"):
+        moec.compile(f"hf:{save_tiny('ergo', tmp_path / 'ergo')}", target="onnx")
+
+    model = build_tiny("mixtral")
+    experts = model.model.layers[0].mlp.experts
+
+    class PassThroughExperts(type(experts)):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+
+    experts.__class__ = PassThroughExperts
+    blocks = find_moe_blocks(model)
+    assert [type(b.module).__name__ for b in blocks] == ["PassThroughExperts", "MixtralExperts"]
+
+
+def test_a_zero_input_routes_on_exact_ties_and_counts_as_one():
+    """Cohere2-MoE's pad token embeds to zero, so a one-token call of it hands every block a
+    zero input: all router logits tie exactly, and PyTorch and ONNX Runtime pick different
+    (equally right) experts. The perturbation that finds near-ties must mark it too."""
+    model = build_tiny("cohere2_moe")
+    blocks = {m.name: m for m in find_moe_blocks(model)}
+    routing, perturbed = {}, {}
+    ids = torch.tensor([[model.config.pad_token_id]])
+    with eager_routing_hooks(blocks, routing), torch.no_grad():
+        model(ids)
+    hooks = eager_routing_hooks(blocks, perturbed)
+    with perturbed_blocks(model, blocks), hooks, torch.no_grad():
+        model(ids)
+    mark_flips(routing, perturbed)
+    assert [float(margin.max()) for _, margin in routing.values()] == [0.0, 0.0]
+
+
+def test_exact_routing_ties_do_not_fail_verify(tmp_path):
+    """Seed 27 draws the pad token as the one-token input, and pad tokens in the decode prompt:
+    the artifact's logits match, and so must verify's verdict."""
+    model = build_tiny("cohere2_moe")
+    result = moec.compile(model, target="ort", output=tmp_path / "out")
+    report = moec.verify(result.path, source=model, seed=27)
+    assert report, report.to_dict()
+    assert sum(r.near_tie_flips for r in report.routing) >= 2
 
 
 def test_model_that_is_not_moe(tmp_path):

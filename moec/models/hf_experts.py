@@ -17,6 +17,8 @@ A family may write its experts module without the decorator (Step-3.7): a module
 ``experts(hidden_states, top_k_index, top_k_weights)`` with stacked ``gate_up_proj`` [E, 2I, H]
 and ``down_proj`` [E, H, I] is read in the decorator's default layout, and since nothing declares
 that layout, the module's own forward is run on random routing and must match moec's kernel.
+So must the forward of a subclass that replaces the decorated one (Ergo's adds a norm per
+expert), which moec would otherwise drop unseen.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 from moec.errors import UnsupportedBlockError
 from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, MoESpec, MoEWeights, moe_eager
 from moec.models.hf_expert_norm import read_post_expert_norm
+from moec.models.layer_streaming import materialized
 
 __all__ = ["HFExpertsAdapter", "probe_plain_activation", "top_k_of"]
 
@@ -86,9 +89,15 @@ class HFExpertsAdapter:
             post_expert_norm_eps=norm_eps,
             **activation,
         )
-        if not layout.declared:
-            _check_forward(module, spec, weights)
+        if not layout.declared or _forward_overridden(module):
+            _check_forward(module, spec, layout)
         return spec, weights
+
+
+def _forward_overridden(m: nn.Module) -> bool:
+    """True when a subclass of a decorated experts class replaces the forward the decorator
+    installed (Ergo wraps it in a per-expert norm): moec would drop that work unseen."""
+    return not hasattr(type(m).forward, "__wrapped__")
 
 
 def _layout(m: nn.Module) -> Layout | None:
@@ -118,25 +127,25 @@ def _layout(m: nn.Module) -> Layout | None:
     return Layout(declared=False)
 
 
-def _check_forward(m: nn.Module, spec: MoESpec, weights: MoEWeights) -> None:
+def _check_forward(m: nn.Module, spec: MoESpec, layout: Layout) -> None:
     """Run the module's own forward on random tokens and routing against moec's kernel on the
     weights read from it; raise if they differ (the layout was a guess)."""
     g = torch.Generator().manual_seed(0)
-    dtype = weights.w_down.dtype
+    dtype = m.down_proj.dtype
     x = torch.randn(FORWARD_PROBE_TOKENS, spec.hidden_size, generator=g).to(dtype)
     k = min(2, spec.num_experts)
     ids = torch.stack([torch.randperm(spec.num_experts, generator=g)[:k] for _ in range(len(x))])
     gates = torch.rand(len(x), k, generator=g).to(dtype)
-    with torch.no_grad():
+    with torch.no_grad(), materialized(m):  # weights streamed from a checkpoint: built here
         theirs = m(x, ids, gates).float()
-        ours = moe_eager(spec, weights, x, ids, gates)[0].float()
+        ours = moe_eager(spec, _stacked_weights(m, layout), x, ids, gates)[0].float()
     error = float((ours - theirs).norm() / theirs.norm().clamp_min(1e-30))
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     if not error <= tolerance:
         raise UnsupportedBlockError(
-            f"its forward is not the experts moec reads from its gate_up_proj and down_proj "
-            f"(rel. L2 {error:.1e} on random routing); register an adapter for it "
-            "(docs/adapters.md)"
+            f"its forward is not the experts moec reads from its stacked weights (rel. L2 "
+            f"{error:.1e} on random routing): its own forward computes something else, such as "
+            "a norm per expert; register an adapter for it (docs/adapters.md)"
         )
 
 

@@ -11,6 +11,7 @@ tensor where it is.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -18,13 +19,24 @@ from torch.overrides import TorchFunctionMode
 
 from moec.models.lazy_weights import Slot, materialize, recipe_of, recorded_slots
 
-__all__ = ["real", "stream_layers"]
+__all__ = ["materialized", "real", "stream_layers"]
 
 
 def real(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """``tensor`` with data: built from its recipe when it is a recorded meta tensor."""
     recipe = None if tensor is None else recipe_of(tensor)
     return tensor if recipe is None else materialize(recipe)
+
+
+@contextmanager
+def materialized(module: nn.Module) -> Iterator[nn.Module]:
+    """While open, ``module`` (and all it holds) has real weights in place of recorded ones."""
+    slots = recorded_slots(module.modules())
+    _materialize_hook(slots)(module, ())
+    try:
+        yield module
+    finally:
+        _release_hook(slots)(module, (), None)
 
 
 def stream_layers(model: nn.Module) -> None:
