@@ -6,8 +6,9 @@ checked to build and run a forward on CPU. ``NOT_MOE`` lists families that look 
 text search but do not route tokens to experts.
 
 Families with a DSA-style sparse-attention indexer use ``index_topk = 64`` (every token, at these
-lengths): with random weights the indexer's ReLU scores tie exactly, and PyTorch and ONNX Runtime
-break top-k ties differently, which has nothing to do with their MoE blocks.
+lengths), and Qwen4-Exp's QSA indexer ``indexer_budget = 64`` (every key block): with random
+weights the indexers' ReLU scores tie exactly, and PyTorch and ONNX Runtime break top-k ties
+differently, which has nothing to do with their MoE blocks.
 """
 
 from __future__ import annotations

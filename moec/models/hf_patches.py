@@ -1,6 +1,9 @@
 """Export-time rewrites of transformers code that ONNX cannot express, applied only while moec
 captures a model (the eager model verification compares against runs the original code).
 
+Qwen4-Exp's QSA indexer selects key blocks per query in a Python loop over the batch and the
+queries (`moec.models.qsa_indexer` computes the same selection for all queries at once).
+
 DeepSeek-V2 and Llama 4 compute rotary embeddings with complex tensors (``torch.polar``,
 ``view_as_complex``); ONNX has no complex type. The rewrite carries each frequency as a real
 (cos, sin) pair in a trailing dimension of 2 and does the complex product by hand:
@@ -16,6 +19,8 @@ from unittest import mock
 
 import torch
 from torch import nn
+
+from moec.models.qsa_indexer import select_tokens
 
 __all__ = ["export_patches"]
 
@@ -50,12 +55,26 @@ COMPLEX_ROTARY = {
 }
 
 
+# class -> (method, its export-friendly rewrite, what the note says)
+METHODS = {
+    "Qwen4ExpTextQSAIndexer": (
+        "_select_tokens",
+        select_tokens,
+        "QSA indexer token selection computed for all queries at once",
+    ),
+}
+
+
 @contextmanager
 def export_patches(model: nn.Module) -> Iterator[list[str]]:
     """Apply the rewrites this model needs; yields the names of those applied."""
     applied: list[str] = []
     with ExitStack() as stack:
         for cls in {type(m) for m in model.modules()}:
+            if cls.__name__ in METHODS and hasattr(cls, METHODS[cls.__name__][0]):
+                method, rewrite, note = METHODS[cls.__name__]
+                stack.enter_context(mock.patch.object(cls, method, rewrite))
+                applied.append(f"{cls.__name__}: {note}")
             apply = COMPLEX_ROTARY.get(cls.__name__)
             module = sys.modules.get(cls.__module__)
             if apply is None or not hasattr(module, "apply_rotary_emb"):
