@@ -24,6 +24,7 @@ from moec.models.conversion import Conversion
 from moec.models.generic_moe import GenericMoEAdapter
 from moec.models.hf_experts import HFExpertsAdapter
 from moec.models.hf_families import DbrxExpertsAdapter, JetMoeAdapter, SwitchSparseMLPAdapter
+from moec.models.hf_nllb_moe import NllbMoeAdapter
 
 __all__ = [
     "ADAPTERS",
@@ -79,6 +80,7 @@ ADAPTERS: list[Adapter] = [
     DbrxExpertsAdapter(),
     SwitchSparseMLPAdapter(),
     JetMoeAdapter(),
+    NllbMoeAdapter(),
     GenericMoEAdapter(),
 ]
 
