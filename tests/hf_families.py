@@ -8,7 +8,8 @@ text search but do not route tokens to experts.
 With random weights a DSA-style indexer's ReLU scores tie exactly (at 0) when it has few heads,
 and PyTorch and ONNX Runtime break top-k ties differently (measured in docs/coverage.md).
 deepseek_v32 uses ``index_topk = 4`` with 8 indexer heads, which leave no ties; the other
-indexer families use ``index_topk = 64`` (every token, at these lengths).
+indexer families use ``index_topk = 64`` (every token, at these lengths), and Qwen4-Exp's QSA
+indexer ``indexer_budget = 64`` (every key block).
 """
 
 from __future__ import annotations

@@ -57,7 +57,9 @@ class MoEBlock(nn.Module):
             self.routing_sink.append(chosen)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``padding_mask``: the mask NLLB-MoE passes its blocks, which only withholds experts
+        from padded tokens (whose outputs are not defined); the op routes every token."""
         return self.call_op(x)
 
 

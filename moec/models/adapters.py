@@ -27,6 +27,7 @@ from moec.models.conversion import Conversion
 from moec.models.generic_moe import GenericMoEAdapter
 from moec.models.hf_experts import HFExpertsAdapter
 from moec.models.hf_families import DbrxExpertsAdapter, JetMoeAdapter, SwitchSparseMLPAdapter
+from moec.models.hf_nllb_moe import NllbMoeAdapter
 from moec.models.input_gated_moe import InputGatedMoEAdapter
 from moec.models.own_gate_moe import OwnGateAdapter
 
@@ -84,6 +85,7 @@ ADAPTERS: list[Adapter] = [
     DbrxExpertsAdapter(),
     SwitchSparseMLPAdapter(),
     JetMoeAdapter(),
+    NllbMoeAdapter(),
     InputGatedMoEAdapter(),
     GenericMoEAdapter(),
     OwnGateAdapter(),

@@ -7,6 +7,9 @@ nothing is downloaded and no remote code runs.
 Whole-model capture wraps the model so that its signature is plain tensors:
 
 - causal LMs: ``(input_ids [B, S], attention_mask [B, S]) -> logits [B, S, V]``;
+- models without a head (``…Model``, ``…TextModel``): the same inputs ``-> last_hidden_state
+  [B, S, H]``, known by the output class their forward is annotated to return; they do not
+  generate, so they get no KV cache;
 - encoder-decoders (SwitchTransformers, NLLB-MoE): ``(input_ids, attention_mask,
   decoder_input_ids [B, T]) -> logits [B, T, V]``.
 
@@ -20,6 +23,7 @@ import functools
 import inspect
 import json
 import logging
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from moec.errors import SourceError
 from moec.models.model_source import ModelSource
 
 __all__ = [
+    "BaseModelHidden",
     "CausalLMLogits",
     "Seq2SeqLMLogits",
     "hf_model_source",
@@ -50,8 +55,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 11
 
 
-class CausalLMLogits(nn.Module):
-    """Causal LMs, and any other head that returns ``logits`` from token ids (classifiers)."""
+class _TokenModel(nn.Module):
+    """``(input_ids, attention_mask) -> out.<output>`` of a transformers model, without cache."""
+
+    output = ""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -64,12 +71,37 @@ class CausalLMLogits(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         kwargs = {"use_cache": False} if self.takes_cache else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if getattr(out, "logits", None) is None:
+        if getattr(out, self.output, None) is None:
             raise SourceError(
-                f"{type(self.model).__name__} returns no logits; moec compiles models with a "
-                "head (…ForCausalLM, …ForConditionalGeneration, …ForTokenClassification)"
+                f"{type(self.model).__name__} returns no {self.output}; moec compiles models "
+                "with a head (…ForCausalLM, …ForConditionalGeneration, …ForTokenClassification) "
+                "or base models that return last_hidden_state"
             )
-        return out.logits
+        return getattr(out, self.output)
+
+
+class CausalLMLogits(_TokenModel):
+    """Causal LMs, and any other head that returns ``logits`` from token ids (classifiers)."""
+
+    output = "logits"
+
+
+class BaseModelHidden(_TokenModel):
+    """Models without a head: token ids -> ``last_hidden_state`` [B, S, H]."""
+
+    output = "last_hidden_state"
+
+
+def _is_headless(model: nn.Module) -> bool:
+    """Whether ``model.forward`` is annotated to return outputs with ``last_hidden_state`` and
+    no ``logits`` (transformers' base models); a model without annotations counts as headed."""
+    try:
+        returned = typing.get_type_hints(type(model).forward).get("return")
+    except (NameError, TypeError, AttributeError):
+        return False
+    classes = typing.get_args(returned) or (returned,)
+    fields = [set(getattr(c, "__dataclass_fields__", ())) for c in classes]
+    return any("last_hidden_state" in f for f in fields) and not any("logits" in f for f in fields)
 
 
 class Seq2SeqLMLogits(nn.Module):
@@ -321,12 +353,13 @@ def hf_model_source(model: nn.Module, example_inputs: tuple | None = None) -> Mo
             },
             roles={"attention_mask": "mask"},
         )
+    wrapper = BaseModelHidden if _is_headless(model) else CausalLMLogits
     return ModelSource(
-        model=CausalLMLogits(model).eval(),
+        model=wrapper(model).eval(),
         example_inputs=(ids, mask),
         input_names=["input_ids", "attention_mask"],
         dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
-        output_names=["logits"],
+        output_names=[wrapper.output],
         input_ranges={"input_ids": (0, vocab), "attention_mask": (0, 2)},
         roles={"attention_mask": "mask"},
     )

@@ -1,6 +1,9 @@
 """Export-time rewrites of transformers code that ONNX cannot express, applied only while moec
 captures a model (the eager model verification compares against runs the original code).
 
+Qwen4-Exp's QSA indexer selects key blocks per query in a Python loop over the batch and the
+queries (`moec.models.qsa_indexer` computes the same selection for all queries at once).
+
 DeepSeek-V2 and Llama 4 compute rotary embeddings with complex tensors (``torch.polar``,
 ``view_as_complex``); ONNX has no complex type. The rewrite carries each frequency as a real
 (cos, sin) pair in a trailing dimension of 2 and does the complex product by hand:
@@ -21,6 +24,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moec.models.qsa_indexer import select_tokens
 
 __all__ = ["export_patches"]
 
@@ -86,8 +91,19 @@ def _parallel_lightning(original):
     return forward
 
 
-# attention class -> its loop-free forward (built from the original)
-LOOP_FREE = {"MiniMaxLightningAttention": _parallel_lightning}
+# class -> (method, its export-friendly rewrite built from the original, what the note says)
+METHODS = {
+    "MiniMaxLightningAttention": (
+        "forward",
+        _parallel_lightning,
+        "its loop over blocks as one masked product",
+    ),
+    "Qwen4ExpTextQSAIndexer": (
+        "_select_tokens",
+        lambda original: select_tokens,
+        "QSA indexer token selection computed for all queries at once",
+    ),
+}
 
 
 @contextmanager
@@ -96,6 +112,10 @@ def export_patches(model: nn.Module) -> Iterator[list[str]]:
     applied: list[str] = []
     with ExitStack() as stack:
         for cls in {type(m) for m in model.modules()}:
+            if cls.__name__ in METHODS and hasattr(cls, METHODS[cls.__name__][0]):
+                method, rewrite, note = METHODS[cls.__name__]
+                stack.enter_context(mock.patch.object(cls, method, rewrite(getattr(cls, method))))
+                applied.append(f"{cls.__name__}: {note}")
             apply = COMPLEX_ROTARY.get(cls.__name__)
             module = sys.modules.get(cls.__module__)
             if apply is None or not hasattr(module, "apply_rotary_emb"):
@@ -103,9 +123,4 @@ def export_patches(model: nn.Module) -> Iterator[list[str]]:
             stack.enter_context(mock.patch.object(cls, "forward", _rotary_forward))
             stack.enter_context(mock.patch.object(module, "apply_rotary_emb", apply))
             applied.append(f"{cls.__name__}: complex rotary embedding as real (cos, sin) pairs")
-        for cls in {type(m) for m in model.modules()}:
-            rewrite = LOOP_FREE.get(cls.__name__)
-            if rewrite is not None:
-                stack.enter_context(mock.patch.object(cls, "forward", rewrite(cls.forward)))
-                applied.append(f"{cls.__name__}: its loop over blocks as one masked product")
         yield applied
