@@ -64,6 +64,7 @@ SIZE_KEYS = (
     "index_topk",
 )
 SECOND_SEED = 1
+INDEX_HEADS = 8  # indexer heads of a second config whose indexer top-k is cut to SMALL
 
 
 def second_config_kwargs(family: str) -> dict[str, Any]:
@@ -77,6 +78,8 @@ def second_config_kwargs(family: str) -> dict[str, Any]:
         value = getattr(config, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > SMALL:
             kwargs[key] = SMALL
+    if "index_topk" in kwargs and getattr(config, "index_n_heads", INDEX_HEADS) < INDEX_HEADS:
+        kwargs["index_n_heads"] = INDEX_HEADS  # fewer tie at the top-k (docs/coverage.md)
     return kwargs
 
 
