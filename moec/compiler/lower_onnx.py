@@ -18,6 +18,7 @@ import onnxscript.optimizer
 import torch
 
 from moec import registry
+from moec.compiler.keep_tiny_constants import keep_tiny_constants
 from moec.compiler.lazy_initializers import bind_lazy_initializers, fold_lazily
 from moec.compiler.onnx_ops import BOOL, INT64, op, register_ort_schemas
 from moec.compiler.slice_scatter_to_cat import slice_scatters_as_cats
@@ -86,6 +87,7 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool, rewrite=No
         value.name = spec.name
     for value, spec in zip(model.graph.outputs, captured.outputs, strict=True):
         value.name = spec.name
+    keep_tiny_constants(model)  # before the optimizer's no-op rules drop them
     if captured.lazy_weights:
         bind_lazy_initializers(model, captured.lazy_weights)
         onnxscript.optimizer.fold_constants(
