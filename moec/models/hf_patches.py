@@ -9,6 +9,10 @@ DeepSeek-V2 and Llama 4 compute rotary embeddings with complex tensors (``torch.
 MiniMax's lightning attention loops over blocks of ``block_size`` tokens; export unrolls the
 loop into a graph for one sequence length only. Without a cache the rewrite computes it in its
 parallel form, one masked product over the whole sequence (see `_parallel_lightning`).
+
+Kolibri 1.1's indexer loops in Python over the values of a tensor (the distinct first visible
+key of its queries), which export cannot trace; the rewrite selects for every query at once
+(`moec.models.kolibri_indexer`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moec.models.kolibri_indexer import loop_free_indexer
 
 __all__ = ["export_patches"]
 
@@ -86,8 +92,14 @@ def _parallel_lightning(original):
     return forward
 
 
-# attention class -> its loop-free forward (built from the original)
-LOOP_FREE = {"MiniMaxLightningAttention": _parallel_lightning}
+# attention class -> (its loop-free forward, built from the original; what the rewrite does)
+LOOP_FREE = {
+    "MiniMaxLightningAttention": (
+        _parallel_lightning,
+        "its loop over blocks as one masked product",
+    ),
+    "Kolibri1_1Indexer": (loop_free_indexer, "its loop over query groups as batched selection"),
+}
 
 
 @contextmanager
@@ -104,8 +116,8 @@ def export_patches(model: nn.Module) -> Iterator[list[str]]:
             stack.enter_context(mock.patch.object(module, "apply_rotary_emb", apply))
             applied.append(f"{cls.__name__}: complex rotary embedding as real (cos, sin) pairs")
         for cls in {type(m) for m in model.modules()}:
-            rewrite = LOOP_FREE.get(cls.__name__)
-            if rewrite is not None:
+            if cls.__name__ in LOOP_FREE:
+                rewrite, what = LOOP_FREE[cls.__name__]
                 stack.enter_context(mock.patch.object(cls, "forward", rewrite(cls.forward)))
-                applied.append(f"{cls.__name__}: its loop over blocks as one masked product")
+                applied.append(f"{cls.__name__}: {what}")
         yield applied
