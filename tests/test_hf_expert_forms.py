@@ -1,5 +1,6 @@
 """Experts modules whose form moec reads by probing: Inkling2's softcapped SwiGLU and the
-post-expert RMS norms (MuseSpark's scale-then-normalise, and normalise-then-scale), each
+post-expert RMS norms (MuseSpark's scale-then-normalise, normalise-then-scale, and Ergo's
+weight row per expert), each
 converted and checked against the module's own forward on random routing; and the families'
 whole models compiled for ort and onnx."""
 
@@ -61,7 +62,7 @@ class NormThenScale(nn.Module):
 
 
 class RoutedNorm(nn.Module):
-    """A norm that also takes the expert ids (Ergo's per-expert weights): not one moec reads."""
+    """A norm called with the expert ids that does not normalise: not one moec reads."""
 
     eps = 1e-6
 
@@ -81,12 +82,24 @@ def test_normalise_then_scale_post_norm_is_a_post_norm_weight():
 def test_post_norm_moec_cannot_read_is_refused():
     experts = _experts("muse_spark")
     experts.post_expert_norm = RoutedNorm()
-    with pytest.raises(UnsupportedBlockError, match="not a one-input RMS norm"):
+    with pytest.raises(UnsupportedBlockError, match="matches none of the RMS norms"):
         HFExpertsAdapter().convert(experts)
 
 
+def test_post_norm_with_a_weight_row_per_expert_is_read_per_expert():
+    """Ergo's subclass normalises each route's output and scales it by its expert's row."""
+    experts = _experts("ergo")
+    with torch.no_grad():
+        experts.post_expert_norm.weight.uniform_(0.5, 1.5)
+    error, spec = _rel_error_on_random_routing(experts)
+    _, weights = HFExpertsAdapter().convert(experts)
+    assert spec.post_expert_norm_eps == experts.post_expert_norm.eps
+    assert torch.equal(weights.post_norm_weight, experts.post_expert_norm.weight.detach())
+    assert error < 1e-5
+
+
 @pytest.mark.parametrize("target", ["ort", "onnx"])
-@pytest.mark.parametrize("family", ["inkling2", "muse_spark"])
+@pytest.mark.parametrize("family", ["inkling2", "muse_spark", "ergo"])
 def test_family_compiles_and_verifies(tmp_path, family, target):
     src = save_tiny(family, tmp_path / "model")
     result = moec.compile(f"hf:{src}", target=target, output=tmp_path / "out")

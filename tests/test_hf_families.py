@@ -188,18 +188,14 @@ def test_input_gated_block_that_scales_outputs_is_refused():
     assert "scaling the inputs of the experts" in refused[""]
 
 
-def test_experts_subclass_with_a_forward_of_its_own_is_checked(tmp_path):
+def test_experts_subclass_with_a_forward_of_its_own_is_checked():
     """Ergo's experts subclass a decorated class and wrap its forward in a norm per expert:
-    refused (its weights in memory, or streamed from hf:DIR), not compiled without the norm.
-    A subclass whose forward adds nothing converts."""
-    refused: dict[str, str] = {}
-    assert find_moe_blocks(build_tiny("ergo"), refused) == []
-    assert (
-        "experts (ErgoExperts): its forward is not the experts"
-        in refused["model.layers.0.mlp.experts"]
-    )
-    with pytest.raises(LoweringError, match="its forward is not the experts"):
-        moec.compile(f"hf:{save_tiny('ergo', tmp_path / 'ergo')}", target="onnx")
+    read as a post-expert norm, which its own forward confirms. A subclass whose forward adds
+    something else is refused, not compiled without it; one that adds nothing converts."""
+    blocks = find_moe_blocks(build_tiny("ergo"))
+    assert [type(b.module).__name__ for b in blocks] == ["ErgoExperts", "ErgoExperts"]
+    assert {b.spec.post_expert_norm_eps for b in blocks} == {1e-12}
+    assert blocks[0].weights.post_norm_weight.shape == (8, 64)
 
     model = build_tiny("mixtral")
     experts = model.model.layers[0].mlp.experts
@@ -208,9 +204,17 @@ def test_experts_subclass_with_a_forward_of_its_own_is_checked(tmp_path):
         def forward(self, hidden_states, top_k_index, top_k_weights):
             return super().forward(hidden_states, top_k_index, top_k_weights)
 
+    class DoubledExperts(type(experts)):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+
     experts.__class__ = PassThroughExperts
     blocks = find_moe_blocks(model)
     assert [type(b.module).__name__ for b in blocks] == ["PassThroughExperts", "MixtralExperts"]
+    experts.__class__ = DoubledExperts
+    refused: dict[str, str] = {}
+    assert len(find_moe_blocks(model, refused)) == 1
+    assert "its forward is not the experts" in refused["model.layers.0.mlp.experts"]
 
 
 def test_a_zero_input_routes_on_exact_ties_and_counts_as_one():

@@ -18,6 +18,8 @@ import onnxscript.optimizer
 import torch
 
 from moec import registry
+from moec.compiler.clamp_bounds import clamp_bounds_as_floats
+from moec.compiler.keep_tiny_constants import keep_tiny_constants
 from moec.compiler.lazy_initializers import bind_lazy_initializers, fold_lazily
 from moec.compiler.onnx_ops import BOOL, INT64, op, register_ort_schemas
 from moec.compiler.slice_scatter_to_cat import slice_scatters_as_cats
@@ -61,15 +63,29 @@ def translate_floordiv(a, b):
     return op.Sub(quotient, op.Cast(op.And(inexact, signs_differ), to=INT64))
 
 
+def translate_signbit(x):
+    """``signbit`` (from ``copysign``; Kolibri 1.1's NVFP4 rounding), which ONNX lacks: ``x < 0``,
+    or ``x`` a negative zero (``1 / -0.0`` is ``-inf``). A NaN's sign bit is not read."""
+    negative_zero = op.And(
+        op.Equal(x, op.CastLike(0, x)), op.Less(op.Reciprocal(x), op.CastLike(0, x))
+    )
+    return op.Or(op.Less(x, op.CastLike(0, x)), negative_zero)
+
+
 def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool, rewrite=None) -> ir.Model:
     """The captured program as an ONNX model (onnx-ir); ``standard_ops_only``: refuse a graph
     that uses a contrib domain (a portable target's promise); ``rewrite(model)``: a target's
     last edit of the graph (a registry hook), after the optimizer."""
     register_ort_schemas()
     _quiet_exporter_logs()
-    table = {torch.ops.moec.moe.default: translate_moe, operator.floordiv: translate_floordiv}
+    table = {
+        torch.ops.moec.moe.default: translate_moe,
+        operator.floordiv: translate_floordiv,
+        torch.ops.prims.signbit.default: translate_signbit,
+    }
     program = captured.program.run_decompositions({})  # functional: slice writes are scatters
     slice_scatters_as_cats(program)
+    clamp_bounds_as_floats(program)
     try:
         exported = torch.onnx.export(
             program,
@@ -86,6 +102,7 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool, rewrite=No
         value.name = spec.name
     for value, spec in zip(model.graph.outputs, captured.outputs, strict=True):
         value.name = spec.name
+    keep_tiny_constants(model)  # before the optimizer's no-op rules drop them
     if captured.lazy_weights:
         bind_lazy_initializers(model, captured.lazy_weights)
         onnxscript.optimizer.fold_constants(

@@ -17,8 +17,9 @@ A family may write its experts module without the decorator (Step-3.7): a module
 ``experts(hidden_states, top_k_index, top_k_weights)`` with stacked ``gate_up_proj`` [E, 2I, H]
 and ``down_proj`` [E, H, I] is read in the decorator's default layout, and since nothing declares
 that layout, the module's own forward is run on random routing and must match moec's kernel.
-So must the forward of a subclass that replaces the decorated one (Ergo's adds a norm per
-expert), which moec would otherwise drop unseen.
+So must the forward of a subclass that replaces the decorated one, which moec would otherwise
+drop unseen; a norm module it holds is read as a post-expert norm (Ergo's, one weight row per
+expert) and must be what its forward adds.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import nn
 
 from moec.errors import UnsupportedBlockError
 from moec.ir import PLAIN_ACTIVATION_FUNCTIONS, MoESpec, MoEWeights, moe_eager
-from moec.models.hf_expert_norm import read_post_expert_norm
+from moec.models.hf_expert_norm import EPS_NAMES, read_post_expert_norm
 from moec.models.layer_streaming import materialized
 
 __all__ = ["HFExpertsAdapter", "probe_plain_activation", "top_k_of"]
@@ -73,10 +74,7 @@ class HFExpertsAdapter:
         layout = _layout(module)
         if layout is None or not isinstance(getattr(module, "down_proj", None), torch.Tensor):
             return None
-        weights = _stacked_weights(module, layout)
-        norm_eps = None
-        if getattr(module, "has_post_expert_norm", False):
-            norm_eps, weights = read_post_expert_norm(module.post_expert_norm, weights)
+        norm_eps, weights = _read_weights(module, layout)
         e, i, h = weights.w_up.shape
         activation = _probe_activation(module, i, layout)
         spec = MoESpec(
@@ -92,6 +90,25 @@ class HFExpertsAdapter:
         if not layout.declared or _forward_overridden(module):
             _check_forward(module, spec, layout)
         return spec, weights
+
+
+def _read_weights(m: nn.Module, layout: Layout) -> tuple[float | None, MoEWeights]:
+    """(the post-expert norm's eps or None, the module's weights with that norm's)."""
+    weights = _stacked_weights(m, layout)
+    norm = _post_expert_norm(m, layout)
+    return (None, weights) if norm is None else read_post_expert_norm(norm, weights)
+
+
+def _post_expert_norm(m: nn.Module, layout: Layout) -> nn.Module | None:
+    """The norm the module applies to each expert's output: the one the decorator's flag
+    declares; for a forward of the module's own (checked by `_check_forward`), its one child
+    module holding an eps (Ergo's per-expert RMS norm)."""
+    if getattr(m, "has_post_expert_norm", False):
+        return m.post_expert_norm
+    if layout.declared and not _forward_overridden(m):
+        return None
+    norms = [c for c in m.children() if any(_attr_floats_of(c, EPS_NAMES))]
+    return norms[0] if len(norms) == 1 else None
 
 
 def _forward_overridden(m: nn.Module) -> bool:
@@ -138,7 +155,7 @@ def _check_forward(m: nn.Module, spec: MoESpec, layout: Layout) -> None:
     gates = torch.rand(len(x), k, generator=g).to(dtype)
     with torch.no_grad(), materialized(m):  # weights streamed from a checkpoint: built here
         theirs = m(x, ids, gates).float()
-        ours = moe_eager(spec, _stacked_weights(m, layout), x, ids, gates)[0].float()
+        ours = moe_eager(spec, _read_weights(m, layout)[1], x, ids, gates)[0].float()
     error = float((ours - theirs).norm() / theirs.norm().clamp_min(1e-30))
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     if not error <= tolerance:

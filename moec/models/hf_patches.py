@@ -12,6 +12,10 @@ DeepSeek-V2 and Llama 4 compute rotary embeddings with complex tensors (``torch.
 MiniMax's lightning attention loops over blocks of ``block_size`` tokens; export unrolls the
 loop into a graph for one sequence length only. Without a cache the rewrite computes it in its
 parallel form, one masked product over the whole sequence (see `_parallel_lightning`).
+
+Kolibri 1.1's indexer loops in Python over the values of a tensor (the distinct first visible
+key of its queries), which export cannot trace; the rewrite selects for every query at once
+(`moec.models.kolibri_indexer`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moec.models.kolibri_indexer import loop_free_indexer
 from moec.models.qsa_indexer import select_tokens
 
 __all__ = ["export_patches"]
@@ -102,6 +107,11 @@ METHODS = {
         "_select_tokens",
         lambda original: select_tokens,
         "QSA indexer token selection computed for all queries at once",
+    ),
+    "Kolibri1_1Indexer": (
+        "forward",
+        loop_free_indexer,
+        "its loop over query groups as batched selection",
     ),
 }
 
