@@ -9,6 +9,9 @@ DeepSeek-V2 and Llama 4 compute rotary embeddings with complex tensors (``torch.
 MiniMax's lightning attention loops over blocks of ``block_size`` tokens; export unrolls the
 loop into a graph for one sequence length only. Without a cache the rewrite computes it in its
 parallel form, one masked product over the whole sequence (see `_parallel_lightning`).
+
+Doge's dynamic attention mask branches on the key length; the rewrite computes both sides as
+one top-k (see `_branch_free_dynamic_mask`).
 """
 
 from __future__ import annotations
@@ -90,6 +93,34 @@ def _parallel_lightning(original):
 LOOP_FREE = {"MiniMaxLightningAttention": _parallel_lightning}
 
 
+def _branch_free_dynamic_mask(original):
+    """Doge's dynamic mask keeps each query's top ``keep_window_size`` keys only when there are
+    more keys than that: a branch on the key length, which export fixes to the example's side.
+    Keeping the top min(window, keys) is the same mask for any length (with no more keys than
+    the window, all are kept); the rest of the mask is the original's, its branch not taken."""
+
+    def prepare_dynamic_mask(
+        self, hidden_states, dt_states, keep_window_size=2048, attention_mask=None
+    ):
+        mask = original(self, hidden_states, dt_states, sys.maxsize, attention_mask)
+        keep = torch.sym_min(keep_window_size, mask.shape[-1])
+        kept = torch.topk(mask, keep, dim=-1, sorted=False).indices
+        active = torch.zeros_like(mask).scatter(-1, kept, 1.0)
+        return mask.masked_fill(active == 0.0, torch.finfo(hidden_states.dtype).min)
+
+    return prepare_dynamic_mask
+
+
+# attention class -> (method, its rewrite built from the original, what the rewrite does)
+BRANCH_FREE = {
+    "DogeAttention": (
+        "prepare_dynamic_mask",
+        _branch_free_dynamic_mask,
+        "its dynamic mask's branch on the key length as a top-k of at most the window",
+    ),
+}
+
+
 @contextmanager
 def export_patches(model: nn.Module) -> Iterator[list[str]]:
     """Apply the rewrites this model needs; yields the names of those applied."""
@@ -108,4 +139,9 @@ def export_patches(model: nn.Module) -> Iterator[list[str]]:
             if rewrite is not None:
                 stack.enter_context(mock.patch.object(cls, "forward", rewrite(cls.forward)))
                 applied.append(f"{cls.__name__}: its loop over blocks as one masked product")
+            if cls.__name__ in BRANCH_FREE:
+                method, rewrite, what = BRANCH_FREE[cls.__name__]
+                original = getattr(cls, method)
+                stack.enter_context(mock.patch.object(cls, method, rewrite(original)))
+                applied.append(f"{cls.__name__}: {what}")
         yield applied
