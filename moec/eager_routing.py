@@ -56,7 +56,7 @@ def _eager_routing(match: BlockMatch, args: tuple, kwargs: dict) -> tuple[np.nda
     """
     spec, w = match.spec, match.weights
     if match.conversion.gate is not None:  # a block routed by its own code, as the op is
-        _, ids, _, _ = match.conversion.gate(*args, **kwargs)
+        _, ids, *_ = match.conversion.gate(*args, **kwargs)
     else:
         x, ids, _ = experts_call_args(args, kwargs)
     if spec.routing == "external":

@@ -91,15 +91,21 @@ class MoEExpertsBlock(MoEBlock):
 
 class GatedMoEBlock(MoEBlock):
     """Stands in for a block routed by its own code: ``gate`` (`GateReader`) computes the op's
-    inputs with the block's own ops; the op runs the experts."""
+    inputs with the block's own ops; the op runs the experts. With ``returns_router_logits``
+    the gate also returns the block's router logits, and the stand-in returns ``(out, logits)``
+    as the block did."""
 
-    def __init__(self, spec: MoESpec, weights: MoEWeights, gate: nn.Module):
+    def __init__(
+        self, spec: MoESpec, weights: MoEWeights, gate: nn.Module, returns_router_logits=False
+    ):
         super().__init__(spec, weights)
         self.gate = gate
+        self.returns_router_logits = returns_router_logits
 
     def forward(self, *args, **kwargs):
-        tokens, ids, gates, rest = self.gate(*args, **kwargs)
-        return self.call_op(tokens, ids, gates).reshape(rest.shape) + rest
+        tokens, ids, gates, rest, *logits = self.gate(*args, **kwargs)
+        out = self.call_op(tokens, ids, gates).reshape(rest.shape) + rest
+        return (out, *logits) if self.returns_router_logits else out
 
 
 class MoELogitsBlock(MoEBlock):
@@ -147,7 +153,7 @@ def op_block(
     if expert_modules is not None:
         return ModuleExpertsBlock(spec, weights, expert_modules)
     if gate is not None:
-        return GatedMoEBlock(spec, weights, gate)
+        return GatedMoEBlock(spec, weights, gate, returns_router_logits)
     if returns_router_logits:
         return MoELogitsBlock(spec, weights)
     cls = MoEExpertsBlock if spec.routing == "external" else MoEBlock

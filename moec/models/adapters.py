@@ -6,7 +6,8 @@ stand-in module or the routing module). It raises `UnsupportedBlockError` for a 
 recognises but cannot convert, with the reason.
 
 Built in, tried in this order: modules with a ``to_moe()`` method (moec's zoo layers, or a user's
-own blocks); transformers' fused experts modules (`HFExpertsAdapter`); family adapters; blocks
+own blocks); transformers' fused experts modules (`HFExpertsAdapter`); family adapters
+(rank-1 experts retrieved by product keys, Doge: `ProductKeyMoEAdapter`); blocks
 whose routing weights scale their experts' inputs (`InputGatedMoEAdapter`, Llama 4); the generic
 recogniser of a router Linear plus a ModuleList of experts (`GenericMoEAdapter`), and of such
 blocks whose forward takes more than the hidden states (`OwnGateAdapter`). `register_adapter`
@@ -30,6 +31,7 @@ from moec.models.hf_families import DbrxExpertsAdapter, JetMoeAdapter, SwitchSpa
 from moec.models.hf_nllb_moe import NllbMoeAdapter
 from moec.models.input_gated_moe import InputGatedMoEAdapter
 from moec.models.own_gate_moe import OwnGateAdapter
+from moec.models.product_key_moe import ProductKeyMoEAdapter
 
 __all__ = [
     "ADAPTERS",
@@ -86,6 +88,7 @@ ADAPTERS: list[Adapter] = [
     SwitchSparseMLPAdapter(),
     JetMoeAdapter(),
     NllbMoeAdapter(),
+    ProductKeyMoEAdapter(),
     InputGatedMoEAdapter(),
     GenericMoEAdapter(),
     OwnGateAdapter(),

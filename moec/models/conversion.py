@@ -25,9 +25,10 @@ class Conversion:
       the block itself (verification hooks it);
     - ``gate``: for blocks routed by their own code (``routing="external"``), a module called
       like the block that returns ``(hidden [T, H], ids [T, k], weights [T, k], rest)``: the
-      op's inputs, and what the block adds to the op's output;
+      op's inputs, and what the block adds to the op's output (and, with
+      ``returns_router_logits``, a fifth item: the block's router logits);
     - ``returns_router_logits``: the block returns ``(out [T, H], router_logits [T, E])``
-      (Llama 4), so its stand-in does too.
+      (Llama 4; Doge's are shaped its own way), so its stand-in does too.
     """
 
     spec: MoESpec

@@ -16,6 +16,9 @@ parallel form, one masked product over the whole sequence (see `_parallel_lightn
 Kolibri 1.1's indexer loops in Python over the values of a tensor (the distinct first visible
 key of its queries), which export cannot trace; the rewrite selects for every query at once
 (`moec.models.kolibri_indexer`).
+
+Doge's dynamic attention mask branches on the key length; the rewrite computes both sides as
+one top-k (see `_branch_free_dynamic_mask`).
 """
 
 from __future__ import annotations
@@ -96,6 +99,24 @@ def _parallel_lightning(original):
     return forward
 
 
+def _branch_free_dynamic_mask(original):
+    """Doge's dynamic mask keeps each query's top ``keep_window_size`` keys only when there are
+    more keys than that: a branch on the key length, which export fixes to the example's side.
+    Keeping the top min(window, keys) is the same mask for any length (with no more keys than
+    the window, all are kept); the rest of the mask is the original's, its branch not taken."""
+
+    def prepare_dynamic_mask(
+        self, hidden_states, dt_states, keep_window_size=2048, attention_mask=None
+    ):
+        mask = original(self, hidden_states, dt_states, sys.maxsize, attention_mask)
+        keep = torch.sym_min(keep_window_size, mask.shape[-1])
+        kept = torch.topk(mask, keep, dim=-1, sorted=False).indices
+        active = torch.zeros_like(mask).scatter(-1, kept, 1.0)
+        return mask.masked_fill(active == 0.0, torch.finfo(hidden_states.dtype).min)
+
+    return prepare_dynamic_mask
+
+
 # class -> (method, its export-friendly rewrite built from the original, what the note says)
 METHODS = {
     "MiniMaxLightningAttention": (
@@ -112,6 +133,11 @@ METHODS = {
         "forward",
         loop_free_indexer,
         "its loop over query groups as batched selection",
+    ),
+    "DogeAttention": (
+        "prepare_dynamic_mask",
+        _branch_free_dynamic_mask,
+        "its dynamic mask's branch on the key length as a top-k of at most the window",
     ),
 }
 
