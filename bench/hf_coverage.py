@@ -13,7 +13,7 @@ the ones in the existing results (each row records the commit it ran on), and li
 --targets; the table covers them all.
 
     python bench/hf_coverage.py [--families mixtral qwen2_moe] [--targets trt] [--jobs 2]
-        [--no-second] [--write-docs]
+        [--configs first second] [--write-docs]
 """
 
 from __future__ import annotations
@@ -253,7 +253,9 @@ def main() -> None:
     parser.add_argument("--families", nargs="+")
     parser.add_argument("--targets", nargs="+", choices=TARGETS)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--no-second", action="store_true", help="only the first config")
+    parser.add_argument(
+        "--configs", nargs="+", choices=("first", "second"), default=["first", "second"]
+    )
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/hf_coverage.json")
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "TARGET"), help=argparse.SUPPRESS)
@@ -265,8 +267,8 @@ def main() -> None:
     families = args.families or sorted(set(installed_moe_families()) | set(FAMILIES))
     targets = args.targets or TARGETS
     known = [f for f in families if f in FAMILIES and f not in NOT_MOE]
-    jobs = [(f, t, False) for f in known for t in targets]
-    if not args.no_second:
+    jobs = [(f, t, False) for f in known for t in targets] if "first" in args.configs else []
+    if "second" in args.configs:
         jobs += [(f, t, True) for f in known for t in targets if t in SECOND_TARGETS]
     commit = current_commit()
 
@@ -277,7 +279,8 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(run, jobs))
-    if (args.families or args.targets) and args.json.exists():  # partial: merge into the rest
+    partial = args.families or args.targets or len(args.configs) < 2
+    if partial and args.json.exists():  # merge into the rest
         previous = json.loads(args.json.read_text())
         done = {key(r) for r in rows}
         rows += [r for r in previous["rows"] if key(r) not in done]
