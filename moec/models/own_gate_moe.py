@@ -73,7 +73,7 @@ class GateReader(nn.Module):
             _Emitter(e, hidden, self.state) for e in range(num_experts)
         )
         self.num_experts, self.hidden, self.top_k = num_experts, hidden, top_k
-        self.first = next(iter(inspect.signature(block.forward).parameters))
+        self.first = _first_parameter(block)
         # distinct keys: experts in use first, then by index, so no two backends break ties apart
         self.register_buffer("rank", torch.arange(num_experts - 1, -1, -1.0), persistent=False)
 
@@ -97,6 +97,11 @@ class GateReader(nn.Module):
         return x.reshape(-1, self.hidden), ids, w.gather(-1, ids), rest
 
 
+def _first_parameter(block: nn.Module) -> str:
+    """The name of the block's first forward parameter: the hidden states its experts read."""
+    return next(iter(inspect.signature(block.forward).parameters))
+
+
 class OwnGateAdapter:
     name = "own-gate"
 
@@ -111,7 +116,7 @@ class OwnGateAdapter:
                 "its call on the model's example inputs, and the model did not call it there"
             )
         args, kwargs, ref = call
-        first = next(iter(inspect.signature(module.forward).parameters))
+        first = _first_parameter(module)
         x = args[0] if args else kwargs.get(first)
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise UnsupportedBlockError(
