@@ -21,6 +21,7 @@ from moec.eager_routing import (
     external_blocks,
     mark_flips,
     perturbed_blocks,
+    routing_keys,
 )
 from moec.models.kv_cache import CausalLMWithCache, TinyLMWithCache, cache_keyword
 from moec.runtime.compare import OutputStats, RoutingStats
@@ -88,11 +89,11 @@ def verify_decoding(
         logits = OutputStats(f"logits, step {step}", rel_l2)
         logits.update(ref_logits[attended], outputs[decoding.logits][attended])
         checks = []
-        for spec in routing_specs:
-            if spec.block not in routing:
+        for spec, key in zip(routing_specs, routing_keys(routing_specs), strict=True):
+            if key not in routing:
                 continue
-            chosen, margin = routing[spec.block]
-            stats = RoutingStats(spec.block, spec.name, least, near_tie=near_tie)
+            chosen, margin = routing[key]
+            stats = RoutingStats(key, spec.name, least, near_tie=near_tie)
             batch, new, width = *attended.shape, chosen.shape[-1]
             stats.update(  # the eager side may have routed every token so far: the new ones
                 chosen.reshape(batch, -1, width)[:, -new:][attended],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,21 +16,42 @@ from moec.models.layer_streaming import real
 
 __all__ = [
     "PERTURBATION",
+    "call_key",
     "eager_routing_hooks",
     "external_blocks",
     "mark_flips",
     "perturbed_blocks",
+    "routing_keys",
 ]
+
+
+def call_key(block: str, call: int) -> str:
+    """The routing key of a block's ``call``-th call (from 0) in one forward: a block the model
+    runs several times (a looped layer) routes each call anew."""
+    return block if call == 0 else f"{block}#{call + 1}"
+
+
+def routing_keys(specs) -> list[str]:
+    """The `call_key` of each routing output, in order (the outputs of one block are its calls,
+    in the order it ran)."""
+    calls: Counter[str] = Counter()
+    keys = []
+    for spec in specs:
+        keys.append(call_key(spec.block, calls[spec.block]))
+        calls[spec.block] += 1
+    return keys
 
 
 @contextmanager
 def eager_routing_hooks(blocks: dict[str, BlockMatch], routing: dict) -> Iterator[None]:
     """While open, each call of a block of the eager model records its (chosen [..., E],
-    near-tie margin [...]) in ``routing`` under the block's name."""
+    near-tie margin [...]) in ``routing`` under its `call_key`."""
+    calls: Counter[str] = Counter()
 
     def hook(match: BlockMatch):
         def record(module, args, kwargs):
-            routing[match.name] = _eager_routing(match, args, kwargs)
+            routing[call_key(match.name, calls[match.name])] = _eager_routing(match, args, kwargs)
+            calls[match.name] += 1
 
         return record
 

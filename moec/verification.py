@@ -24,6 +24,7 @@ from moec.eager_routing import (
     external_blocks,
     mark_flips,
     perturbed_blocks,
+    routing_keys,
 )
 from moec.errors import RuntimeUnavailableError, UsageError, VerificationError
 from moec.models import BlockMatch, find_moe_blocks
@@ -117,8 +118,8 @@ def verify(
         least = agreement if agreement is not None else loosest[1]
         routing_specs = [o for o in manifest.outputs if o.role == "routing"]
         routing = [
-            RoutingStats(o.block, o.name, least, near_tie=loosest[2])
-            for o in routing_specs
+            RoutingStats(key, o.name, least, near_tie=loosest[2])
+            for o, key in zip(routing_specs, routing_keys(routing_specs), strict=True)
             if o.block in blocks
         ]
         if blocks and not routing_specs:

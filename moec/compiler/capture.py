@@ -1,7 +1,8 @@
 """Capture: swap every recognised MoE block for an op-backed `MoEBlock`, then torch.export.
 
 The exported program's outputs are the model's own outputs followed by one routing mask per
-block (``routing.<i>``, bool [..., E]), so that every artifact can report routing agreement.
+block call (``routing.<i>``, bool [..., E]), so that every artifact can report routing agreement;
+a block the model runs several times (a looped layer) is one ``moec::moe`` node per call.
 The user's model is restored afterwards; only the stacked expert weights are copied.
 """
 
@@ -11,6 +12,7 @@ import copy
 import inspect
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 
@@ -65,14 +67,9 @@ class _RoutingTap(nn.Module):
             block.routing_sink = []
         out = self.model(*inputs)
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        for block in self.blocks:
-            if len(block.routing_sink) > 1:
-                raise CaptureError(
-                    f"an MoE block ran {len(block.routing_sink)} times in one forward; moec "
-                    "captures blocks that run at most once per call"
-                )
-        self.ran[:] = [i for i, block in enumerate(self.blocks) if block.routing_sink]
-        routing = [self.blocks[i].routing_sink[0] for i in self.ran]
+        # a block a model runs several times (a looped layer) has one routing output per call
+        self.ran[:] = [i for i, block in enumerate(self.blocks) for _ in block.routing_sink]
+        routing = [mask for block in self.blocks for mask in block.routing_sink]
         for block in self.blocks:
             block.routing_sink = None
         return (*outs, *routing)
@@ -172,7 +169,7 @@ def capture(source: ModelSource, dtype: torch.dtype = torch.float32) -> Captured
             unconverted_why = list(refused.values()) + [f"{n} ({c})" for n, c in unconverted]
             raise CaptureError(_export_failure(e, model, matches, unconverted_why)) from e
     skipped = [m for i, m in enumerate(matches) if i not in ran]
-    matches = [matches[i] for i in ran]
+    matches = [matches[i] for i in ran]  # one per call
     num_outputs = len(program.graph_signature.user_outputs) - len(matches)
     output_names = source.output_names or _default_output_names(num_outputs)
     if len(output_names) != num_outputs:
@@ -188,6 +185,12 @@ def capture(source: ModelSource, dtype: torch.dtype = torch.float32) -> Captured
         f"{m.name} ({type(m.module).__name__}) did not run on the example inputs and is not in "
         "the artifact"
         for m in skipped
+    ]
+    notes += [
+        f"{name or '(model)'} runs {count} times per forward: one moec::moe node per call, "
+        "sharing its weights, each routed anew"
+        for name, count in Counter(m.name for m in matches).items()
+        if count > 1
     ]
     notes += [f"rewritten for export: {patch}" for patch in patches]
     notes += [f"{reason}; {OWN_OPS}" for reason in refused.values()]

@@ -16,6 +16,7 @@ import re
 import onnx_ir as ir
 import onnxscript.optimizer
 import torch
+from onnx_ir.passes.common import CommonSubexpressionEliminationPass
 
 from moec import registry
 from moec.compiler.clamp_bounds import clamp_bounds_as_floats
@@ -103,6 +104,9 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool, rewrite=No
     for value, spec in zip(model.graph.outputs, captured.outputs, strict=True):
         value.name = spec.name
     keep_tiny_constants(model)  # before the optimizer's no-op rules drop them
+    if len({b.name for b in captured.blocks}) < len(captured.blocks):
+        # a block called more than once: one layout change of its weights, folded once
+        CommonSubexpressionEliminationPass()(model)
     if captured.lazy_weights:
         bind_lazy_initializers(model, captured.lazy_weights)
         onnxscript.optimizer.fold_constants(
