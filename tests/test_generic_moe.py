@@ -132,3 +132,22 @@ def test_the_adapter_example_in_the_docs_runs(tmp_path, monkeypatch):
     finally:
         ADAPTERS[:] = before
     assert (tmp_path / "temperature-moe-out" / "manifest.json").is_file()
+
+
+class TinySharedExperts(nn.Module):  # every token runs them: nothing routes
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(2, 8, H))
+
+
+class OpaqueMoE(nn.Module):  # named like an MoE block, but no adapter reads it
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(4, H))
+
+
+def test_modules_named_like_moe_blocks_are_reported_but_shared_experts_are_not():
+    from moec.compiler.capture import unconverted_moe_modules
+
+    model = nn.ModuleDict({"shared_experts": TinySharedExperts(), "moe": OpaqueMoE()})
+    assert unconverted_moe_modules(model, []) == [("moe", "OpaqueMoE")]

@@ -294,7 +294,7 @@ def unconverted_moe_modules(
     model: nn.Module, matches: list[BlockMatch], refused: dict[str, str] | None = None
 ) -> list[tuple[str, str]]:
     """(name, class) of modules named like MoE blocks that no adapter converted nor refused,
-    outermost only."""
+    outermost only; shared experts (``...SharedExperts``), which no router picks, are not."""
     converted = [m.name for m in matches] + list(refused or {})
     found: list[tuple[str, str]] = []
 
@@ -302,7 +302,8 @@ def unconverted_moe_modules(
         return a == b or a == "" or b == "" or a.startswith(f"{b}.") or b.startswith(f"{a}.")
 
     for name, module in model.named_modules():
-        if not MOE_CLASS_RE.search(type(module).__name__):
+        cls = type(module).__name__
+        if not MOE_CLASS_RE.search(cls) or "shared" in cls.lower():  # shared: every token runs
             continue
         if any(related(name, c) for c in converted) or any(related(name, f) for f, _ in found):
             continue
