@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from moec.eager_routing import (
+    PERTURBATION_SIGNS,
     eager_routing_hooks,
     external_blocks,
     mark_flips,
@@ -112,15 +113,16 @@ def verify_decoding(
     return steps
 
 
-def _fragile_external_routing(model, blocks: dict, feeds: dict, decoding, tokens, cache) -> dict:
-    """Per block routed by the family's own router, the routing of this step with its input
-    perturbed (`perturbed_blocks`), run on a copy of the cache: tokens it flips are near-ties."""
-    external, perturbed = external_blocks(blocks), {}
-    if not external:
-        return perturbed
-    hooks = eager_routing_hooks(external, perturbed)
-    with perturbed_blocks(model, external), hooks, torch.no_grad():
-        _eager_step(model, feeds, decoding, tokens, copy.deepcopy(cache))
+def _fragile_external_routing(model, blocks: dict, feeds: dict, decoding, tokens, cache) -> list:
+    """Per sign of `PERTURBATION_SIGNS`, per block routed by the family's own router, the
+    routing of this step with its input perturbed (`perturbed_blocks`), run on a copy of the
+    cache: tokens it flips are near-ties."""
+    external, perturbed = external_blocks(blocks), []
+    for sign in PERTURBATION_SIGNS if external else ():
+        perturbed.append({})
+        hooks = eager_routing_hooks(external, perturbed[-1])
+        with perturbed_blocks(model, external, sign), hooks, torch.no_grad():
+            _eager_step(model, feeds, decoding, tokens, copy.deepcopy(cache))
     return perturbed
 
 

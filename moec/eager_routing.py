@@ -16,6 +16,7 @@ from moec.models.layer_streaming import real
 
 __all__ = [
     "PERTURBATION",
+    "PERTURBATION_SIGNS",
     "call_key",
     "eager_routing_hooks",
     "external_blocks",
@@ -93,6 +94,9 @@ def _eager_routing(match: BlockMatch, args: tuple, kwargs: dict) -> tuple[np.nda
 
 
 PERTURBATION = 1e-5  # relative noise that marks an external routing decision as a near-tie
+# the noise and its negation: an exact tie moves one way under one and the other way under the
+# other, so one of them flips it whichever side the reference took (one draw misses some)
+PERTURBATION_SIGNS = (1.0, -1.0)
 
 
 def external_blocks(blocks: dict[str, BlockMatch]) -> dict[str, BlockMatch]:
@@ -101,11 +105,13 @@ def external_blocks(blocks: dict[str, BlockMatch]) -> dict[str, BlockMatch]:
 
 
 @contextmanager
-def perturbed_blocks(model: torch.nn.Module, blocks: dict[str, BlockMatch]) -> Iterator[None]:
+def perturbed_blocks(
+    model: torch.nn.Module, blocks: dict[str, BlockMatch], sign: float = 1.0
+) -> Iterator[None]:
     """While open, the input of each block's parent (of the block itself, for one routed by its
     own code) gets ``PERTURBATION`` noise relative to its mean magnitude; an all-zero input (a
     zero pad embedding, through every layer of a one-token call) gets it absolute, as its
-    router's logits tie exactly."""
+    router's logits tie exactly. ``sign`` -1: the same draws negated (`PERTURBATION_SIGNS`)."""
     generator = torch.Generator().manual_seed(0)
 
     def add_noise(module, args, kwargs):
@@ -113,7 +119,7 @@ def perturbed_blocks(model: torch.nn.Module, blocks: dict[str, BlockMatch]) -> I
             x = args[0]
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
             scale = float(x.abs().mean()) or 1.0
-            return (x + PERTURBATION * scale * noise, *args[1:]), kwargs
+            return (x + sign * PERTURBATION * scale * noise, *args[1:]), kwargs
         return None
 
     parents = {
@@ -128,10 +134,14 @@ def perturbed_blocks(model: torch.nn.Module, blocks: dict[str, BlockMatch]) -> I
             h.remove()
 
 
-def mark_flips(routing: dict, perturbed: dict) -> None:
-    """Give the tokens of each block in both whose choice flipped under `perturbed_blocks` a
-    zero margin (near-ties), the others an infinite one."""
-    for name in perturbed.keys() & routing.keys():
+def mark_flips(routing: dict, perturbed: list[dict]) -> None:
+    """Give the tokens of each block whose choice flipped under any of the `perturbed_blocks`
+    runs in ``perturbed`` (one routing dict per run) a zero margin (near-ties), the others an
+    infinite one."""
+    for name in routing.keys() & set().union(*(run.keys() for run in perturbed)):
         chosen, _ = routing[name]
-        flipped = (perturbed[name][0] != chosen).any(axis=-1)
+        flipped = np.zeros(chosen.shape[:-1], dtype=bool)
+        for run in perturbed:
+            if name in run:
+                flipped |= (run[name][0] != chosen).any(axis=-1)
         routing[name] = (chosen, np.where(flipped, 0.0, np.inf))

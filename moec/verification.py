@@ -20,6 +20,7 @@ from moec import registry
 from moec.compiler.sources import reload_source, weights_sha256
 from moec.decode_verification import verify_decoding
 from moec.eager_routing import (
+    PERTURBATION_SIGNS,
     eager_routing_hooks,
     external_blocks,
     mark_flips,
@@ -298,8 +299,10 @@ def _mark_fragile_external_routing(model, manifest, blocks, feeds, routing) -> N
     external = external_blocks(blocks)
     if not external:
         return
-    with perturbed_blocks(model, external):
-        _, perturbed = _run_eager(model, manifest, external, feeds)
+    perturbed = []
+    for sign in PERTURBATION_SIGNS:
+        with perturbed_blocks(model, external, sign):
+            perturbed.append(_run_eager(model, manifest, external, feeds)[1])
     mark_flips(routing, perturbed)
 
 

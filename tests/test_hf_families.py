@@ -13,7 +13,12 @@ from generation_checks import assert_same_as_transformers, left_padded_prompt
 from hf_families import FAMILIES, REQUIRED, build_tiny, save_tiny
 
 import moec
-from moec.eager_routing import eager_routing_hooks, mark_flips, perturbed_blocks
+from moec.eager_routing import (
+    PERTURBATION_SIGNS,
+    eager_routing_hooks,
+    mark_flips,
+    perturbed_blocks,
+)
 from moec.errors import LoweringError, SourceError
 from moec.models import find_moe_blocks
 
@@ -230,8 +235,33 @@ def test_a_zero_input_routes_on_exact_ties_and_counts_as_one():
     hooks = eager_routing_hooks(blocks, perturbed)
     with perturbed_blocks(model, blocks), hooks, torch.no_grad():
         model(ids)
-    mark_flips(routing, perturbed)
+    mark_flips(routing, [perturbed])
     assert [float(margin.max()) for _, margin in routing.values()] == [0.0, 0.0]
+
+
+def test_an_exact_tie_flips_under_one_of_the_opposite_perturbations():
+    """A zero block input ties every expert; one noise draw may pick the reference's experts
+    again (GraniteMoeHybrid's second config did), its negation then picks the others."""
+    model = build_tiny("granitemoehybrid")
+    blocks = {m.name: m for m in find_moe_blocks(model)}
+    zeroed = [  # registered before the perturbation's hooks, which add their noise after
+        model.get_submodule(name.rpartition(".")[0]).register_forward_pre_hook(
+            lambda module, args: (torch.zeros_like(args[0]), *args[1:])
+        )
+        for name in blocks
+    ]
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    routing, perturbed = {}, [{} for _ in PERTURBATION_SIGNS]
+    with eager_routing_hooks(blocks, routing), torch.no_grad():
+        model(ids)
+    for sign, run in zip(PERTURBATION_SIGNS, perturbed, strict=True):
+        hooks = eager_routing_hooks(blocks, run)
+        with perturbed_blocks(model, blocks, sign), hooks, torch.no_grad():
+            model(ids)
+    for handle in zeroed:
+        handle.remove()
+    mark_flips(routing, perturbed)
+    assert all((margin == 0.0).all() for _, margin in routing.values())
 
 
 def test_exact_routing_ties_do_not_fail_verify(tmp_path):
