@@ -4,11 +4,13 @@ The eager model is rebuilt from the source the manifest recorded (its weights' s
 match). Inputs are drawn per shape from the manifest's input specs: several values of the dynamic
 dims, batch 1 and sequence 1 included. The eager routing of every MoE block is recomputed from
 the block's actual input with the IR's routing (float32, as the families do) and compared with
-the artifact's routing outputs.
+the artifact's routing outputs. The eager reference of an ONNX artifact breaks top-k ties as
+ONNX's TopK does (`OnnxTopkTies`).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from moec.models.hf_models import hf_model_source, is_hf_model
 from moec.models.kv_cache import CausalLMWithCache, TinyLMWithCache, cache_model
 from moec.models.layer_streaming import stream_layers
 from moec.models.lazy_weights import has_lazy_weights, recording
+from moec.onnx_tie_order import OnnxTopkTies
 from moec.passes.compress import apply_compressed
 from moec.runtime.arrays import to_numpy, to_torch
 from moec.runtime.compare import OutputStats, RoutingStats, VerifyReport
@@ -103,7 +106,9 @@ def verify(
     unlisted = manifest.unlisted_files(Path(path))
     if unlisted:
         notes.append(f"files the manifest does not list (never checked nor read): {unlisted}")
-    with _runner(manifest, Path(path), by_layers, trust_pickle, notes) as runner:
+    # the eager reference of an ONNX artifact breaks top-k ties as ONNX does (the same call)
+    ties = OnnxTopkTies() if _runs_onnx(manifest) else nullcontext()
+    with _runner(manifest, Path(path), by_layers, trust_pickle, notes) as runner, ties:
         sets = _input_sets(runner, inputs, schedule, seed, notes)
         first = [eager_input(model, to_torch(sets[0][0][s.name])) for s in manifest.inputs]
         # a streamed model's blocks: their weights as recipes; blocks read from a call: this one
@@ -152,10 +157,14 @@ def verify(
     return report
 
 
+def _runs_onnx(manifest: Manifest) -> bool:
+    return manifest.files["model"].path.endswith(".onnx")
+
+
 def _runner(manifest: Manifest, path: Path, by_layers, trust_pickle: bool, notes: list[str]):
     """The artifact's runner: by layers when asked, or when its weights take more than half
     of the memory this process may still use."""
-    onnx = manifest.files["model"].path.endswith(".onnx")
+    onnx = _runs_onnx(manifest)
     if by_layers and not onnx:
         raise UsageError(f"--by-layers runs ONNX artifacts; {path} is a {manifest.target} one")
     if by_layers is None:
