@@ -19,6 +19,10 @@ key of its queries), which export cannot trace; the rewrite selects for every qu
 
 Doge's dynamic attention mask branches on the key length; the rewrite computes both sides as
 one top-k (see `_branch_free_dynamic_mask`).
+
+DeepSeek-V4's KV compressors and indexer branch on how many complete windows of tokens there
+are; the rewrites compress two padded windows more, hidden from every query, for any length
+(`moec.models.deepseek_v4_compressors`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moec.models.deepseek_v4_compressors import (
+    branch_free_csa,
+    branch_free_hca,
+    branch_free_indexer,
+)
 from moec.models.kolibri_indexer import loop_free_indexer
 from moec.models.qsa_indexer import select_tokens
 
@@ -138,6 +147,21 @@ METHODS = {
         "prepare_dynamic_mask",
         _branch_free_dynamic_mask,
         "its dynamic mask's branch on the key length as a top-k of at most the window",
+    ),
+    "DeepseekV4HCACompressor": (
+        "forward",
+        branch_free_hca,
+        "its branches on the window count as two padded windows more, hidden",
+    ),
+    "DeepseekV4CSACompressor": (
+        "forward",
+        branch_free_csa,
+        "its branches on the window count as two padded windows more, hidden",
+    ),
+    "DeepseekV4Indexer": (
+        "forward",
+        branch_free_indexer,
+        "its branches on the window count as a top-k of a constant k",
     ),
 }
 
