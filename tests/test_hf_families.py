@@ -271,7 +271,8 @@ def test_exact_routing_ties_do_not_fail_verify(tmp_path):
     result = moec.compile(model, target="ort", output=tmp_path / "out")
     report = moec.verify(result.path, source=model, seed=27)
     assert report, report.to_dict()
-    assert sum(r.near_tie_flips for r in report.routing) >= 2
+    # the ties are seen (a zero margin); ONNX's tie order in the reference picks as ORT does
+    assert sum(r.near_ties for r in report.routing) >= 2
 
 
 def test_model_that_is_not_moe(tmp_path):
