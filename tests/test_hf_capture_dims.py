@@ -58,3 +58,34 @@ def test_block_and_chunk_families_take_every_sequence_length(tmp_path, family):
     report = moec.verify(result.path)
     assert report, report.to_dict()
     assert [1, 1] in [shape["input_ids"] for shape in report.shapes]
+
+
+def test_inkling2_short_convolution_exports_for_every_length_with_the_rewrite():
+    """Its flipped unfold view made export require at least the kernel size (4) tokens."""
+    from torch.export import Dim
+    from transformers.models.inkling2.modeling_inkling2 import Inkling2DynamicShortConvolution
+
+    from moec.models.hf_patches import export_patches
+
+    torch.manual_seed(0)
+    conv = Inkling2DynamicShortConvolution(8, 8, 2, 4, layer_idx=0, conv_idx=0).eval()
+    nn.init.normal_(conv.static_weight)
+
+    class Call(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x, mask):
+            return self.conv(x, x, conv_mask=mask)
+
+    inputs = (torch.randn(2, 11, 8), torch.ones(2, 11))
+    seq = {0: Dim.AUTO, 1: Dim.AUTO}
+    with export_patches(conv) as applied:
+        program = torch.export.export(Call(), inputs, dynamic_shapes=(seq, seq))
+    assert applied and "no minimum length" in applied[0]
+    assert all(int(r.lower) <= 2 for r in program.range_constraints.values())
+    for length in (1, 2, 3, 7):
+        x, mask = torch.randn(1, length, 8), torch.ones(1, length)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x, mask), conv(x, x, conv_mask=mask))

@@ -20,6 +20,9 @@ key of its queries), which export cannot trace; the rewrite selects for every qu
 Doge's dynamic attention mask branches on the key length; the rewrite computes both sides as
 one top-k (see `_branch_free_dynamic_mask`).
 
+Inkling-2's dynamic short convolution reshapes a flipped ``unfold`` view, from whose strides
+export derives a minimum length; the rewrite copies the windows first (`_copied_unfold`).
+
 DeepSeek-V4's KV compressors and indexer branch on how many complete windows of tokens there
 are; the rewrites compress two padded windows more, hidden from every query, for any length
 (`moec.models.deepseek_v4_compressors`).
@@ -108,6 +111,24 @@ def _parallel_lightning(original):
     return forward
 
 
+def _copied_unfold(original):
+    """Inkling-2's dynamic short convolution flips an ``unfold`` view (overlapping strides)
+    and reshapes it; torch.export derives from those strides a guard that the sequence is at
+    least the kernel size. The same windows, copied out of the view first, need no guard."""
+
+    def unfold_copy(x, dimension, size, step):
+        return TENSOR_UNFOLD(x, dimension, size, step).contiguous()
+
+    def forward(self, *args, **kwargs):
+        with mock.patch.object(torch.Tensor, "unfold", unfold_copy):
+            return original(self, *args, **kwargs)
+
+    return forward
+
+
+TENSOR_UNFOLD = torch.Tensor.unfold
+
+
 def _branch_free_dynamic_mask(original):
     """Doge's dynamic mask keeps each query's top ``keep_window_size`` keys only when there are
     more keys than that: a branch on the key length, which export fixes to the example's side.
@@ -147,6 +168,16 @@ METHODS = {
         "prepare_dynamic_mask",
         _branch_free_dynamic_mask,
         "its dynamic mask's branch on the key length as a top-k of at most the window",
+    ),
+    "Inkling2DynamicShortConvolution": (
+        "forward",
+        _copied_unfold,
+        "its convolution windows copied out of an unfold view (no minimum length)",
+    ),
+    "Inkling2LoopDynamicShortConvolution": (
+        "forward",
+        _copied_unfold,
+        "its convolution windows copied out of an unfold view (no minimum length)",
     ),
     "DeepseekV4HCACompressor": (
         "forward",
