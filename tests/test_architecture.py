@@ -15,9 +15,9 @@ import moec
 ROOT = Path(moec.__file__).parent
 BASE = {"errors", "registry", "settings", "timing"}  # torch-free modules everything may use
 TOP = {  # what users call: compile, verify, benchmark, place; the CLI
-    "pipeline", "verification", "decode_verification", "eager_routing", "benchmark", "placing",
-    "placement_simulator", "placement_plot", "cli", "cli_common", "cli_progress", "cli_tensorrt",
-    "__main__",
+    "pipeline", "verification", "decode_verification", "eager_routing", "onnx_tie_order",
+    "benchmark", "placing", "placement_simulator", "placement_plot", "cli", "cli_common",
+    "cli_progress", "cli_tensorrt", "__main__",
 }  # fmt: skip
 # what each unit may import besides itself (the runtime: only the IR and the base)
 ALLOWED = {
