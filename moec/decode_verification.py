@@ -17,11 +17,10 @@ import numpy as np
 import torch
 
 from moec.eager_routing import (
-    PERTURBATION_SIGNS,
     eager_routing_hooks,
     external_blocks,
     mark_flips,
-    perturbed_blocks,
+    perturbed_routings,
     routing_keys,
 )
 from moec.models.kv_cache import CausalLMWithCache, TinyLMWithCache, cache_keyword
@@ -114,16 +113,16 @@ def verify_decoding(
 
 
 def _fragile_external_routing(model, blocks: dict, feeds: dict, decoding, tokens, cache) -> list:
-    """Per sign of `PERTURBATION_SIGNS`, per block routed by the family's own router, the
-    routing of this step with its input perturbed (`perturbed_blocks`), run on a copy of the
-    cache: tokens it flips are near-ties."""
-    external, perturbed = external_blocks(blocks), []
-    for sign in PERTURBATION_SIGNS if external else ():
-        perturbed.append({})
-        hooks = eager_routing_hooks(external, perturbed[-1])
-        with perturbed_blocks(model, external, sign), hooks, torch.no_grad():
-            _eager_step(model, feeds, decoding, tokens, copy.deepcopy(cache))
-    return perturbed
+    """`perturbed_routings` of the blocks routed by the family's own router in this step, run
+    on a copy of the cache: tokens it flips are near-ties."""
+    external = external_blocks(blocks)
+    if not external:
+        return []
+
+    def step():
+        _eager_step(model, feeds, decoding, tokens, copy.deepcopy(cache))
+
+    return perturbed_routings(model, external, step)
 
 
 def _eager_step(model, feeds: dict, decoding, tokens: np.ndarray, cache):

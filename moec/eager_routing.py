@@ -22,6 +22,7 @@ __all__ = [
     "external_blocks",
     "mark_flips",
     "perturbed_blocks",
+    "perturbed_routings",
     "routing_keys",
 ]
 
@@ -132,6 +133,18 @@ def perturbed_blocks(
     finally:
         for h in handles:
             h.remove()
+
+
+def perturbed_routings(model: torch.nn.Module, blocks: dict[str, BlockMatch], forward) -> list:
+    """Per sign of `PERTURBATION_SIGNS`, the routing of ``blocks`` (`eager_routing_hooks`) in
+    one ``forward()`` of ``model`` with their inputs perturbed (`perturbed_blocks`)."""
+    runs: list[dict] = []
+    for sign in PERTURBATION_SIGNS:
+        runs.append({})
+        hooks = eager_routing_hooks(blocks, runs[-1])
+        with perturbed_blocks(model, blocks, sign), hooks, torch.no_grad():
+            forward()
+    return runs
 
 
 def mark_flips(routing: dict, perturbed: list[dict]) -> None:

@@ -22,11 +22,10 @@ from moec import registry
 from moec.compiler.sources import reload_source, weights_sha256
 from moec.decode_verification import verify_decoding
 from moec.eager_routing import (
-    PERTURBATION_SIGNS,
     eager_routing_hooks,
     external_blocks,
     mark_flips,
-    perturbed_blocks,
+    perturbed_routings,
     routing_keys,
 )
 from moec.errors import RuntimeUnavailableError, UsageError, VerificationError
@@ -110,7 +109,7 @@ def verify(
     ties = OnnxTopkTies() if _runs_onnx(manifest) else nullcontext()
     with _runner(manifest, Path(path), by_layers, trust_pickle, notes) as runner, ties:
         sets = _input_sets(runner, inputs, schedule, seed, notes)
-        first = [eager_input(model, to_torch(sets[0][0][s.name])) for s in manifest.inputs]
+        first = _eager_inputs(model, manifest, sets[0][0])
         # a streamed model's blocks: their weights as recipes; blocks read from a call: this one
         with recording(), recorded_block_calls(model, tuple(first)):
             blocks = {m.name: m for m in find_moe_blocks(model)}
@@ -308,11 +307,8 @@ def _mark_fragile_external_routing(model, manifest, blocks, feeds, routing) -> N
     external = external_blocks(blocks)
     if not external:
         return
-    perturbed = []
-    for sign in PERTURBATION_SIGNS:
-        with perturbed_blocks(model, external, sign):
-            perturbed.append(_run_eager(model, manifest, external, feeds)[1])
-    mark_flips(routing, perturbed)
+    inputs = _eager_inputs(model, manifest, feeds)
+    mark_flips(routing, perturbed_routings(model, external, lambda: model(*inputs)))
 
 
 def _run_eager(
@@ -321,9 +317,13 @@ def _run_eager(
     """Main outputs, and per block (chosen [..., E], near-tie margin [...]) on its real input."""
     routing: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with eager_routing_hooks(blocks, routing), torch.no_grad():
-        out = model(*(eager_input(model, to_torch(feeds[s.name])) for s in manifest.inputs))
+        out = model(*_eager_inputs(model, manifest, feeds))
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     return [to_numpy(o.detach()) for o in outs], routing
+
+
+def _eager_inputs(model: nn.Module, manifest: Manifest, feeds: dict[str, Any]) -> list:
+    return [eager_input(model, to_torch(feeds[s.name])) for s in manifest.inputs]
 
 
 def eager_input(model: nn.Module, value: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,9 @@ def _parallel_lightning(original):
     return forward
 
 
+TENSOR_UNFOLD = torch.Tensor.unfold
+
+
 def _copied_unfold(original):
     """Inkling-2's dynamic short convolution flips an ``unfold`` view (overlapping strides)
     and reshapes it; torch.export derives from those strides a guard that the sequence is at
@@ -126,7 +129,11 @@ def _copied_unfold(original):
     return forward
 
 
-TENSOR_UNFOLD = torch.Tensor.unfold
+COPIED_UNFOLD = (
+    "forward",
+    _copied_unfold,
+    "its convolution windows copied out of an unfold view (no minimum length)",
+)
 
 
 def _branch_free_dynamic_mask(original):
@@ -169,16 +176,8 @@ METHODS = {
         _branch_free_dynamic_mask,
         "its dynamic mask's branch on the key length as a top-k of at most the window",
     ),
-    "Inkling2DynamicShortConvolution": (
-        "forward",
-        _copied_unfold,
-        "its convolution windows copied out of an unfold view (no minimum length)",
-    ),
-    "Inkling2LoopDynamicShortConvolution": (
-        "forward",
-        _copied_unfold,
-        "its convolution windows copied out of an unfold view (no minimum length)",
-    ),
+    "Inkling2DynamicShortConvolution": COPIED_UNFOLD,
+    "Inkling2LoopDynamicShortConvolution": COPIED_UNFOLD,
     "DeepseekV4HCACompressor": (
         "forward",
         branch_free_hca,
