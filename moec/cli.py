@@ -244,8 +244,9 @@ def _print_quality(quality: dict, title: str) -> None:
     for key, what in (("parameters", "model"), ("moe_parameters", "MoE blocks")):
         size = quality[key]
         console.print(
-            f"{what}: {size['before']:,} -> {size['after']:,} parameters "
-            f"({size['reduction']:.1%} fewer; {human_bytes(size['bytes_after'])})"
+            f"{what}: {size['before']:,} -> {size['after']:,} parameters; "
+            f"{human_bytes(size['bytes_before'])} -> {human_bytes(size['bytes_after'])} "
+            f"({size['bytes_after'] / max(size['bytes_before'], 1):.2f}x)"
         )
 
 

@@ -209,6 +209,7 @@ BUILTIN_TARGETS = (
             "standard_ops_only": True,
             "streams_weights": True,
             "profiles": True,  # takes --precision and --trt-shapes
+            "symmetric_weights_only": True,  # TensorRT dequantises with zero point 0
             "onnx_rewrite": "moec.compiler.trt_legalize:legalize_for_tensorrt",
             "portable_runner": "moec.runtime.ort_runner:OrtRunner",  # runs its ONNX elsewhere
         },

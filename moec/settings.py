@@ -28,11 +28,13 @@ __all__ = [
     "FLAGS",
     "MERGE_METHODS",
     "PRUNE_METHODS",
+    "QUANTIZE_BITS",
     "CompileSettings",
     "DistillOptions",
     "Flag",
     "MergeOptions",
     "PruneOptions",
+    "QuantizeOptions",
 ]
 
 DEFAULT_TARGET = registry.DEFAULT_TARGET
@@ -41,6 +43,8 @@ MERGE_METHODS = ("hc", "router-logits", "random")
 PRUNE_METHODS = ("frequency", "reap", "reconstruction")
 DISTILL_INITS = ("concat", "average")
 DISTILL_TRAIN = ("all", "ffn")
+QUANTIZE_BITS = {"int8": 8, "int4": 4}  # --quantize -> bits
+QUANTIZE_BLOCK = {"int8": None, "int4": 32}  # default --block-size (None: one scale per row)
 TRT_SHAPE_RE = re.compile(r"^\s*([^:\s]+)\s*:\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*$")
 
 
@@ -105,6 +109,25 @@ class DistillOptions:
             raise SettingsError(
                 f"--distill-label-weight: the label weight must be in [0, 1], not "
                 f"{self.label_weight}"
+            )
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """``quantize-experts``: expert weights as ``bits`` codes, one scale per ``block_size``
+    weights along the input dim (None: per row), zero point stored unless ``symmetric``."""
+
+    bits: str
+    block_size: int | None = None
+    symmetric: bool = False
+
+    def __post_init__(self):
+        _choice("--quantize", self.bits, tuple(QUANTIZE_BITS))
+        block = self.block_size
+        if block is not None and (block < 16 or block & (block - 1)):
+            raise SettingsError(
+                f"--block-size {block}: a block is a power of 2 of at least 16 weights "
+                "(32, 64, 128 are usual)"
             )
 
 
@@ -178,6 +201,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("distill_label_weight", "--distill-label-weight", "Share of next-token "
          "cross-entropy on the calibration text in the loss (language models).", "float",
          needs="distill_dense", default=DistillOptions.label_weight),
+    Flag("quantize", "--quantize", "Store expert weights as int8 or int4 codes with a scale "
+         "per block (weight-only, round-to-nearest).", "choice", choices=tuple(QUANTIZE_BITS)),
+    Flag("block_size", "--block-size", "Weights per quantisation scale along the input dim "
+         "[int4: 32, int8: 0, one scale per row].", "int", needs="quantize"),
+    Flag("symmetric", "--symmetric", "Quantise around zero (no stored zero points).", "flag",
+         needs="quantize"),
     Flag("distill_block_steps", "--distill-block-steps", "Adam steps fitting each dense FFN "
          "alone to its block's outputs before end-to-end training [--distill-steps when "
          "blocks train alone, else 0].", "int", needs="distill_dense"),
@@ -210,7 +239,8 @@ class CompileSettings:
       dim name -> [min, opt, max] of a TensorRT engine's profile (`moec.compiler.trt_profiles`;
       ``--precision``, the trt target's name for ``--dtype``, is stored as ``dtype``).
     - ``calib``: calibration data for the lossy passes (``calib_samples`` rows at most);
-      ``merge``, ``prune``, ``distill``: the lossy passes asked for (they run in that order).
+      ``merge``, ``prune``, ``distill``, ``quantize``: the lossy passes asked for (they run in
+      that order).
     """
 
     target: str = DEFAULT_TARGET
@@ -226,6 +256,7 @@ class CompileSettings:
     merge: MergeOptions | None = None
     prune: PruneOptions | None = None
     distill: DistillOptions | None = None
+    quantize: QuantizeOptions | None = None
 
     def __post_init__(self):
         target = registry.target(self.target)
@@ -273,6 +304,12 @@ class CompileSettings:
                 "--autotune times the target's default candidates; it cannot be combined with "
                 "--lowering, --capacity-factor or --capacity"
             )
+        quantize = self.quantize
+        if quantize and not quantize.symmetric and target.options.get("symmetric_weights_only"):
+            raise SettingsError(
+                f"--quantize {self.quantize.bits}: target {target.name} dequantises with "
+                "zero point 0 only (TensorRT's DequantizeLinear); add --symmetric"
+            )
         if self.calib_samples is not None and self.calib_samples < 1:
             raise SettingsError(f"--calib-samples must be >= 1, not {self.calib_samples}")
         if self.lossy_flags and self.calib is None:
@@ -281,8 +318,9 @@ class CompileSettings:
             )
         if self.calib is not None and not self.lossy_flags:
             raise SettingsError(
-                "--calib drives the lossy passes; give --merge-experts, --prune-experts or "
-                "--distill-dense with it (moec inspect SRC --calib FILE shows expert load)"
+                "--calib drives the lossy passes; give --merge-experts, --prune-experts, "
+                "--distill-dense or --quantize with it (moec inspect SRC --calib FILE shows "
+                "expert load)"
             )
 
     @property
@@ -290,6 +328,7 @@ class CompileSettings:
         """The lossy passes asked for, as their flags."""
         asked = {"--merge-experts": self.merge, "--prune-experts": self.prune}
         asked["--distill-dense"] = self.distill
+        asked["--quantize"] = self.quantize
         return [flag for flag, options in asked.items() if options is not None]
 
     @property
@@ -346,6 +385,15 @@ class CompileSettings:
             if blocks is not None:
                 fields["blocks"] = tuple(blocks.split(",") if isinstance(blocks, str) else blocks)
             distill = DistillOptions(**fields)
+        quantize = None
+        if "quantize" in given:
+            bits = given["quantize"]
+            block = given.get("block_size", QUANTIZE_BLOCK.get(bits))
+            quantize = QuantizeOptions(
+                bits,
+                None if block == 0 else block,
+                bool(given.get("symmetric", False)),
+            )
         return cls(
             target=given.get("target", DEFAULT_TARGET),
             lowering=given.get("lowering"),
@@ -360,6 +408,7 @@ class CompileSettings:
             merge=merge,
             prune=prune,
             distill=distill,
+            quantize=quantize,
         )
 
     # -- storing and printing -----------------------------------------------------------------
@@ -377,6 +426,7 @@ class CompileSettings:
                 "merge": MergeOptions,
                 "prune": PruneOptions,
                 "distill": DistillOptions,
+                "quantize": QuantizeOptions,
             }
             values = dict(data)
             for key, kind in options.items():
@@ -411,6 +461,7 @@ class CompileSettings:
             ("--merge-experts", self.merge),
             ("--prune-experts", self.prune),
             ("--distill-dense", self.distill),
+            ("--quantize", self.quantize),
         ):
             if options is not None:
                 values = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(options).items())

@@ -22,6 +22,7 @@ from moec import registry
 from moec.compiler.clamp_bounds import clamp_bounds_as_floats
 from moec.compiler.keep_tiny_constants import keep_tiny_constants
 from moec.compiler.lazy_initializers import bind_lazy_initializers, fold_lazily
+from moec.compiler.lower_quantized import QUANT_OPSET, dequantized_weights
 from moec.compiler.onnx_ops import BOOL, INT64, op, register_ort_schemas
 from moec.compiler.slice_scatter_to_cat import slice_scatters_as_cats
 from moec.errors import LoweringError
@@ -51,6 +52,7 @@ def translate_moe(*args):
     emit = registry.lowering(spec.lowering).onnx
     if emit is None:
         raise LoweringError(f"lowering {spec.lowering} has no ONNX emitter")
+    spec, weights = dequantized_weights(spec, weights)
     return registry.resolve(emit)(spec, x=op.x, w=weights)
 
 
@@ -94,6 +96,7 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool, rewrite=No
             dynamo=True,
             custom_translation_table=table,
             optimize=False,
+            **_opset(captured),
             verbose=False,
         )
     except Exception as e:  # the exporter wraps everything in its own error types
@@ -123,6 +126,14 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool, rewrite=No
     if standard_ops_only:
         _check_standard_domains(model)
     return model
+
+
+def _opset(captured: CapturedProgram) -> dict:
+    """The exporter's opset: 21 where a block's experts are quantised (blocked
+    DequantizeLinear), the exporter's default otherwise."""
+    specs = (captured.spec(node) for node in captured.moe_nodes())
+    quantized = any(spec.weight_bits is not None for spec in specs)
+    return {"opset_version": QUANT_OPSET} if quantized else {}
 
 
 def _drop_unused_router_outputs(model: ir.Model) -> None:

@@ -12,7 +12,8 @@
   ``b_gate`` [E, I], ``b_up`` [E, I], ``b_down`` [E, H],
   ``shared_gate`` [Is, H], ``shared_up`` [Is, H], ``shared_down`` [H, Is],
   ``shared_expert_gate`` [1, H], ``output_bias`` [H] (added to every token's output),
-  ``post_norm_weight`` [E, H] (scales each expert's normalised output).
+  ``post_norm_weight`` [E, H] (scales each expert's normalised output),
+  ``w_*_scale`` and ``w_*_zero`` [E, N, K/B]: a quantised block's scales and zero points.
 - ``spec_json``: `MoESpec.to_json()`.
 - ``out``: like ``x``; ``chosen``: bool [..., E], which experts serve each token (the routing,
   exposed so that verification can compare it).
@@ -36,6 +37,7 @@ from moec.errors import SpecError
 from moec.ir.expert_kernels import grouped_experts, shared_ffn
 from moec.ir.moe_spec import MoESpec
 from moec.ir.moe_weights import WEIGHT_NAMES, MoEWeights
+from moec.ir.quantized_experts import dequantized_block
 from moec.ir.routing import map_experts, route, router_logits
 
 __all__ = [
@@ -127,7 +129,10 @@ def moe_eager(
         tokens, counts, gates = _pairs_from_dense(spec, weights, chosen)
     if experts is None:
         grouped = experts_kernel(spec.lowering)
-        experts = functools.partial(gather_experts_scatter, functools.partial(grouped, spec, w))
+        kernel_spec, kernel_weights = dequantized_block(spec, w)  # the reference of int experts
+        experts = functools.partial(
+            gather_experts_scatter, functools.partial(grouped, kernel_spec, kernel_weights)
+        )
     if spec.gate_on_input:
         experts = functools.partial(_gating_inputs, experts)
     flat_x = x.reshape(-1, x.shape[-1])
@@ -227,6 +232,12 @@ def moe(
     shared_expert_gate: torch.Tensor | None,
     output_bias: torch.Tensor | None,
     post_norm_weight: torch.Tensor | None,
+    w_gate_scale: torch.Tensor | None,
+    w_up_scale: torch.Tensor | None,
+    w_down_scale: torch.Tensor | None,
+    w_gate_zero: torch.Tensor | None,
+    w_up_zero: torch.Tensor | None,
+    w_down_zero: torch.Tensor | None,
     spec_json: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = parse_spec(spec_json)

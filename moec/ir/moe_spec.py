@@ -47,6 +47,12 @@ expert r's gate goes to (-1: pruned, its pairs contribute nothing). Routing runs
 ``router_experts = len(expert_map)`` experts the router scores; the gates of router experts that
 share a stored expert add up. ``num_experts`` is the number of stored experts.
 
+Quantised experts (``weight_bits`` 4 or 8): the stacked expert matrices ``w_gate``/``w_up``/
+``w_down`` [E, N, K] hold unsigned codes in [0, 2^bits) (uint8, one per weight), and each has a
+float scale per block of ``weight_block_size`` weights along K (None: one per row), [E, N, K/B];
+a weight is ``(code - zero) * scale``, the zero point ``2^(bits-1)`` when ``weight_symmetric``,
+else stored per block (uint8, ``*_zero``) (`moec.ir.quantized_experts`).
+
 ``lowering`` and ``lowering_capacity_factor`` are not part of the model: the lowering passes fill
 them in to tell the emitter which registered lowering (`moec.registry`) a block gets (for
 ``capacity``: the factor F of ``C = min(T, ceil(F * T * k / E))`` slots per expert).
@@ -109,6 +115,9 @@ class MoESpec:
     shared_expert_gated: bool = False
     shared_activation: str = "silu"
     expert_map: tuple[int, ...] | None = None
+    weight_bits: int | None = None
+    weight_block_size: int | None = None
+    weight_symmetric: bool = True
     lowering: str | None = None
     lowering_capacity_factor: float | None = None
 
@@ -209,6 +218,10 @@ class MoESpec:
             experts += " post-norm"
         if self.expert_map is not None:
             experts += f" (from {self.router_experts} router experts)"
+        if self.weight_bits is not None:
+            blocks = self.weight_block_size or "row"
+            kind = "symmetric" if self.weight_symmetric else "asymmetric"
+            experts += f" int{self.weight_bits}/{blocks} {kind}"
         return f"{route}; {experts}{shared}"
 
     # -- validation ---------------------------------------------------------------------------
@@ -268,6 +281,7 @@ class MoESpec:
                 set(range(self.num_experts)) <= set(self.expert_map),
                 "every stored expert needs a router expert mapped to it",
             )
+        self._validate_quantized(need)
         need(self.shared_expert_size >= 0, "shared_expert_size must be >= 0")
         need(
             not self.shared_expert_gated or self.shared_expert_size > 0,
@@ -320,3 +334,18 @@ class MoESpec:
             need(self.n_group == 1, "expert_choice routing has no expert groups")
             need(self.expert_capacity is None, "expert_choice uses capacity_factor")
             need(self.score == "softmax", "expert_choice routing scores with softmax")
+
+    def _validate_quantized(self, need) -> None:
+        if self.weight_bits is None:
+            need(self.weight_block_size is None, "weight_block_size needs weight_bits")
+            return
+        need(self.weight_bits in (4, 8), f"weight_bits={self.weight_bits}; expected 4 or 8")
+        need(self.expert_kind != "module", "quantised experts are FFN experts")
+        block = self.weight_block_size
+        if block is None:
+            return
+        power_of_2 = block >= 16 and block & (block - 1) == 0
+        need(power_of_2, f"weight_block_size={block}: a power of 2, >= 16")
+        for name in ("hidden_size", "expert_size"):
+            size = getattr(self, name)
+            need(size % block == 0, f"weight_block_size={block} does not divide {name}={size}")

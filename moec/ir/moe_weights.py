@@ -1,5 +1,7 @@
 """`MoEWeights`: the tensors of one MoE block, stacked with the expert index first, in the order
-the ``moec::moe`` op takes them (`WEIGHT_NAMES`), with the shapes a `MoESpec` implies."""
+the ``moec::moe`` op takes them (`WEIGHT_NAMES`), with the shapes a `MoESpec` implies. Quantised
+experts (``spec.weight_bits``) hold uint8 codes in ``w_gate``/``w_up``/``w_down`` and their
+scales (and asymmetric zero points) in `QUANT_WEIGHTS`."""
 
 from __future__ import annotations
 
@@ -10,10 +12,21 @@ import torch
 from moec.errors import SpecError
 from moec.ir.moe_spec import MoESpec
 
-__all__ = ["EXPERT_WEIGHTS", "WEIGHT_NAMES", "MoEWeights"]
+__all__ = ["EXPERT_WEIGHTS", "QUANTIZED", "QUANT_WEIGHTS", "WEIGHT_NAMES", "MoEWeights"]
 
 # stacked per expert
-EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "post_norm_weight")
+QUANTIZED = ("w_gate", "w_up", "w_down")  # the matrices a quantised block stores as codes
+QUANT_WEIGHTS = tuple(f"{n}_{part}" for part in ("scale", "zero") for n in QUANTIZED)
+EXPERT_WEIGHTS = (
+    "w_gate",
+    "w_up",
+    "w_down",
+    "b_gate",
+    "b_up",
+    "b_down",
+    "post_norm_weight",
+    *QUANT_WEIGHTS,
+)
 
 
 @dataclass
@@ -35,6 +48,12 @@ class MoEWeights:
     shared_expert_gate: torch.Tensor | None = None
     output_bias: torch.Tensor | None = None
     post_norm_weight: torch.Tensor | None = None
+    w_gate_scale: torch.Tensor | None = None
+    w_up_scale: torch.Tensor | None = None
+    w_down_scale: torch.Tensor | None = None
+    w_gate_zero: torch.Tensor | None = None
+    w_up_zero: torch.Tensor | None = None
+    w_down_zero: torch.Tensor | None = None
 
     def args(self) -> tuple[torch.Tensor | None, ...]:
         return tuple(getattr(self, name) for name in WEIGHT_NAMES)
@@ -50,7 +69,7 @@ class MoEWeights:
         routed = spec.routing != "external"
         ffn = spec.expert_kind != "module"
         gated = spec.expert_kind == "gated"
-        return {
+        shapes = {
             "router_weight": (r, h) if routed else None,
             "router_bias": (r,) if routed else None,
             "selection_bias": (r,) if routed else None,
@@ -67,6 +86,14 @@ class MoEWeights:
             "output_bias": (h,),
             "post_norm_weight": (e, h) if spec.post_expert_norm_eps is not None else None,
         }
+        for name in QUANT_WEIGHTS:
+            matrix = shapes[name.rsplit("_", 1)[0]]
+            wanted = spec.weight_bits is not None and matrix is not None
+            if name.endswith("_zero"):
+                wanted = wanted and not spec.weight_symmetric
+            blocks = 1 if matrix is None else matrix[2] // (spec.weight_block_size or matrix[2])
+            shapes[name] = (*matrix[:2], blocks) if wanted else None
+        return shapes
 
     @staticmethod
     def required(spec: MoESpec) -> set[str]:
@@ -80,6 +107,11 @@ class MoEWeights:
             required |= {"shared_gate", "shared_up", "shared_down"}
         if spec.shared_expert_gated:
             required.add("shared_expert_gate")
+        if spec.weight_bits is not None:
+            quantized = {n for n in QUANTIZED if n in required}
+            required |= {f"{n}_scale" for n in quantized}
+            if not spec.weight_symmetric:
+                required |= {f"{n}_zero" for n in quantized}
         return required
 
     def check(self, spec: MoESpec) -> None:
@@ -100,6 +132,9 @@ class MoEWeights:
                     f"MoE weights: {name} has shape {tuple(tensor.shape)}, expected {shape} "
                     f"for {spec.summary()} (hidden {spec.hidden_size})"
                 )
+            codes = spec.weight_bits is not None and (name in QUANTIZED or name.endswith("_zero"))
+            if codes and tensor.dtype != torch.uint8:
+                raise SpecError(f"MoE weights: {name} of a quantised block must be uint8 codes")
 
 
 WEIGHT_NAMES: tuple[str, ...] = (
@@ -118,5 +153,6 @@ WEIGHT_NAMES: tuple[str, ...] = (
     "shared_expert_gate",
     "output_bias",
     "post_norm_weight",
+    *QUANT_WEIGHTS,
 )
 assert set(WEIGHT_NAMES) == {f.name for f in fields(MoEWeights)}

@@ -11,6 +11,7 @@ from moec.passes.grouped_gemm import GroupedGemmPass
 from moec.passes.merge_experts import MergeExpertsPass
 from moec.passes.pass_base import Pass, PassManager, PassResult
 from moec.passes.prune_experts import PruneExpertsPass
+from moec.passes.quantize_experts import QuantizeExpertsPass
 from moec.passes.select_lowering import SelectLoweringPass
 from moec.settings import CompileSettings
 
@@ -24,6 +25,7 @@ __all__ = [
     "PassManager",
     "PassResult",
     "PruneExpertsPass",
+    "QuantizeExpertsPass",
     "SelectLoweringPass",
     "default_passes",
     "lossy_passes",
@@ -48,7 +50,8 @@ def default_passes(
 
 
 def lossy_passes(settings: CompileSettings) -> list[Pass]:
-    """The lossy passes ``settings`` asks for, in the order they run: merge, prune, distil."""
+    """The lossy passes ``settings`` asks for, in the order they run: merge, prune, distil,
+    quantise."""
     passes: list[Pass] = []
     if settings.merge is not None:
         m = settings.merge
@@ -57,4 +60,6 @@ def lossy_passes(settings: CompileSettings) -> list[Pass]:
         passes.append(PruneExpertsPass(settings.prune.keep, settings.prune.method))
     if settings.distill is not None:
         passes.append(DistillDensePass(settings.distill))
+    if settings.quantize is not None:
+        passes.append(QuantizeExpertsPass(settings.quantize))
     return passes

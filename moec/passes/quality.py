@@ -4,7 +4,8 @@
   passes, both fed the inputs the block sees in the model before the passes;
 - for a language model (token ids in, logits [B, S, V] out): perplexity of the held-out rows
   before and after, and how often the next-token top-1 prediction stays the same;
-- parameters and bytes of the model and of its MoE blocks, before and after.
+- parameters and bytes of the model and of its MoE blocks, before and after (bytes as stored:
+  int4 codes at half a byte).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from moec.compiler.moe_block import MoEBlock
+from moec.ir.moe_weights import QUANTIZED
 from moec.passes.calibration import model_inputs
 from moec.passes.compression_state import BATCH_ROWS, CompressionState
 
-__all__ = ["first_output", "is_logits", "quality_report"]
+__all__ = ["first_output", "is_logits", "quality_report", "stored_bytes"]
 
 
 def quality_report(state: CompressionState) -> dict[str, Any]:
@@ -95,8 +98,7 @@ def _add_lm_figures(lm: dict, before: torch.Tensor, after: torch.Tensor, ids: to
 
 def _sizes(before: nn.Module, after: nn.Module) -> dict[str, float]:
     def count(module: nn.Module) -> tuple[int, int]:
-        params = list(module.parameters())
-        return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+        return sum(p.numel() for p in module.parameters()), stored_bytes(module)
 
     (n0, b0), (n1, b1) = count(before), count(after)
     return {
@@ -106,3 +108,15 @@ def _sizes(before: nn.Module, after: nn.Module) -> dict[str, float]:
         "bytes_after": b1,
         "reduction": 1 - n1 / n0 if n0 else 0.0,
     }
+
+
+def stored_bytes(module) -> int:
+    """Bytes of ``module``'s parameters as an artifact stores them: a quantised block's codes at
+    ``weight_bits`` bits each (packed), everything else at its dtype's size."""
+    total = 0
+    for sub in module.modules():
+        bits = sub.spec.weight_bits if isinstance(sub, MoEBlock) else None
+        for pname, p in sub.named_parameters(recurse=False):
+            packed = bits is not None and pname in QUANTIZED  # codes, packed by the lowering
+            total += p.numel() * bits // 8 if packed else p.numel() * p.element_size()
+    return total
