@@ -20,6 +20,7 @@ from onnx_ir.passes.common import CommonSubexpressionEliminationPass
 
 from moec import registry
 from moec.compiler.clamp_bounds import clamp_bounds_as_floats
+from moec.compiler.dequantize_late import dequantize_late
 from moec.compiler.keep_tiny_constants import keep_tiny_constants
 from moec.compiler.lazy_initializers import bind_lazy_initializers, fold_lazily
 from moec.compiler.lower_quantized import QUANT_OPSET, dequantized_weights
@@ -107,6 +108,7 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool, rewrite=No
     for value, spec in zip(model.graph.outputs, captured.outputs, strict=True):
         value.name = spec.name
     keep_tiny_constants(model)  # before the optimizer's no-op rules drop them
+    dequantize_late(model)  # layout ops on the stored codes, folded by the optimizer
     if len({b.name for b in captured.blocks}) < len(captured.blocks):
         # a block called more than once: one layout change of its weights, folded once
         CommonSubexpressionEliminationPass()(model)

@@ -28,8 +28,8 @@ UNSIGNED = {4: onnx.TensorProto.UINT4, 8: onnx.TensorProto.UINT8}
 
 def signed_codes(codes, bits: int):
     """uint8 codes of a symmetric block as signed integers of ``bits`` bits (zero point 0)."""
-    centred = op.Sub(op.Cast(codes, to=INT16), op.Constant(value_int=2 ** (bits - 1)))
-    return op.Cast(op.Cast(centred, to=INT16), to=SIGNED[bits])
+    mid = op.Cast(op.Constant(value_int=2 ** (bits - 1)), to=INT16)
+    return op.Cast(op.Sub(op.Cast(codes, to=INT16), mid), to=SIGNED[bits])
 
 
 def dequantize(spec: MoESpec, codes, scale, zero, block: int):

@@ -111,12 +111,12 @@ def _sizes(before: nn.Module, after: nn.Module) -> dict[str, float]:
 
 
 def stored_bytes(module) -> int:
-    """Bytes of ``module``'s parameters as an artifact stores them: a quantised block's codes at
-    ``weight_bits`` bits each (packed), everything else at its dtype's size."""
+    """Bytes of ``module``'s parameters as an artifact stores them: a quantised block's codes and
+    zero points at ``weight_bits`` bits each (packed), everything else at its dtype's size."""
     total = 0
     for sub in module.modules():
         bits = sub.spec.weight_bits if isinstance(sub, MoEBlock) else None
         for pname, p in sub.named_parameters(recurse=False):
-            packed = bits is not None and pname in QUANTIZED  # codes, packed by the lowering
+            packed = bits is not None and (pname in QUANTIZED or pname.endswith("_zero"))
             total += p.numel() * bits // 8 if packed else p.numel() * p.element_size()
     return total

@@ -12,7 +12,7 @@ from moec.runtime.manifest import Manifest
 from moec.runtime.ort_decode_steps import BoundDecodeSteps, can_bind
 from moec.runtime.runner import Runner
 
-__all__ = ["OrtRunner"]
+__all__ = ["OrtRunner", "check_external_data", "session_options"]
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -43,9 +43,7 @@ class OrtRunner(Runner):
     def activate_impl(self) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        if self.intra_op_threads is not None:
-            options.intra_op_num_threads = self.intra_op_threads
+        options = session_options(self.intra_op_threads)
         path = self.directory / self.manifest.files["model"].path
         check_external_data(path, {f.path for f in self.manifest.files.values()})
         try:
@@ -68,6 +66,22 @@ class OrtRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.session = None
+
+
+# ORT fuses a blocked int4 DequantizeLinear and its MatMul into MatMulNBits, by default
+# quantising the activations to int8 (accuracy level 4); level 1 keeps them float32
+QDQ_ACCURACY = ("session.qdq_matmulnbits_accuracy_level", "1")
+
+
+def session_options(intra_op_threads: int | None):
+    """ONNX Runtime session options of moec's runners."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
+    options.add_session_config_entry(*QDQ_ACCURACY)
+    return options
 
 
 def check_external_data(model_path: Path, listed: set[str]) -> None:

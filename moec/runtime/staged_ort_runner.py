@@ -19,7 +19,7 @@ import numpy as np
 
 from moec.errors import ArtifactError
 from moec.runtime.manifest import Manifest
-from moec.runtime.ort_runner import OrtRunner, check_external_data
+from moec.runtime.ort_runner import OrtRunner, check_external_data, session_options
 
 __all__ = ["STAGE_BYTES", "StagedOrtRunner"]
 
@@ -62,9 +62,7 @@ class StagedOrtRunner(OrtRunner):
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        if self.intra_op_threads is not None:
-            options.intra_op_num_threads = self.intra_op_threads
+        options = session_options(self.intra_op_threads)
         options.add_session_config_entry(EXTERNAL_FOLDER, str(self.directory))
         options.add_session_config_entry("session.disable_prepacking", "1")  # no second copy
         values: dict[str, np.ndarray] = dict(feeds)
