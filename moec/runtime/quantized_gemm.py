@@ -11,7 +11,10 @@ points as `moec.ir.quantized_experts` stores them), packed once for PyTorch's in
   each call (one expert's matrix, not the block's).
 
 The int kernels read float32 activations as they are (bfloat16 and float16 ones too, in their own
-dtype), so float32 results match the dequantised weights' GEMM up to accumulation order.
+dtype), so float32 results match the dequantised weights' GEMM up to accumulation order. On
+float32 rows their CPU loops run row by row without vectorising: beyond `INT_KERNEL_MAX_ROWS`
+rows, dequantising the one matrix and one oneDNN GEMM measured faster on every layout (bfloat16
+rows are fast, but rounding float32 activations to bfloat16 costs about 3e-3 relative error).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = ["INT4_GROUPS", "QuantizedGemm", "int_kernel", "quantized_kernel_note"
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu takes, largest first
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu packs rows in tiles of this many
 INT4_CENTRE, INT8_CENTRE = 8, 128
+INT_KERNEL_MAX_ROWS = 1  # float32 rows up to which the int kernels beat dequantise + GEMM
 INT4_KERNEL = "_weight_int4pack_mm_for_cpu"
 INT8_KERNEL = "_weight_int8pack_mm"
 
@@ -58,7 +62,11 @@ def quantized_kernel_note(spec: MoESpec) -> str:
     kernels = {name: int_kernel(bits, block, *shape) for name, shape in shapes.items()}
     layout = f"int{bits} blocks of {block}" if block else f"int{bits} per row"
     if all(kernels.values()):
-        return f"{layout}: torch's {INT4_KERNEL if bits == 4 else INT8_KERNEL} on the CPU"
+        kernel = INT4_KERNEL if bits == 4 else INT8_KERNEL
+        return (
+            f"{layout}: torch's {kernel} on the CPU at {INT_KERNEL_MAX_ROWS} row per expert, "
+            "each chosen expert's matrices dequantised for the call at more (faster there)"
+        )
     needs = (
         f"{INT8_KERNEL} takes one scale per row"
         if bits == 8
@@ -75,7 +83,8 @@ def quantized_kernel_note(spec: MoESpec) -> str:
 class QuantizedGemm:
     """One quantised [out, in] matrix: uint8 ``codes`` [N, K], ``scale`` [N, K/B] and ``zero``
     [N, K/B] (None: symmetric); ``gemm(x [..., K], bias) -> [..., N]``. Packed for the int kernel
-    of its layout (`int_kernel`) on the CPU; kept as codes to dequantise per call otherwise."""
+    of its layout (`int_kernel`) on the CPU, for calls of at most `INT_KERNEL_MAX_ROWS` rows;
+    other calls dequantise the matrix from its codes."""
 
     def __init__(
         self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
@@ -100,11 +109,11 @@ class QuantizedGemm:
             self.row_shift = None  # (z - 128) * scale per row, where some z is not 128
             if zero is not None and (zero != INT8_CENTRE).any():
                 self.row_shift = (zero[:, 0].to(scale.dtype) - INT8_CENTRE) * scale[:, 0]
-        else:
-            self.codes, self.scale, self.zero = codes, scale, zero
+        self.codes, self.scale, self.zero = codes, scale, zero  # the artifact's own tensors
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kernel is None:
+        rows = x.numel() // self.in_features
+        if self.kernel is None or rows > INT_KERNEL_MAX_ROWS:
             return linear(x, dequantize(self.codes, self.scale, self.zero, self.bits), bias)
         flat = x.reshape(-1, self.in_features).contiguous()
         if self.kernel == INT4_KERNEL:
