@@ -88,7 +88,8 @@ class Lowering:
     torch.onnx translation of the op (ONNX targets; ``w`` maps weight names to values).
     ``kernel(spec, weights, rows, counts) -> rows``: the experts kernel the op runs in PyTorch
     (the torch target). A lowering has one of the two. ``exact``: whether it computes the block
-    exactly, in words for the tables.
+    exactly, in words for the tables. ``note(spec) -> str``: how it runs this block where that
+    varies (a quantised block's kernels), added to the reason it was chosen ('' for nothing).
     """
 
     name: str
@@ -98,6 +99,7 @@ class Lowering:
     onnx: Hook | None = None
     kernel: Hook | None = None
     exact: str = "yes"
+    note: Hook | None = None
 
     def unsupported_reasons(self, spec: Any) -> list[str]:
         """Why this lowering cannot compute the block ``spec`` (a `MoESpec`; empty: it can)."""
@@ -106,6 +108,11 @@ class Lowering:
                 "its experts are modules, which only the gather -> subgraph -> scatter path runs"
             ]
         return list(resolve(self.check)(spec)) if self.check is not None else []
+
+    def with_note(self, spec: Any, reason: str) -> str:
+        """``reason`` for choosing this lowering for ``spec``, with its `note` on the block."""
+        note = resolve(self.note)(spec) if self.note is not None else ""
+        return f"{reason}; {note}" if note else reason
 
 
 @dataclass(frozen=True)
@@ -268,6 +275,7 @@ BUILTIN_LOWERINGS = (
         ("torch",),
         "tokens grouped by expert, one GEMM per expert; weights packed for oneDNN at load",
         kernel="moec.ir.expert_kernels:grouped_experts",
+        note="moec.runtime.quantized_gemm:quantized_kernel_note",
     ),
     Lowering(
         "grouped_mm",

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from moec.ir.moe_spec import MoESpec
 from moec.ir.moe_weights import MoEWeights
+from moec.ir.quantized_experts import expert_matrix
 
 __all__ = [
     "GROUPED_MM_ALIGN",
@@ -99,16 +100,19 @@ def expert_hidden(
     spec: MoESpec, w: MoEWeights, e: int, rows: torch.Tensor, project=F.linear
 ) -> torch.Tensor:
     """Expert ``e``'s activations before its down projection: [n, H] -> [n, I], with
-    ``project(x, weight [out, in], bias [out] | None)``."""
-    up = project(rows, w.w_up[e], _at(w.b_up, e))
+    ``project(x, weight [out, in], bias [out] | None)`` (a quantised block's matrices of
+    expert ``e`` alone dequantised)."""
+    up = project(rows, expert_matrix(spec, w, "w_up", e), _at(w.b_up, e))
     if spec.expert_kind == "plain":
         return _act(spec.activation, up)
-    return gated_activation(spec, project(rows, w.w_gate[e], _at(w.b_gate, e)), up)
+    gate = project(rows, expert_matrix(spec, w, "w_gate", e), _at(w.b_gate, e))
+    return gated_activation(spec, gate, up)
 
 
 def expert_ffn(spec: MoESpec, w: MoEWeights, e: int, rows: torch.Tensor) -> torch.Tensor:
     """Expert ``e`` on its tokens ``rows`` [n, H] -> [n, H]."""
-    out = linear(expert_hidden(spec, w, e, rows, linear), w.w_down[e], _at(w.b_down, e))
+    down = expert_matrix(spec, w, "w_down", e)
+    out = linear(expert_hidden(spec, w, e, rows, linear), down, _at(w.b_down, e))
     return post_expert_norm(spec, out, _at(w.post_norm_weight, e))
 
 
@@ -124,7 +128,8 @@ def post_expert_norm(spec: MoESpec, out: torch.Tensor, weight: torch.Tensor | No
 
 def grouped_experts(spec: MoESpec, w: MoEWeights, rows: torch.Tensor, counts: list[int]):
     """Each expert on its rows: ``rows`` [P, H] grouped by expert, ``counts[e]`` of them for
-    expert e -> [P, H] in the same order."""
+    expert e -> [P, H] in the same order. A quantised block's chosen experts are dequantised
+    one by one, for this call."""
     return torch.cat([expert_ffn(spec, w, e, part) for e, part in expert_segments(rows, counts)])
 
 

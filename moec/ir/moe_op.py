@@ -129,7 +129,9 @@ def moe_eager(
         tokens, counts, gates = _pairs_from_dense(spec, weights, chosen)
     if experts is None:
         grouped = experts_kernel(spec.lowering)
-        kernel_spec, kernel_weights = dequantized_block(spec, w)  # the reference of int experts
+        kernel_spec, kernel_weights = spec, w  # grouped_experts dequantises its chosen experts
+        if grouped is not grouped_experts:  # kernels on stacked weights read the float block
+            kernel_spec, kernel_weights = dequantized_block(spec, w)
         experts = functools.partial(
             gather_experts_scatter, functools.partial(grouped, kernel_spec, kernel_weights)
         )

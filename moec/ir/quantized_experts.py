@@ -16,7 +16,7 @@ import torch
 from moec.ir.moe_spec import MoESpec
 from moec.ir.moe_weights import QUANT_WEIGHTS, QUANTIZED, MoEWeights
 
-__all__ = ["dequantize", "dequantized_block", "quantize", "quantize_block"]
+__all__ = ["dequantize", "dequantized_block", "expert_matrix", "quantize", "quantize_block"]
 
 
 def _blocks(w: torch.Tensor, block: int | None) -> torch.Tensor:
@@ -96,3 +96,14 @@ def dequantized_block(spec: MoESpec, weights: MoEWeights) -> tuple[MoESpec, MoEW
         spec, weight_bits=None, weight_block_size=None, weight_symmetric=True
     )
     return plain, dataclasses.replace(weights, **tensors)
+
+
+def expert_matrix(spec: MoESpec, weights: MoEWeights, name: str, e: int) -> torch.Tensor:
+    """Expert ``e``'s float matrix ``name`` (one of `QUANTIZED`): dequantised from its codes
+    alone where the block is quantised (the same values as `dequantized_block`'s)."""
+    w = getattr(weights, name)[e]
+    if spec.weight_bits is None:
+        return w
+    zero = getattr(weights, f"{name}_zero")
+    scale = getattr(weights, f"{name}_scale")[e]
+    return dequantize(w, scale, None if zero is None else zero[e], spec.weight_bits)

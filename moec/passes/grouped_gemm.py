@@ -67,6 +67,7 @@ class GroupedGemmPass(Pass[CapturedProgram]):
             except LoweringError as e:
                 where = f"{block.name or '(model)'} ({block.class_name})"
                 raise LoweringError(f"MoE block {where}: {e}") from e
+            reason = registry.lowering(lowering).with_note(spec, reason)
             program.set_lowering(node, lowering, reason)
             choices.append({"block": block.name, "lowering": lowering, "reason": reason})
         report: dict = {"blocks": choices, "autotune": self.autotune}

@@ -34,6 +34,7 @@ class SelectLoweringPass(Pass[CapturedProgram]):
                     f"--lowering {self.lowering.name} cannot compute MoE block {where}: "
                     f"{'; '.join(reasons)}"
                 )
-            program.set_lowering(node, self.lowering.name, "asked for with --lowering")
+            reason = self.lowering.with_note(program.spec(node), "asked for with --lowering")
+            program.set_lowering(node, self.lowering.name, reason)
             choices.append({"block": block.name, "lowering": self.lowering.name})
         return PassResult(program, bool(choices), {"blocks": choices})

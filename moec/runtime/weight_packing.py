@@ -20,7 +20,9 @@ computes the same function (at many rows per expert with its experts side by sid
 thread: `moec.runtime.expert_threads`), except at one token routed by the family's router, where
 grouping and combining take a shorter path of their own (`PackedMoE._one_token`); only float32
 blocks whose lowering's kernel is the per-expert one (``kernel``) on a torch built with oneDNN
-are packed, any other node keeps running the op's kernel.
+are packed, any other node keeps running the op's kernel. A quantised block's experts are
+packed for PyTorch's weight-only int kernels instead (`moec.runtime.quantized_gemm`), the
+artifact keeping their codes and scales.
 """
 
 from __future__ import annotations
@@ -47,13 +49,21 @@ from moec.ir.moe_op import (
     moe_eager,
 )
 from moec.ir.moe_spec import MoESpec
-from moec.ir.moe_weights import MoEWeights
+from moec.ir.moe_weights import QUANT_WEIGHTS, QUANTIZED, MoEWeights
 from moec.ir.program import is_moe_node, node_args
 from moec.runtime.expert_threads import run_side_by_side, side_by_side
 from moec.runtime.graph_edits import attribute, call_module_instead
 from moec.runtime.packed_gemm import PackedGemm
+from moec.runtime.quantized_gemm import QuantizedGemm
 
-__all__ = ["PackedLinear", "PackedMoE", "PackingReport", "pack_weights", "packable"]
+__all__ = [
+    "PackedLinear",
+    "PackedMoE",
+    "PackingReport",
+    "expert_gemm",
+    "pack_weights",
+    "packable",
+]
 
 MIN_PACKED_OUT_FEATURES = 64  # linear weights with fewer output rows stay dense (see above)
 
@@ -63,15 +73,29 @@ ASSERTED = ("dtype", "device", "layout")  # what _assert_tensor_metadata checks 
 
 
 def packable(spec: MoESpec, weights: MoEWeights) -> bool:
-    """Whether `PackedMoE` can hold this block: FFN experts, float32, oneDNN built in, and a
-    lowering whose kernel is the per-expert one it packs (`grouped_experts`; ``grouped_mm``
-    runs on the stored weights)."""
+    """Whether `PackedMoE` can hold this block: FFN experts, float32 (a quantised block's codes
+    and zero points aside), oneDNN built in, and a lowering whose kernel is the per-expert one
+    it packs (`grouped_experts`; ``grouped_mm`` runs on the stored weights)."""
+    zeros = {n for n in QUANT_WEIGHTS if n.endswith("_zero")}
+    codes = {*QUANTIZED, *zeros} if spec.weight_bits else set()
     return (
         ONEDNN
         and spec.expert_kind != "module"
         and experts_kernel(spec.lowering) is grouped_experts
-        and all(t.dtype == torch.float32 for _, t in weights.items())
+        and all(t.dtype == torch.float32 for name, t in weights.items() if name not in codes)
     )
+
+
+def expert_gemm(
+    spec: MoESpec, w: MoEWeights, names: tuple[str, ...], e: int
+) -> PackedGemm | QuantizedGemm:
+    """Expert ``e``'s matrices ``names`` stacked along their output rows as one packed GEMM:
+    oneDNN's for float weights, PyTorch's int kernels for quantised ones (`QuantizedGemm`)."""
+    if spec.weight_bits is None:
+        return PackedGemm(torch.cat([getattr(w, n)[e] for n in names]))
+    parts = [[getattr(w, f"{n}{part}") for n in names] for part in ("", "_scale", "_zero")]
+    codes, scale, zero = (None if t[0] is None else torch.cat([x[e] for x in t]) for t in parts)
+    return QuantizedGemm(codes, scale, zero, spec.weight_bits)
 
 
 def _cat_or_none(*tensors: torch.Tensor | None) -> torch.Tensor | None:
@@ -107,12 +131,12 @@ class PackedMoE(nn.Module):
         self.first, self.first_bias, self.down, self.down_bias = [], [], [], []
         for e in range(spec.num_experts):
             if spec.expert_kind == "gated":  # rows gate, then up
-                self.first.append(PackedGemm(torch.cat([w.w_gate[e], w.w_up[e]])))
+                self.first.append(expert_gemm(spec, w, ("w_gate", "w_up"), e))
                 self.first_bias.append(_cat_or_none(at(w.b_gate, e), at(w.b_up, e)))
             else:
-                self.first.append(PackedGemm(w.w_up[e]))
+                self.first.append(expert_gemm(spec, w, ("w_up",), e))
                 self.first_bias.append(at(w.b_up, e))
-            self.down.append(PackedGemm(w.w_down[e]))
+            self.down.append(expert_gemm(spec, w, ("w_down",), e))
             self.down_bias.append(at(w.b_down, e))
         self.post_norm_weight = [at(w.post_norm_weight, e) for e in range(spec.num_experts)]
         self.shared_first = self.shared_down = None
