@@ -212,6 +212,7 @@ def _print_passes(settings: CompileSettings) -> None:
         (p.MergeExpertsPass, "--merge-experts KEEP --calib FILE"),
         (p.PruneExpertsPass, "--prune-experts KEEP --calib FILE"),
         (p.DistillDensePass, "--distill-dense --calib FILE"),
+        (p.QuantizeExpertsPass, "--quantize int8|int4 --calib FILE"),
         (p.GroupedGemmPass, "default (--autotune times the candidates)"),
         (p.SelectLoweringPass, f"--lowering NAME, instead of grouped-gemm ({lowerings})"),
         (p.CapacityPass, "--capacity-factor F or --capacity auto, instead of grouped-gemm"),

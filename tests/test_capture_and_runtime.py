@@ -119,7 +119,8 @@ def test_list_passes(monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
     result = CliRunner().invoke(main, ["compile", "--list-passes", "-t", "onnx"])
     assert result.exit_code == 0 and "grouped-gemm" in result.output
-    for name in ("merge-experts", "prune-experts", "distill-dense", "select-lowering"):
+    passes = ("merge-experts", "prune-experts", "distill-dense", "quantize-experts")
+    for name in (*passes, "select-lowering"):
         assert f"│ {name} " in result.output  # every pass, marked as running or not
     assert "(gather, counting, capacity, dense)" in result.output  # the target's lowerings
     result = CliRunner().invoke(main, ["compile", "--list-passes", "--capacity", "auto"])
