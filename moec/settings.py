@@ -120,6 +120,7 @@ class QuantizeOptions:
     bits: str
     block_size: int | None = None
     symmetric: bool = False
+    dense: bool = False  # the model's other linear layers too
 
     def __post_init__(self):
         _choice("--quantize", self.bits, tuple(QUANTIZE_BITS))
@@ -207,6 +208,8 @@ FLAGS: tuple[Flag, ...] = (
          "[int4: 32, int8: 0, one scale per row].", "int", needs="quantize"),
     Flag("symmetric", "--symmetric", "Quantise around zero (no stored zero points).", "flag",
          needs="quantize"),
+    Flag("quantize_dense", "--quantize-dense", "Quantise the model's linear layers outside its "
+         "MoE blocks too.", "flag", needs="quantize"),
     Flag("distill_block_steps", "--distill-block-steps", "Adam steps fitting each dense FFN "
          "alone to its block's outputs before end-to-end training [--distill-steps when "
          "blocks train alone, else 0].", "int", needs="distill_dense"),
@@ -393,6 +396,7 @@ class CompileSettings:
                 bits,
                 None if block == 0 else block,
                 bool(given.get("symmetric", False)),
+                bool(given.get("quantize_dense", False)),
             )
         return cls(
             target=given.get("target", DEFAULT_TARGET),

@@ -169,7 +169,7 @@ def test_quantising_a_model_without_moe_blocks_is_refused(tmp_path, ids):
     dense = torch.nn.Sequential(torch.nn.Linear(8, 8))
     calib = tmp_path / "x.npy"
     np.save(calib, np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
-    with pytest.raises(MoecError, match="need MoE blocks"):
+    with pytest.raises(MoecError, match="add --quantize-dense"):
         moec.compile(
             dense,
             example_inputs=torch.randn(2, 8),
@@ -177,6 +177,39 @@ def test_quantising_a_model_without_moe_blocks_is_refused(tmp_path, ids):
             calib=calib,
             quantize="int8",
         )
+    result = moec.compile(
+        dense,
+        example_inputs=torch.randn(2, 8),
+        target="onnx",
+        output=tmp_path / "b",
+        calib=calib,
+        quantize="int8",
+        quantize_dense=True,
+    )
+    assert [b["kind"] for b in result.manifest.compression["blocks"]] == ["linear"]
+    assert moec.verify(result.path, source=dense)
+
+
+@pytest.mark.parametrize("target", ["onnx", "torch"])
+def test_quantize_dense_quantises_the_other_linear_layers(tmp_path, ids, target):
+    result = moec.compile(
+        "zoo:mixtral-lm",
+        target=target,
+        output=tmp_path / "a",
+        calib=ids,
+        quantize="int4",
+        block_size=16,
+        quantize_dense=True,
+    )
+    kinds = [b["kind"] for b in result.manifest.compression["blocks"]]
+    assert kinds.count("moe") == 2 and kinds.count("linear") >= 5  # attention and the head
+    quality = result.manifest.compression["quality"]
+    assert quality["parameters"]["bytes_after"] < 0.3 * quality["parameters"]["bytes_before"]
+    if target == "onnx":
+        model = onnx.load(result.path / "model.onnx")
+        dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert len(dq) >= 6 * 8 * 2 // 2 + 5
+    assert moec.verify(result.path)
 
 
 def test_settings_default_block_sizes():

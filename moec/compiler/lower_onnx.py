@@ -23,7 +23,7 @@ from moec.compiler.clamp_bounds import clamp_bounds_as_floats
 from moec.compiler.dequantize_late import dequantize_late
 from moec.compiler.keep_tiny_constants import keep_tiny_constants
 from moec.compiler.lazy_initializers import bind_lazy_initializers, fold_lazily
-from moec.compiler.lower_quantized import QUANT_OPSET, dequantized_weights
+from moec.compiler.lower_quantized import QUANT_OPSET, dequantized_weights, translate_dequantize
 from moec.compiler.onnx_ops import BOOL, INT64, op, register_ort_schemas
 from moec.compiler.slice_scatter_to_cat import slice_scatters_as_cats
 from moec.errors import LoweringError
@@ -86,6 +86,7 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool, rewrite=No
         torch.ops.moec.moe.default: translate_moe,
         operator.floordiv: translate_floordiv,
         torch.ops.prims.signbit.default: translate_signbit,
+        torch.ops.moec.dequantize.default: translate_dequantize,
     }
     program = captured.program.run_decompositions({})  # functional: slice writes are scatters
     slice_scatters_as_cats(program)
@@ -131,10 +132,13 @@ def lower_to_onnx(captured: CapturedProgram, standard_ops_only: bool, rewrite=No
 
 
 def _opset(captured: CapturedProgram) -> dict:
-    """The exporter's opset: 21 where a block's experts are quantised (blocked
-    DequantizeLinear), the exporter's default otherwise."""
+    """The exporter's opset: 21 where weights are quantised (blocked DequantizeLinear: a
+    block's experts, or a ``moec::dequantize``), the exporter's default otherwise."""
     specs = (captured.spec(node) for node in captured.moe_nodes())
-    quantized = any(spec.weight_bits is not None for spec in specs)
+    dequantize = torch.ops.moec.dequantize.default
+    quantized = any(spec.weight_bits is not None for spec in specs) or any(
+        node.target is dequantize for node in captured.program.graph.nodes
+    )
     return {"opset_version": QUANT_OPSET} if quantized else {}
 
 

@@ -14,11 +14,12 @@ import dataclasses
 import onnx
 from onnxscript import opset21
 
+import moec.ir.dequantize_op  # noqa: F401  (registers torch.ops.moec.dequantize)
 from moec.compiler.onnx_ops import op
 from moec.ir import MoESpec
 from moec.ir.moe_weights import QUANT_WEIGHTS, QUANTIZED
 
-__all__ = ["QUANT_OPSET", "dequantized_weights"]
+__all__ = ["QUANT_OPSET", "dequantized_weights", "translate_dequantize"]
 
 QUANT_OPSET = 21  # blocked DequantizeLinear, int4/uint4
 INT16 = onnx.TensorProto.INT16
@@ -32,15 +33,20 @@ def signed_codes(codes, bits: int):
     return op.Cast(op.Sub(op.Cast(codes, to=INT16), mid), to=SIGNED[bits])
 
 
-def dequantize(spec: MoESpec, codes, scale, zero, block: int):
-    """``DequantizeLinear`` of one stacked matrix [E, N, K] with blocks of ``block`` along K."""
-    bits = spec.weight_bits
+def dequantize(codes, scale, zero, bits: int, block: int, axis: int):
+    """``DequantizeLinear`` of ``codes`` with blocks of ``block`` along ``axis``."""
     if zero is None:
-        return opset21.DequantizeLinear(signed_codes(codes, bits), scale, axis=2, block_size=block)
+        signed = signed_codes(codes, bits)
+        return opset21.DequantizeLinear(signed, scale, axis=axis, block_size=block)
     typed = op.Cast(codes, to=UNSIGNED[bits])
     return opset21.DequantizeLinear(
-        typed, scale, op.Cast(zero, to=UNSIGNED[bits]), axis=2, block_size=block
+        typed, scale, op.Cast(zero, to=UNSIGNED[bits]), axis=axis, block_size=block
     )
+
+
+def translate_dequantize(codes, scale, zero, bits: int, block_size: int):
+    """torch.onnx translation of ``moec::dequantize`` (a weight [N, K], blocks along K)."""
+    return dequantize(codes, scale, zero, bits, block_size, axis=1)
 
 
 def dequantized_weights(spec: MoESpec, w: dict) -> tuple[MoESpec, dict]:
@@ -53,7 +59,8 @@ def dequantized_weights(spec: MoESpec, w: dict) -> tuple[MoESpec, dict]:
         if name in w:
             k = spec.hidden_size if name != "w_down" else spec.expert_size
             block = spec.weight_block_size or k
-            out[name] = dequantize(spec, w[name], w[f"{name}_scale"], w.get(f"{name}_zero"), block)
+            scale, zero = w[f"{name}_scale"], w.get(f"{name}_zero")
+            out[name] = dequantize(w[name], scale, zero, spec.weight_bits, block, axis=2)
     plain = dataclasses.replace(
         spec, weight_bits=None, weight_block_size=None, weight_symmetric=True
     )

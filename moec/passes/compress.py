@@ -24,6 +24,7 @@ from moec.errors import ArtifactError, MoecError
 from moec.ir import WEIGHT_NAMES, MoESpec, MoEWeights
 from moec.models import ModelSource
 from moec.models.dense_ffn import DenseFFN
+from moec.models.quantized_linear import QuantizedLinear
 from moec.passes.calibration import CalibrationData
 from moec.passes.compression_state import CompressionState
 from moec.passes.pass_base import Pass, PassManager
@@ -70,7 +71,7 @@ def compress_model(
         if not p.lossy:
             raise MoecError(f"pass {p.name} is not a lossy pass; it runs after capture")
     state = CompressionState(source, calibration)
-    if not state.blocks:
+    if not state.blocks and all(getattr(p, "needs_moe_blocks", True) for p in passes):
         why = "".join(f"; {name}: {reason}" for name, reason in state.skipped.items())
         raise MoecError(
             f"the lossy passes need MoE blocks with FFN experts, and this model has none{why}"
@@ -149,6 +150,8 @@ def _block_record(name: str, module: nn.Module) -> dict[str, Any]:
         return {"name": name, "kind": "moe", "spec": module.spec.to_dict()}
     if isinstance(module, DenseFFN):
         return {"name": name, "kind": "dense", "spec": module.spec.to_dict()}
+    if isinstance(module, QuantizedLinear):
+        return {"name": name, "kind": "linear", **module.record()}
     raise TypeError(f"no record for a compressed block of type {type(module).__name__}")
 
 
@@ -158,6 +161,14 @@ def _rebuild(record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Mod
         spec = MoESpec.from_dict(record["spec"])
         weights = MoEWeights(**{n: tensors.get(n) for n in WEIGHT_NAMES})
         return op_block(spec, weights) if kind == "moe" else DenseFFN(spec, weights)
+    if kind == "linear":
+        return QuantizedLinear(
+            tensors["codes"],
+            tensors["scale"],
+            tensors.get("zero"),
+            tensors.get("bias"),
+            record["bits"],
+        )
     raise ArtifactError(
         f"compressed block {record.get('name')!r} of unknown kind {record.get('kind')!r}"
     )

@@ -18,6 +18,7 @@ from torch import nn
 
 from moec.compiler.moe_block import MoEBlock
 from moec.ir.moe_weights import QUANTIZED
+from moec.models.quantized_linear import QuantizedLinear
 from moec.passes.calibration import model_inputs
 from moec.passes.compression_state import BATCH_ROWS, CompressionState
 
@@ -69,8 +70,9 @@ def quality_report(state: CompressionState) -> dict[str, Any]:
         }
         report["top1_agreement"] = lm["same_top1"] / n
     report["parameters"] = _sizes(state.reference, state.model)
+    moe = [n for n, b in state.blocks.items() if not isinstance(b, QuantizedLinear)]
     report["moe_parameters"] = _sizes(
-        nn.ModuleList(reference_blocks.values()), nn.ModuleList(state.blocks.values())
+        nn.ModuleList(reference_blocks[n] for n in moe), nn.ModuleList(state.blocks[n] for n in moe)
     )
     return report
 
@@ -111,12 +113,15 @@ def _sizes(before: nn.Module, after: nn.Module) -> dict[str, float]:
 
 
 def stored_bytes(module) -> int:
-    """Bytes of ``module``'s parameters as an artifact stores them: a quantised block's codes and
-    zero points at ``weight_bits`` bits each (packed), everything else at its dtype's size."""
+    """Bytes of ``module``'s parameters as an artifact stores them: the codes and zero points of
+    a quantised block or layer at their bits each (packed), everything else at its dtype's size."""
     total = 0
     for sub in module.modules():
         bits = sub.spec.weight_bits if isinstance(sub, MoEBlock) else None
+        if isinstance(sub, QuantizedLinear):
+            bits = sub.bits
         for pname, p in sub.named_parameters(recurse=False):
-            packed = bits is not None and (pname in QUANTIZED or pname.endswith("_zero"))
+            codes = pname in QUANTIZED or pname in ("codes", "zero") or pname.endswith("_zero")
+            packed = bits is not None and codes
             total += p.numel() * bits // 8 if packed else p.numel() * p.element_size()
     return total

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.export.passes import move_to_device_pass
 
+import moec.ir.dequantize_op
 import moec.ir.moe_op  # noqa: F401  (registers torch.ops.moec.moe, which the program calls)
 from moec.errors import ArtifactError, UsageError
 from moec.runtime.arrays import to_numpy, to_torch
