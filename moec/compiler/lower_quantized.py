@@ -28,8 +28,9 @@ UNSIGNED = {4: onnx.TensorProto.UINT4, 8: onnx.TensorProto.UINT8}
 
 def signed_codes(codes, bits: int):
     """uint8 codes of a symmetric block as signed integers of ``bits`` bits (zero point 0)."""
-    centred = op.Sub(op.Cast(codes, to=INT16), op.Constant(value_int=2 ** (bits - 1)))
-    return op.Cast(op.Cast(centred, to=INT16), to=SIGNED[bits])
+    wide = op.Cast(codes, to=INT16)
+    centred = op.Sub(wide, op.CastLike(op.Constant(value_int=2 ** (bits - 1)), wide))
+    return op.Cast(centred, to=SIGNED[bits])
 
 
 def dequantize(spec: MoESpec, codes, scale, zero, block: int):
