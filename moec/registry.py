@@ -88,7 +88,9 @@ class Lowering:
     torch.onnx translation of the op (ONNX targets; ``w`` maps weight names to values).
     ``kernel(spec, weights, rows, counts) -> rows``: the experts kernel the op runs in PyTorch
     (the torch target). A lowering has one of the two. ``exact``: whether it computes the block
-    exactly, in words for the tables.
+    exactly, in words for the tables. ``quantized_weights``: its ONNX emitter takes a quantised
+    block's spec and stored codes, scales and zero points as they are (else it is given the float
+    block they stand for).
     """
 
     name: str
@@ -98,6 +100,7 @@ class Lowering:
     onnx: Hook | None = None
     kernel: Hook | None = None
     exact: str = "yes"
+    quantized_weights: bool = False
 
     def unsupported_reasons(self, spec: Any) -> list[str]:
         """Why this lowering cannot compute the block ``spec`` (a `MoESpec`; empty: it can)."""
@@ -235,6 +238,7 @@ BUILTIN_LOWERINGS = (
         "com.microsoft.MoE; routing it cannot express is computed in standard ops",
         check="moec.compiler.lower_moe_fused:unsupported_reasons",
         onnx="moec.compiler.lower_moe_fused:lower_moe_fused",
+        quantized_weights=True,  # com.microsoft.QMoE runs the packed codes
     ),
     Lowering(
         "gather",
