@@ -90,6 +90,8 @@ class Lowering:
     (the torch target). A lowering has one of the two. ``exact``: whether it computes the block
     exactly, in words for the tables. ``note(spec) -> str``: how it runs this block where that
     varies (a quantised block's kernels), added to the reason it was chosen ('' for nothing).
+    ``quantized_weights``: its ONNX emitter takes a quantised block's spec and stored codes,
+    scales and zero points as they are (else it is given the float block they stand for).
     """
 
     name: str
@@ -100,6 +102,7 @@ class Lowering:
     kernel: Hook | None = None
     exact: str = "yes"
     note: Hook | None = None
+    quantized_weights: bool = False
 
     def unsupported_reasons(self, spec: Any) -> list[str]:
         """Why this lowering cannot compute the block ``spec`` (a `MoESpec`; empty: it can)."""
@@ -242,6 +245,8 @@ BUILTIN_LOWERINGS = (
         "com.microsoft.MoE; routing it cannot express is computed in standard ops",
         check="moec.compiler.lower_moe_fused:unsupported_reasons",
         onnx="moec.compiler.lower_moe_fused:lower_moe_fused",
+        quantized_weights=True,  # com.microsoft.QMoE runs the packed codes
+        note="moec.compiler.lower_qmoe:qmoe_note",
     ),
     Lowering(
         "gather",

@@ -12,6 +12,9 @@ The expert compute always runs in the fused op; the routing takes one of three r
   elsewhere: MoE's softmax then gives ``weight / sum(weights)``, and multiplying the output by
   ``sum(weights)`` restores the exact weights (a token whose pairs all overflowed gets 0).
 
+A quantised block runs in ``com.microsoft.QMoE`` on its packed codes (`moec.compiler.lower_qmoe`)
+when QMoE computes it exactly, else in ``MoE`` on its dequantised weights, with a warning why.
+
 Facts about onnxruntime 1.32 CPU this relies on: gated experts need ``swiglu_fusion=1``
 (interleaved gate/up rows), its ``gelu`` is the tanh approximation, and ``use_sparse_mixer`` is
 ignored. Shared experts stay outside the op.
@@ -19,6 +22,10 @@ ignored. Shared experts stay outside the op.
 
 from __future__ import annotations
 
+import logging
+
+from moec.compiler.lower_qmoe import qmoe_attributes, qmoe_matrix, qmoe_unsupported_reasons
+from moec.compiler.lower_quantized import dequantized_weights
 from moec.compiler.lower_routing import lower_router_logits, lower_routing, scatter_chosen
 from moec.compiler.onnx_ops import (
     FLOAT,
@@ -34,6 +41,8 @@ from moec.compiler.onnx_ops import (
 from moec.ir import MoESpec
 
 __all__ = ["lower_moe_fused", "unsupported_reasons"]
+
+log = logging.getLogger(__name__)
 
 SENTINEL = -1e30  # router_probs of experts that must not be picked
 ORT_PLAIN_ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu_tanh": "gelu"}
@@ -96,6 +105,15 @@ def _group_router(spec: MoESpec) -> bool:
 
 def lower_moe_fused(spec: MoESpec, x, w: dict):
     """x [B, S, H] or [T, H] -> (out like x, chosen [..., E] bool)."""
+    quantized = spec.weight_bits is not None
+    if quantized and (reasons := qmoe_unsupported_reasons(spec)):
+        log.warning(
+            "a %s block runs com.microsoft.MoE on dequantised weights, not QMoE: %s",
+            spec.summary(),
+            "; ".join(reasons),
+        )
+        spec, w = dequantized_weights(spec, w)
+        quantized = False
     h, e = spec.hidden_size, spec.num_experts
     x2 = op.Reshape(x, const_i([-1, h]))
     post_scale = None
@@ -138,36 +156,68 @@ def lower_moe_fused(spec: MoESpec, x, w: dict):
     if spec.routing == "external":  # the family's router decides k; its output shape says it
         top_k = int(w["routed_ids"].shape[-1])
     top_k = min(top_k, e)  # merged experts: a token has at most E stored experts
-    fc1, fc1_bias, attrs = _first_projection(spec, w)
-    y = msft.MoE(
-        x2,
-        op.CastLike(probs, x2),
-        fc1,
-        fc1_bias,
-        w["w_down"],
-        w.get("b_down"),
-        k=top_k,
-        normalize_routing_weights=int(normalize),
-        **attrs,
-    )
+    fc1, fc1_bias, attrs = _first_projection(spec, w, x2)
+    attrs.update(k=top_k, normalize_routing_weights=int(normalize))
+    probs = op.CastLike(probs, x2)
+    if quantized:
+        y = _qmoe(spec, x2, probs, w, fc1_bias, attrs)
+    else:
+        y = msft.MoE(x2, probs, fc1, fc1_bias, w["w_down"], w.get("b_down"), **attrs)
     if post_scale is not None:
         y = op.Mul(y, op.CastLike(post_scale, y))
     y = finish_moe_output(spec, y, x2, w)
     return op.Reshape(y, op.Shape(x)), reshape_chosen(chosen, x, e)
 
 
-def _first_projection(spec: MoESpec, w: dict):
-    """FC1 weights [E, (2)I, H], its bias, and the activation attributes."""
+def _qmoe(spec: MoESpec, x2, probs, w: dict, fc1_bias, attrs: dict):
+    """``QMoE`` on the block's packed codes; FC1 interleaves gate/up codes, scales and zero
+    points row by row as `_first_projection` does the float weights."""
+
+    def stored(name: str) -> list:
+        return [w[name], w[f"{name}_scale"], w.get(f"{name}_zero")]
+
     if spec.expert_kind == "plain":
-        return w["w_up"], w.get("b_up"), {"activation_type": ORT_PLAIN_ACTIVATIONS[spec.activation]}
-    fc1 = _interleave(w["w_gate"], w["w_up"], spec, axis_len=3)
+        fc1 = stored("w_up")
+    else:
+        gate, up = stored("w_gate"), stored("w_up")
+        fc1 = [g if g is None else _interleave(g, u, spec) for g, u in zip(gate, up, strict=True)]
+    fc1_w, fc1_scale, fc1_zero = qmoe_matrix(spec, *fc1, like=x2)
+    fc2_w, fc2_scale, fc2_zero = qmoe_matrix(spec, *stored("w_down"), like=x2)
+    return msft.QMoE(
+        x2,
+        probs,
+        fc1_w,
+        fc1_scale,
+        fc1_bias,
+        fc2_w,
+        fc2_scale,
+        w.get("b_down"),
+        None,  # fc3 weights, scales and bias: FC1 holds the gate (swiglu_fusion)
+        None,
+        None,
+        fc1_zero,
+        fc2_zero,
+        **attrs,
+        **qmoe_attributes(spec),
+    )
+
+
+def _first_projection(spec: MoESpec, w: dict, like):
+    """FC1 weights [E, (2)I, H] (float; None for a quantised block), its bias cast like
+    ``like``, and the activation attributes."""
+    if spec.expert_kind == "plain":
+        b_up = w.get("b_up")
+        b_up = None if b_up is None else op.CastLike(b_up, like)
+        fc1 = None if spec.weight_bits is not None else w["w_up"]
+        return fc1, b_up, {"activation_type": ORT_PLAIN_ACTIVATIONS[spec.activation]}
+    fc1 = None if spec.weight_bits is not None else _interleave(w["w_gate"], w["w_up"], spec)
     b_gate, b_up = w.get("b_gate"), w.get("b_up")
     fc1_bias = None
     if b_gate is not None or b_up is not None:
         zeros = op.ConstantOfShape(const_i([spec.num_experts, spec.expert_size]))
         b_gate = zeros if b_gate is None else b_gate
         b_up = zeros if b_up is None else b_up
-        fc1_bias = _interleave(op.CastLike(b_gate, fc1), op.CastLike(b_up, fc1), spec, axis_len=2)
+        fc1_bias = _interleave(op.CastLike(b_gate, like), op.CastLike(b_up, like), spec)
     attrs = {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0}
     if spec.activation == "swiglu":
         attrs.update(activation_alpha=spec.swiglu_alpha, activation_beta=spec.swiglu_beta)
@@ -178,10 +228,9 @@ def _first_projection(spec: MoESpec, w: dict):
     return fc1, fc1_bias, attrs
 
 
-def _interleave(gate, up, spec: MoESpec, axis_len: int):
-    """Rows gate0, up0, gate1, up1, ...: [E, I, (H)] x2 -> [E, 2I, (H)]."""
+def _interleave(gate, up, spec: MoESpec):
+    """Rows gate0, up0, gate1, up1, ...: [E, I, ...] x2 -> [E, 2I, ...] (a bias [E, I], a
+    matrix [E, I, H], its scales or zero points [E, I, H/block])."""
     pair = op.Concat(op.Unsqueeze(gate, const_i([2])), op.Unsqueeze(up, const_i([2])), axis=2)
-    shape = [spec.num_experts, 2 * spec.expert_size]
-    if axis_len == 3:
-        shape.append(spec.hidden_size)
-    return op.Reshape(pair, const_i(shape))
+    rows = const_i([spec.num_experts, 2 * spec.expert_size])
+    return op.Reshape(pair, op.Concat(rows, op.Shape(gate, start=2), axis=0))

@@ -50,10 +50,12 @@ def translate_moe(*args):
             "a moec::moe node reached the ONNX exporter without a lowering; run a lowering "
             "pass (grouped-gemm, select-lowering or capacity) first"
         )
-    emit = registry.lowering(spec.lowering).onnx
+    lowering = registry.lowering(spec.lowering)
+    emit = lowering.onnx
     if emit is None:
         raise LoweringError(f"lowering {spec.lowering} has no ONNX emitter")
-    spec, weights = dequantized_weights(spec, weights)
+    if not lowering.quantized_weights:
+        spec, weights = dequantized_weights(spec, weights)
     return registry.resolve(emit)(spec, x=op.x, w=weights)
 
 

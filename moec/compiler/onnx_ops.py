@@ -47,13 +47,14 @@ BOOL = onnx.TensorProto.BOOL
 
 
 def register_ort_schemas() -> None:
-    """Make onnx (and so onnxscript and the checker) know ORT's MoE contrib ops.
+    """Make onnx (and so onnxscript and the checker) know ORT's MoE contrib ops (float and
+    quantised).
 
     The schemas are read from the installed onnxruntime itself, so they match the kernels.
     """
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
-    wanted = {"MoE", "MoEGroupRouter"}
+    wanted = {"MoE", "MoEGroupRouter", "QMoE"}
     for schema in ort_c.get_all_operator_schema():
         if schema.domain != ORT_DOMAIN or schema.name not in wanted:
             continue
