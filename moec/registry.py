@@ -220,6 +220,7 @@ BUILTIN_TARGETS = (
             "streams_weights": True,
             "profiles": True,  # takes --precision and --trt-shapes
             "symmetric_weights_only": True,  # TensorRT dequantises with zero point 0
+            "weight_only_bits": ("int4",),  # its weight-only quantisation is INT4's
             "onnx_rewrite": "moec.compiler.trt_legalize:legalize_for_tensorrt",
             "portable_runner": "moec.runtime.ort_runner:OrtRunner",  # runs its ONNX elsewhere
         },

@@ -308,6 +308,13 @@ class CompileSettings:
                 "--lowering, --capacity-factor or --capacity"
             )
         quantize = self.quantize
+        runs = target.options.get("weight_only_bits", tuple(QUANTIZE_BITS))
+        if quantize and quantize.bits not in runs:
+            raise SettingsError(
+                f"--quantize {quantize.bits}: target {target.name} runs weight-only quantised "
+                f"weights as {' or '.join(runs)} only (TensorRT's INT8 quantises the "
+                "activations too); use --quantize int4 --symmetric, or another target"
+            )
         if quantize and not quantize.symmetric and target.options.get("symmetric_weights_only"):
             raise SettingsError(
                 f"--quantize {self.quantize.bits}: target {target.name} dequantises with "

@@ -146,6 +146,7 @@ def test_tiny_hf_mixtral_quantised_verifies(tmp_path, ids):
         (["--quantize", "int4", "--block-size", "24"], "a power of 2 of at least 16"),
         (["--block-size", "32"], "--block-size needs --quantize"),
         (["--quantize", "int4", "--target", "trt"], "add --symmetric"),
+        (["--quantize", "int8", "--symmetric", "--target", "trt"], "as int4 only"),
         (["--quantize", "int2"], "int2"),
     ],
 )

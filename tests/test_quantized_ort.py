@@ -88,6 +88,13 @@ def test_a_quantized_lm_runs_in_qmoe(tmp_path, lm_calibration):
     _check_packed(model, 4)
 
 
+def test_qmoe_weights_that_are_not_renormalised(tmp_path, lm_calibration):
+    """QMoE renormalises the top-k weights whatever normalize_routing_weights says, so a block
+    that keeps its softmax scores (Qwen-MoE) is routed in standard ops and rescaled."""
+    model = _compiled("zoo:qwen-moe-lm", tmp_path / "a", lm_calibration, "int4", 32, False)
+    assert _ops(model) == {"QMoE"}
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_blockwise_int8_falls_back_to_dequantised_moe(
     tmp_path, block_calibration, caplog, symmetric

@@ -87,6 +87,8 @@ def unsupported_reasons(spec: MoESpec) -> list[str]:
 def _native_routing(spec: MoESpec) -> bool:
     return (
         spec.expert_map is None
+        # QMoE renormalises its top-k weights whatever normalize_routing_weights says
+        and (spec.weight_bits is None or spec.norm_topk_prob or spec.topk_before_softmax)
         and spec.score == "softmax"
         and spec.n_group == 1
         and not spec.has_capacity
