@@ -1,4 +1,4 @@
-"""What merging, pruning and distilling an MoE costs in quality, measured on real text.
+"""What merging, pruning, distilling and quantising an MoE costs in quality, measured on real text.
 
 In this run, on 2 threads: train a byte-level MoE language model (16 SwiGLU experts, top-2, 4
 layers; moec's zoo Mixtral layer, with a load-balancing loss) and a dense model with the same
@@ -6,10 +6,11 @@ active parameters (one SwiGLU FFN of two experts' width) on the same token budge
 reference documentation and standard library source (part of every CPython install: no
 download).
 Then compress the MoE with moec's lossy passes, calibrated on training text: every merge method
-and every prune method at 75% and 50% of the experts kept, and distillation to a dense model of
-the dense baseline's width. Report perplexity on held-out text (every tenth sequence of the
-corpus) for each, the targets of issue 5, and the ort artifact sizes. Prints a table, writes
-bench/results/compression.json.
+and every prune method at 75% and 50% of the experts kept, distillation to a dense model of
+the dense baseline's width, and expert quantisation (`QUANTIZE`: int8 and int4 round-to-nearest,
+alone and after hc merging to 75%). Report perplexity on held-out text (every tenth sequence of
+the corpus) for each, the targets of issues 5 and 38, the MoE blocks' bytes as stored, and the
+ort artifact sizes. Prints a table, writes bench/results/compression.json.
 
 Distillation: a least-squares fit and DISTILL["block_steps"] Adam steps per block on the
 block's outputs for 65,536 calibration tokens, then --distill-steps end-to-end steps of
@@ -44,10 +45,11 @@ from moec.models import ModelSource
 from moec.models.zoo import utf8_bytes
 from moec.models.zoo_layers import GatedFFN, MixtralMoE
 from moec.models.zoo_lm import TinyMoELM
-from moec.passes import MergeExpertsPass, PruneExpertsPass
+from moec.passes import MergeExpertsPass, PruneExpertsPass, QuantizeExpertsPass
 from moec.passes.calibration import CalibrationData
 from moec.passes.compress import compress_model
 from moec.passes.distill_dense import DistillDensePass, warmup_cosine
+from moec.settings import QuantizeOptions
 
 THREADS = 2
 HIDDEN, LAYERS, HEADS, SEQ = 128, 4, 4, 128
@@ -56,6 +58,14 @@ BATCH = 32
 AUX_LOSS = 0.01
 CALIB_ROWS = 16384  # training rows the passes calibrate on (2,097,152 tokens)
 DISTILL = dict(batch_tokens=1024, lr=6e-3, label_weight=0.25, block_steps=6000)
+QUANTIZE = {  # row name -> options; the first int8 and first int4 rows are the pass defaults
+    "int8 per row": QuantizeOptions("int8"),
+    "int8 block 128": QuantizeOptions("int8", 128),
+    "int4 block 32": QuantizeOptions("int4", 32),
+    "int4 block 32 symmetric": QuantizeOptions("int4", 32, symmetric=True),
+    "int4 block 128": QuantizeOptions("int4", 128),
+}
+MERGED = "merge hc 75% + "  # prefix of the rows quantised after merging
 RESULTS = Path(__file__).parent / "results" / "compression.json"
 console = Console()
 
@@ -137,7 +147,14 @@ def perplexity(model: torch.nn.Module, data: np.ndarray) -> float:
 def ort_size(model: torch.nn.Module) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         example = (torch.zeros(1, 16, dtype=torch.long),)
-        result = moec.compile(model, example, target="ort", output=Path(tmp) / "a")
+        result = moec.compile(
+            model,
+            example,
+            target="ort",
+            output=Path(tmp) / "a",
+            input_names=["input_ids"],
+            input_ranges={"input_ids": (0, 256)},  # the KV-cache capture declares them
+        )
         return result.size_bytes
 
 
@@ -201,17 +218,24 @@ def main() -> None:
         for method in ("frequency", "reap", "reconstruction"):
             variants[f"prune {method} {keep:.0%}"] = [PruneExpertsPass(keep, method)]
     variants["distill dense"] = [DistillDensePass(steps=args.distill_steps, **DISTILL)]
+    for name, options in QUANTIZE.items():
+        variants[name] = [QuantizeExpertsPass(options)]
+        variants[MERGED + name] = [MergeExpertsPass(0.75), QuantizeExpertsPass(options)]
     compressed = {}
     for name, passes in variants.items():
         start = time.perf_counter()
         result = compress_model(source, passes, calibration)
         ppl = perplexity(result.source.model, held_out)
+        moe_sizes = result.quality["moe_parameters"]
         row = {
             "model": name,
             "ppl": ppl,
             "delta": ppl - base_ppl,
+            "increase": ppl / base_ppl - 1,
             "seconds": time.perf_counter() - start,
-            "moe_parameters": result.quality["moe_parameters"]["after"],
+            "moe_parameters": moe_sizes["after"],
+            "moe_bytes": moe_sizes["bytes_after"],  # as stored: int4 codes at half a byte
+            "moe_bytes_before": moe_sizes["bytes_before"],
         }
         if name == "distill dense":
             # the calibration tokens (run through the model once per layer fitted) plus the
@@ -220,13 +244,10 @@ def main() -> None:
             row["distill_tokens"] = report["blocks"][0]["fit_tokens"] + report["train_tokens"]
         rows.append(row)
         compressed[name] = result.source.model
-    sizes = {
-        "MoE (original)": ort_size(moe),
-        "merge hc 50%": ort_size(compressed["merge hc 50%"]),
-        "distill dense": ort_size(compressed["distill dense"]),
-    }
+    sized = ["merge hc 50%", "distill dense", *QUANTIZE, MERGED + "int4 block 32"]
+    sizes = {"MoE (original)": ort_size(moe)} | {n: ort_size(compressed[n]) for n in sized}
     by = {r["model"]: r for r in rows}
-    targets = _targets(by, train_tokens)
+    targets = _targets(by, train_tokens) + _quantize_targets(by, sizes)
     _print(rows, sizes, targets, train_tokens)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(
@@ -271,22 +292,26 @@ def _targets(by: dict, train_tokens: int) -> list[dict]:
     budget = by["distill dense"]["distill_tokens"] / train_tokens
     return [
         {
+            "issue": 5,
             "target": "75%: hc raises ppl < half as much as random merging",
             "measured": f"{delta('merge hc 75%'):+.3f} vs {delta('merge random 75%'):+.3f}",
             "met": delta("merge hc 75%") < 0.5 * delta("merge random 75%"),
         },
         {
+            "issue": 5,
             "target": "75%: hc raises ppl less than frequency pruning",
             "measured": f"{delta('merge hc 75%'):+.3f} vs {delta('prune frequency 75%'):+.3f}",
             "met": delta("merge hc 75%") < delta("prune frequency 75%"),
         },
         {
+            "issue": 5,
             "target": "50%: the best method raises ppl < half as much as random merging",
             "measured": f"{best50['model']} {best50['delta']:+.3f} vs "
             f"{delta('merge random 50%'):+.3f}",
             "met": best50["delta"] < 0.5 * delta("merge random 50%"),
         },
         {
+            "issue": 5,
             "target": "distilled dense keeps >= 30% of the MoE's gain, budget <= 25% of tokens",
             "measured": f"gain kept {gain:.1%} (dense {dense:.3f}, distilled {distilled:.3f}, "
             f"MoE {moe:.3f}); budget {budget:.1%}",
@@ -295,14 +320,49 @@ def _targets(by: dict, train_tokens: int) -> list[dict]:
     ]
 
 
+def _quantize_targets(by: dict, sizes: dict) -> list[dict]:
+    """Issue 38: quality on the trained model, and the ort artifact against fp32's. The artifact
+    holds the non-expert weights too (embeddings, attention) at fp32; the MoE blocks' own ratio
+    (bytes as stored) is given beside it."""
+    fp32 = sizes["MoE (original)"]
+    out = []
+    for name, limit in (("int8 per row", 0.005), ("int4 block 32", 0.04)):
+        rise = by[name]["increase"]
+        out.append(
+            {
+                "issue": 38,
+                "target": f"{name}: held-out ppl rises <= {limit:.1%}",
+                "measured": f"{rise:+.2%} ({by[name]['ppl']:.3f} vs "
+                f"{by['MoE (original)']['ppl']:.3f})",
+                "met": rise <= limit,
+            }
+        )
+    for name, limit in (("int8 per row", 0.55), ("int4 block 32", 0.3)):
+        ratio = sizes[name] / fp32
+        moe = by[name]["moe_bytes"] / by[name]["moe_bytes_before"]
+        out.append(
+            {
+                "issue": 38,
+                "target": f"{name}: ort artifact <= {limit}x fp32's",
+                "measured": f"artifact {ratio:.3f}x ({sizes[name]:,} vs {fp32:,} B); "
+                f"MoE blocks {moe:.3f}x",
+                "met": ratio <= limit,
+            }
+        )
+    return out
+
+
 def _print(rows, sizes, targets, train_tokens) -> None:
-    table = Table("model", "held-out ppl", "change", "MoE params", "seconds", title="quality")
+    table = Table(
+        "model", "held-out ppl", "change", "MoE params", "MoE bytes", "seconds", title="quality"
+    )
     for r in rows:
         table.add_row(
             r["model"],
             f"{r['ppl']:.3f}",
-            f"{r['delta']:+.3f}" if "delta" in r else "",
+            f"{r['delta']:+.3f} ({r['increase']:+.2%})" if "delta" in r else "",
             f"{r['moe_parameters']:,}" if "moe_parameters" in r else "",
+            f"{r['moe_bytes']:,}" if "moe_bytes" in r else "",
             "loaded" if r["seconds"] is None else f"{r['seconds']:.1f}",
         )
     console.print(table)
@@ -310,9 +370,10 @@ def _print(rows, sizes, targets, train_tokens) -> None:
         "ort artifact: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sizes.items())
     )
     console.print(f"training tokens per model: {train_tokens:,}")
-    marks = Table("target", "measured", "met", title="issue 5 targets")
+    marks = Table("issue", "target", "measured", "met", title="targets")
     for t in targets:
-        marks.add_row(t["target"], t["measured"], "[green]yes" if t["met"] else "[red]no")
+        met = "[green]yes" if t["met"] else "[red]no"
+        marks.add_row(str(t["issue"]), t["target"], t["measured"], met)
     console.print(marks)
 
 
