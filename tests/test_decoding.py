@@ -141,6 +141,15 @@ def test_zoo_lm_generates_what_recomputing_every_token_gives(tmp_path, target):
     assert torch.equal(tokens, expected)
 
 
+def test_a_zoo_lm_module_compiled_without_input_ranges_gets_its_vocabulary(tmp_path):
+    model = build_zoo("mixtral-lm").model
+    ids = torch.zeros(1, 16, dtype=torch.long)
+    result = moec.compile(model, (ids,), target="ort", output=tmp_path / "a")
+    assert result.manifest.decoding  # the cache was captured
+    spec = next(s for s in result.manifest.inputs if s.name == "input_ids")
+    assert tuple(spec.value_range) == (0, model.embed.num_embeddings)
+
+
 @pytest.mark.parametrize("target", ["ort", "torch"])
 def test_decode_steps_keep_the_cache_in_buffers_allocated_once(tmp_path, target):
     art = moec.compile("zoo:deepseek-lm", target=target, output=tmp_path / "out").path

@@ -154,6 +154,20 @@ def with_kv_cache(
     return _cached(source, model, ids, layers, max_positions, _eos_ids(model.model))
 
 
+def _ids_range(source: ModelSource, model) -> tuple[int, int]:
+    """The valid token ids: as the source declares them (under any name it gave its one id
+    input), else the model's vocabulary (a module compiled without ``input_ranges``)."""
+    declared = source.input_ranges.get("input_ids")
+    if declared is None and source.input_names:
+        declared = source.input_ranges.get(source.input_names[0])
+    if declared is not None:
+        return declared
+    embeddings = model.embed if isinstance(model, TinyMoELM) else None
+    if embeddings is None:
+        embeddings = model.model.get_input_embeddings()
+    return (0, embeddings.num_embeddings)
+
+
 def _cached(source: ModelSource, model, ids, layers: list[dict], max_positions, eos: list[int]):
     """`with_kv_cache`'s answer for ``model`` with cache ``layers``."""
     batch, new = ids.shape
@@ -183,7 +197,7 @@ def _cached(source: ModelSource, model, ids, layers: list[dict], max_positions, 
         dynamic_shapes=({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, *({0: b, 2: p} for _ in past)),
         output_names=outputs,
         input_ranges={
-            "input_ids": source.input_ranges["input_ids"],
+            "input_ids": _ids_range(source, model),
             "attention_mask": (0, 2),
             "position_ids": (0, max_positions or 2**31),
         },
