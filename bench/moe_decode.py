@@ -11,17 +11,29 @@ every call takes the next of --inputs seeded random inputs, so the experts chose
 call to call as they do from token to token. Times are per layer (a call's time over --layers).
 
 Rows: eager transformers with its default experts implementation, and moec's default lowering
-of each target compiled from the same model. Each artifact is checked against eager (relative
-L2), then timed in --rounds rounds alternating with eager in a seeded order (median of --repeat
-calls per round), and the rounds paired with a one-sided sign test (`moe_layer_targets`): faster,
-slower, or tied within the host's noise (with 9 rounds, 8 won are significant, 7 are not); one
-artifact is loaded at a time, so memory holds two copies of the weights.
+of each target compiled from the same model, at each of --precisions: the fp32 default, and
+weight-only quantised experts (int8 with a scale per row, int4 with a scale per block along the
+input dim; `moec.compile(quantize=..., block_size=...)`, calibrated on seeded inputs like the
+benchmark's). Each artifact is first checked (relative L2): the fp32 one against eager, a
+quantised one against the model its lossy passes produced (the dequantised model, rebuilt by
+`apply_compressed`), the quantisation error against eager given beside it. Then every artifact
+of a target and its baseline are timed in --rounds rounds, in a seeded order each (median of
+--repeat calls per round, fewer where they would take over --budget-s: a row many times slower
+than its baseline needs no fine timing), and the rounds paired with a one-sided sign test
+(`moe_layer_targets`): faster, slower, or tied within the host's noise (with 9 rounds, 8 won are
+significant, 7 are not). fp32 is paired with eager on --layers layers; the quantised precisions
+with fp32 on a model of --quant-layers layers (a lossy compile copies the model several times,
+and the quantised rows of the DequantizeLinear lowerings take many times fp32's time; with
+--quant-layers equal to --layers, one model and eager beside every row). Targets (the issue's,
+printed met or not): int4 and int8 speed-ups over the fp32 default on ``ort`` at one token.
 Memory floor: the weights one call touches (per layer, mean over the inputs: router, the
 distinct chosen experts, shared expert) over the bandwidth of a large copy, as in
-`moe_layer.py`, measured in every round.
+`moe_layer.py`, measured once every round; a quantised expert counts what its weights store
+(codes at bits/8 bytes, a float32 scale and, asymmetric, a zero point of bits/8 bytes per block).
 
     python bench/moe_decode.py [--configs A B] [--tokens 1 16] [--layers 8] [--inputs 8]
-                               [--repeat 7] [--rounds 9]
+                               [--repeat 7] [--rounds 9] [--precisions fp32 int8 int4]
+                               [--quant-layers 2] [--budget-s 1]
 """
 
 from __future__ import annotations
