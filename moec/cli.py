@@ -289,6 +289,7 @@ def targets_command() -> None:
         t = registry.target(name)
         steps = [
             step.lowering
+            + (" (quantised experts)" if step.quantized else "")
             + (
                 f" (hidden x expert <= {step.max_expert_elements})"
                 if step.max_expert_elements

@@ -122,11 +122,16 @@ class Lowering:
 class Prefer:
     """One step of a target's default rule: ``lowering`` for every block it can compute whose
     expert GEMM (hidden x expert size) has at most ``max_expert_elements`` elements (None: any);
-    the figures come from ``bench/lowering_crossover.py``."""
+    the figures come from ``bench/lowering_crossover.py``. A ``quantized`` step is for blocks
+    whose experts are quantised only (other blocks pass over it)."""
 
     lowering: str
     max_expert_elements: int | None = None
     why: str = ""
+    quantized: bool = False
+
+    def concerns(self, spec: Any) -> bool:
+        return not self.quantized or spec.weight_bits is not None
 
     def applies(self, spec: Any) -> bool:
         limit = self.max_expert_elements
@@ -191,7 +196,11 @@ BUILTIN_TARGETS = (
         "ort",
         "model.onnx for ONNX Runtime; may use com.microsoft.MoE and MoEGroupRouter",
         _ONNX_FILES,
-        (Prefer("fused", 65536, "ORT's fused MoE op, measured faster up to this size"), _GATHER),
+        (
+            Prefer("fused", None, "ORT's QMoE runs quantised experts on their codes", True),
+            Prefer("fused", 65536, "ORT's fused MoE op, measured faster up to this size"),
+            _GATHER,
+        ),
         autotune=("fused", "gather"),
         options={"standard_ops_only": False, "streams_weights": True},
         **_ON_ONNX_RUNTIME,

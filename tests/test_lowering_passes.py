@@ -68,9 +68,14 @@ def test_the_default_rule_steps_past_what_a_block_cannot_take_and_says_why():
     spec = node_spec(capture(build_zoo("deepseek-lm")).moe_nodes()[0]).with_lowering(None)
     big = dataclasses.replace(spec, hidden_size=1024, expert_size=512, shared_expert_size=0)
     lowering, why = default_lowering(ort, big)
-    limit = ort.default[0].max_expert_elements
+    limit = next(step.max_expert_elements for step in ort.default if step.max_expert_elements)
     assert lowering == "gather"
     assert f"not fused: hidden x expert size {1024 * 512} > {limit}" in why
+    quantized = dataclasses.replace(big, weight_bits=4, weight_block_size=32)
+    assert default_lowering(ort, quantized) == (
+        "fused",
+        "ORT's QMoE runs quantised experts on their codes",
+    )
     choice = dataclasses.replace(
         spec, routing="expert_choice", score="softmax", n_group=1, topk_group=1
     )

@@ -28,6 +28,8 @@ def default_lowering(target: Target, spec: MoESpec) -> tuple[str, str]:
     of the rule can compute the block."""
     skipped = []
     for step in target.default:
+        if not step.concerns(spec):
+            continue
         reasons = registry.lowering(step.lowering).unsupported_reasons(spec)
         if reasons:
             skipped.append(f"not {step.lowering}: {'; '.join(reasons)}")
