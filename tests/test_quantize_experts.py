@@ -103,7 +103,8 @@ def test_quantised_lm_lowers_to_dequantize_linear_and_verifies(
         if i.data_type in FLOATS and len(i.dims) >= 2 and i.dims[0] * i.dims[-1] >= 32 * 64
     ]
     assert not [n for n in expert_floats if "moe.w_" in n], expert_floats
-    users = {i for n in model.graph.node if n.op_type in ("Transpose", "Gather") for i in n.input}
+    layout = ("Transpose", "Gather", "Concat")
+    users = {i for n in model.graph.node if n.op_type in layout for i in n.input}
     assert not users & {n.output[0] for n in dq}  # the layout ops were folded into the codes
     report = moec.verify(result.path)
     assert report, report.to_dict()
@@ -209,7 +210,7 @@ def test_quantize_dense_quantises_the_other_linear_layers(tmp_path, ids, target)
     if target == "onnx":
         model = onnx.load(result.path / "model.onnx")
         dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-        assert len(dq) >= 6 * 8 * 2 // 2 + 5
+        assert len(dq) >= 2 * 8 * 2 + 5  # per expert: gate and up as one, down; the layers
     assert moec.verify(result.path)
 
 

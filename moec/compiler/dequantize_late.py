@@ -1,12 +1,14 @@
-"""Dequantise after the layout ops: ``Transpose`` and ``Gather`` of a ``DequantizeLinear``'s
-output become the same ops on its codes, scales and zero points, then the dequantisation.
+"""Dequantise after the layout ops: ``Transpose``, ``Gather`` and ``Concat`` of
+``DequantizeLinear`` outputs become the same ops on their codes, scales and zero points, then
+one dequantisation.
 
 The emitters take each block's weights as float values and rearrange them (one expert's slice,
 a transpose): on dequantised weights those ops would run at every call, on float copies. Moved
 before the dequantisation they act on initializers, which the optimizer folds, so the graph
 dequantises the stored layout directly. Both ops commute with a blocked dequantisation when
 they leave the block axis whole (a ``Gather`` on another axis; any transpose, the axis moving
-with it). Runs on the exporter's graph, before the optimizer.
+with it; a ``Concat`` of parts dequantised alike). ONNX Runtime then fuses a dequantisation that
+feeds a ``MatMul`` into ``MatMulNBits``. Runs on the exporter's graph, before the optimizer.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def _move(graph: ir.Graph, dq: ir.Node, user: ir.Node) -> bool:
 
         new_axis = axis + index_rank - 1 if along < axis else axis
         rank += index_rank - 1
+    elif user.op_type == "Concat":
+        return _concat(graph, user, rank)
     else:
         return False
     moved = [apply(v) if v is not None else None for v in dq.inputs]
@@ -81,6 +85,52 @@ def _move(graph: ir.Graph, dq: ir.Node, user: ir.Node) -> bool:
     )
     new_dq.meta[RANK] = rank
     graph.insert_before(user, [n for n in moved if n is not None] + [new_dq])
+    new_dq.outputs[0].shape = user.outputs[0].shape
+    new_dq.outputs[0].type = user.outputs[0].type
+    ir.convenience.replace_all_uses_with(user.outputs[0], new_dq.outputs[0])
+    graph.remove(user, safe=True)
+    return True
+
+
+def _concat(graph: ir.Graph, user: ir.Node, rank: int) -> bool:
+    """A Concat of dequantisations of the same kind (axis, block size, zero points) as one
+    dequantisation of the concatenated codes, scales and zero points (each part's blocks stay
+    whole: a part's length along the block axis is a whole number of blocks)."""
+    parts = [None if v is None else v.producer() for v in user.inputs]
+    if any(p is None or p.op_type != "DequantizeLinear" for p in parts):
+        return False
+
+    def kind(dq: ir.Node) -> tuple:
+        shape = dq.inputs[1].shape
+        part_rank = dq.meta.get(RANK, None if shape is None else shape.rank())
+        block = dq.attributes.get("block_size")
+        zero = len(dq.inputs) > 2 and dq.inputs[2] is not None
+        return (
+            part_rank,
+            _axis(dq, "axis", 1, rank),
+            None if block is None else block.as_int(),
+            zero,
+        )
+
+    kinds = {kind(p) for p in parts}
+    if len(kinds) != 1 or next(iter(kinds))[0] != rank:
+        return False
+    _, axis, _, zero = kinds.pop()
+    along = _axis(user, "axis", 0, rank)
+    joined = [
+        ir.node("Concat", [p.inputs[i] for p in parts], attributes={"axis": along})
+        for i in range(3 if zero else 2)
+    ]
+    first = parts[0]
+    attributes = {k: a.value for k, a in first.attributes.items() if k != "axis"}
+    new_dq = ir.node(
+        "DequantizeLinear",
+        [n.outputs[0] for n in joined],
+        attributes={**attributes, "axis": axis},
+        version=first.version,
+    )
+    new_dq.meta[RANK] = rank
+    graph.insert_before(user, [*joined, new_dq])
     new_dq.outputs[0].shape = user.outputs[0].shape
     new_dq.outputs[0].type = user.outputs[0].type
     ir.convenience.replace_all_uses_with(user.outputs[0], new_dq.outputs[0])
