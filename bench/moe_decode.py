@@ -22,8 +22,7 @@ of a target and its baseline are timed in --rounds rounds, in a seeded order eac
 than its baseline needs no fine timing), and the rounds paired with a one-sided sign test
 (`moe_layer_targets`): faster, slower, or tied within the host's noise (with 9 rounds, 8 won are
 significant, 7 are not). fp32 is paired with eager on --layers layers; the quantised precisions
-with fp32 on a model of --quant-layers layers (a lossy compile copies the model several times,
-and the quantised rows of the DequantizeLinear lowerings take many times fp32's time; with
+with fp32 on a model of --quant-layers layers (a lossy compile copies the model several times; with
 --quant-layers equal to --layers, one model and eager beside every row). Targets (the issue's,
 printed met or not): int4 and int8 speed-ups over the fp32 default on ``ort`` at one token.
 Memory floor: the weights one call touches (per layer, mean over the inputs: router, the
