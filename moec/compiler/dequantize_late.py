@@ -43,11 +43,14 @@ def _axis(node: ir.Node, name: str, default: int, rank: int) -> int:
 
 
 def _move(graph: ir.Graph, dq: ir.Node, user: ir.Node) -> bool:
-    """Replace ``user`` (a Transpose or Gather of ``dq``'s output) by a dequantisation of the
-    same op on ``dq``'s inputs; False where it does not commute."""
+    """Replace ``user`` (a Transpose, Gather or Concat of ``dq``'s output) by a dequantisation
+    of the same op on ``dq``'s inputs; False where it does not commute. Only blocked
+    dequantisations move (their scales have the codes' rank; a per-axis scale is 1-D)."""
     shape = dq.inputs[1].shape  # the scale's: an initializer, where the codes went through casts
     rank = dq.meta.get(RANK, None if shape is None else shape.rank())
-    if rank is None or user.domain not in ("", "ai.onnx") or user.inputs[0] is not dq.outputs[0]:
+    if "block_size" not in dq.attributes or rank is None or user.domain not in ("", "ai.onnx"):
+        return False
+    if user.inputs[0] is not dq.outputs[0]:
         return False
     axis = _axis(dq, "axis", 1, rank)
     if user.op_type == "Transpose":
@@ -97,7 +100,8 @@ def _concat(graph: ir.Graph, user: ir.Node, rank: int) -> bool:
     dequantisation of the concatenated codes, scales and zero points (each part's blocks stay
     whole: a part's length along the block axis is a whole number of blocks)."""
     parts = [None if v is None else v.producer() for v in user.inputs]
-    if any(p is None or p.op_type != "DequantizeLinear" for p in parts):
+    dequantizations = (getattr(p, "op_type", None) == "DequantizeLinear" for p in parts)
+    if not all(dequantizations) or any("block_size" not in p.attributes for p in parts):
         return False
 
     def kind(dq: ir.Node) -> tuple:
