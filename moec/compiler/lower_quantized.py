@@ -9,8 +9,6 @@ so the artifact stores the packed codes and the weights are dequantised as the m
 
 from __future__ import annotations
 
-import dataclasses
-
 import onnx
 from onnxscript import opset21
 
@@ -61,7 +59,4 @@ def dequantized_weights(spec: MoESpec, w: dict) -> tuple[MoESpec, dict]:
             block = spec.weight_block_size or k
             scale, zero = w[f"{name}_scale"], w.get(f"{name}_zero")
             out[name] = dequantize(w[name], scale, zero, spec.weight_bits, block, axis=2)
-    plain = dataclasses.replace(
-        spec, weight_bits=None, weight_block_size=None, weight_symmetric=True
-    )
-    return plain, out
+    return spec.dequantized(), out

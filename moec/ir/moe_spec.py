@@ -184,6 +184,12 @@ class MoESpec:
             raise SpecError(f"MoESpec is not valid JSON ({e}): {text[:200]!r}") from e
         return cls.from_dict(data)
 
+    def dequantized(self) -> MoESpec:
+        """The spec of the float block a quantised block stands for."""
+        return dataclasses.replace(
+            self, weight_bits=None, weight_block_size=None, weight_symmetric=True
+        )
+
     def with_lowering(self, lowering: str, capacity_factor: float | None = None) -> MoESpec:
         return dataclasses.replace(
             self, lowering=lowering, lowering_capacity_factor=capacity_factor

@@ -92,10 +92,7 @@ def dequantized_block(spec: MoESpec, weights: MoEWeights) -> tuple[MoESpec, MoEW
             scale = getattr(weights, f"{name}_scale")
             zero = getattr(weights, f"{name}_zero")
             tensors[name] = dequantize(codes, scale, zero, spec.weight_bits)
-    plain = dataclasses.replace(
-        spec, weight_bits=None, weight_block_size=None, weight_symmetric=True
-    )
-    return plain, dataclasses.replace(weights, **tensors)
+    return spec.dequantized(), dataclasses.replace(weights, **tensors)
 
 
 def expert_matrix(spec: MoESpec, weights: MoEWeights, name: str, e: int) -> torch.Tensor:
